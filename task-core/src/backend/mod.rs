@@ -1,0 +1,347 @@
+//! Result backends: where task states and return values live, in Celery's format.
+//!
+//! The contract (ARCHITECTURE.md §3.2): a state is stored under `celery-task-meta-<id>` as Celery's
+//! JSON meta and announced with a PUBLISH of the same bytes on the channel of the same name, so
+//! Python's `AsyncResult.get()` works. PENDING is never written (an unknown id reads as PENDING), and
+//! a SUCCESS is never overwritten.
+
+mod memory;
+mod redis_backend;
+
+pub use memory::MemoryBackend;
+pub use redis_backend::RedisBackend;
+
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// Default time a result is kept: one day, as Celery's `result_expires`.
+pub const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(86_400);
+
+/// Celery's task states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum TaskState {
+    /// Unknown id, or not yet picked up. Never stored.
+    Pending,
+    /// Received by a worker (events only).
+    Received,
+    /// Execution began.
+    Started,
+    /// Failed and scheduled to run again.
+    Retry,
+    /// Finished with a return value.
+    Success,
+    /// Finished with an error.
+    Failure,
+    /// Revoked or expired before it ran.
+    Revoked,
+    /// Rejected by the worker (events only).
+    Rejected,
+    /// Ran, result intentionally not stored.
+    Ignored,
+}
+
+impl TaskState {
+    /// SUCCESS, FAILURE and REVOKED: the task will not change state again.
+    pub fn is_ready(self) -> bool {
+        matches!(
+            self,
+            TaskState::Success | TaskState::Failure | TaskState::Revoked
+        )
+    }
+
+    /// The upper-case name Celery uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Pending => "PENDING",
+            TaskState::Received => "RECEIVED",
+            TaskState::Started => "STARTED",
+            TaskState::Retry => "RETRY",
+            TaskState::Success => "SUCCESS",
+            TaskState::Failure => "FAILURE",
+            TaskState::Revoked => "REVOKED",
+            TaskState::Rejected => "REJECTED",
+            TaskState::Ignored => "IGNORED",
+        }
+    }
+}
+
+impl std::fmt::Display for TaskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An exception as Celery stores it: `{exc_type, exc_message: [..], exc_module}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExceptionInfo {
+    /// Class name (`ValueError`, `TimeLimitExceeded`, ...).
+    pub exc_type: String,
+    /// The exception's `args`.
+    pub exc_message: Vec<Value>,
+    /// Module the class lives in (`builtins`, `celery.exceptions`).
+    pub exc_module: String,
+}
+
+impl ExceptionInfo {
+    /// An exception with one message argument.
+    pub fn new(module: &str, kind: &str, message: impl Into<String>) -> Self {
+        ExceptionInfo {
+            exc_type: kind.to_owned(),
+            exc_message: vec![Value::String(message.into())],
+            exc_module: module.to_owned(),
+        }
+    }
+
+    /// The message arguments joined as text.
+    pub fn message(&self) -> String {
+        self.exc_message
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| v.to_string())
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+impl std::fmt::Display for ExceptionInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.exc_type, self.message())
+    }
+}
+
+/// Celery's result meta. Field order matches what Celery writes; unknown fields are ignored on read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskMeta {
+    /// Current state.
+    pub status: TaskState,
+    /// Return value; the exception dict for FAILURE, RETRY and REVOKED.
+    #[serde(default)]
+    pub result: Value,
+    /// Traceback text, if any.
+    #[serde(default)]
+    pub traceback: Option<String>,
+    /// Child result tuples (`[]` when none).
+    #[serde(default)]
+    pub children: Value,
+    /// When the task reached a ready state.
+    #[serde(default, with = "opt_iso")]
+    pub date_done: Option<DateTime<Utc>>,
+    /// When execution began (extension; Celery ignores it).
+    #[serde(default, with = "opt_iso", skip_serializing_if = "Option::is_none")]
+    pub date_started: Option<DateTime<Utc>>,
+    /// Group id, when the task ran as part of a group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+    /// Parent task id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+    /// Task name (Celery's `result_extended`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Positional arguments (`result_extended`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<Value>>,
+    /// Keyword arguments (`result_extended`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kwargs: Option<Map<String, Value>>,
+    /// Worker node name (`result_extended`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// Retry count (`result_extended`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    /// Queue the task came from (`result_extended`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    /// The task id.
+    pub task_id: String,
+}
+
+impl TaskMeta {
+    /// A meta in `status` with nothing else filled in.
+    pub fn new(task_id: impl Into<String>, status: TaskState, result: Value) -> Self {
+        TaskMeta {
+            status,
+            result,
+            traceback: None,
+            children: Value::Array(Vec::new()),
+            date_done: status.is_ready().then(Utc::now),
+            date_started: None,
+            group_id: None,
+            parent_id: None,
+            name: None,
+            args: None,
+            kwargs: None,
+            worker: None,
+            retries: None,
+            queue: None,
+            task_id: task_id.into(),
+        }
+    }
+
+    /// A FAILURE (or RETRY/REVOKED) carrying an exception.
+    pub fn exception(task_id: impl Into<String>, status: TaskState, exc: &ExceptionInfo) -> Self {
+        let result = serde_json::to_value(exc).unwrap_or(Value::Null);
+        TaskMeta::new(task_id, status, result)
+    }
+
+    /// The stored exception, for exception states.
+    pub fn exception_info(&self) -> Option<ExceptionInfo> {
+        matches!(
+            self.status,
+            TaskState::Failure | TaskState::Retry | TaskState::Revoked
+        )
+        .then(|| serde_json::from_value(self.result.clone()).ok())
+        .flatten()
+    }
+
+    /// Serializes to the JSON bytes stored in the backend.
+    pub fn to_json(&self) -> Result<Vec<u8>> {
+        Ok(serde_json::to_vec(self)?)
+    }
+
+    /// Parses stored JSON bytes.
+    pub fn from_json(bytes: &[u8]) -> Result<Self> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| Error::Backend(format!("unreadable task meta: {e}")))
+    }
+}
+
+mod opt_iso {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        v: &Option<DateTime<Utc>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(t) => s.serialize_str(&crate::protocol::format_datetime(*t)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<DateTime<Utc>>, D::Error> {
+        Ok(Option::<String>::deserialize(d)?.and_then(|s| crate::protocol::parse_datetime(&s)))
+    }
+}
+
+/// What [`ResultBackend::store`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreOutcome {
+    /// The meta was written and published.
+    Stored,
+    /// A SUCCESS was already stored, so nothing was written.
+    KeptSuccess,
+}
+
+/// Storage of task results.
+pub trait ResultBackend: Clone + Send + Sync + 'static {
+    /// Stores a state, unless a SUCCESS is already stored for that id, and announces it to waiters.
+    fn store(&self, meta: &TaskMeta) -> impl Future<Output = Result<StoreOutcome>> + Send;
+
+    /// The stored meta, or `None` (PENDING) when nothing is stored.
+    fn get(&self, task_id: &str) -> impl Future<Output = Result<Option<TaskMeta>>> + Send;
+
+    /// Waits until the task reaches a ready state (SUCCESS, FAILURE, REVOKED) or `timeout` passes.
+    fn wait(
+        &self,
+        task_id: &str,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<TaskMeta>> + Send;
+
+    /// Deletes a stored result.
+    fn forget(&self, task_id: &str) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// The key (and pub/sub channel) Celery uses for a task's meta.
+pub fn meta_key(task_id: &str) -> String {
+    format!("celery-task-meta-{task_id}")
+}
+
+/// A result backend chosen at run time from a URL: `redis://…` or `memory://`.
+#[derive(Clone, Debug)]
+pub enum AnyBackend {
+    /// Redis, in Celery's format.
+    Redis(RedisBackend),
+    /// In-process map.
+    Memory(MemoryBackend),
+}
+
+impl AnyBackend {
+    /// Connects to the backend a URL names. `memory://` gives a fresh in-process backend.
+    pub async fn connect(url: &str) -> Result<Self> {
+        if url.starts_with("memory://") {
+            Ok(AnyBackend::Memory(MemoryBackend::new()))
+        } else if url.starts_with("redis://") || url.starts_with("rediss://") {
+            Ok(AnyBackend::Redis(RedisBackend::connect(url).await?))
+        } else {
+            Err(Error::Config(format!(
+                "RESULT_BACKEND `{}` is not supported (use redis://host:port/db or memory://)",
+                crate::redact_url(url)
+            )))
+        }
+    }
+
+    /// Sets how long stored results are kept.
+    pub fn with_ttl(self, ttl: Duration) -> Self {
+        match self {
+            AnyBackend::Redis(r) => AnyBackend::Redis(r.with_ttl(ttl)),
+            m @ AnyBackend::Memory(_) => m,
+        }
+    }
+}
+
+impl From<MemoryBackend> for AnyBackend {
+    fn from(b: MemoryBackend) -> Self {
+        AnyBackend::Memory(b)
+    }
+}
+
+impl From<RedisBackend> for AnyBackend {
+    fn from(b: RedisBackend) -> Self {
+        AnyBackend::Redis(b)
+    }
+}
+
+impl ResultBackend for AnyBackend {
+    async fn store(&self, meta: &TaskMeta) -> Result<StoreOutcome> {
+        match self {
+            AnyBackend::Redis(b) => b.store(meta).await,
+            AnyBackend::Memory(b) => b.store(meta).await,
+        }
+    }
+
+    async fn get(&self, task_id: &str) -> Result<Option<TaskMeta>> {
+        match self {
+            AnyBackend::Redis(b) => b.get(task_id).await,
+            AnyBackend::Memory(b) => b.get(task_id).await,
+        }
+    }
+
+    async fn wait(&self, task_id: &str, timeout: Duration) -> Result<TaskMeta> {
+        match self {
+            AnyBackend::Redis(b) => b.wait(task_id, timeout).await,
+            AnyBackend::Memory(b) => b.wait(task_id, timeout).await,
+        }
+    }
+
+    async fn forget(&self, task_id: &str) -> Result<()> {
+        match self {
+            AnyBackend::Redis(b) => b.forget(task_id).await,
+            AnyBackend::Memory(b) => b.forget(task_id).await,
+        }
+    }
+}

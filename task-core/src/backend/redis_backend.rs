@@ -1,0 +1,291 @@
+//! The Redis result backend, byte-compatible with Celery's `RedisBackend`.
+//!
+//! A store is one Lua script: read the current meta, keep it if it is a SUCCESS, otherwise `SETEX`
+//! the new meta and `PUBLISH` it on the channel named like the key. Doing both in one script makes
+//! the write-once rule atomic between racing workers and costs one round trip per state.
+//!
+//! Waiting subscribes (RESP3 push on a managed connection that resubscribes after reconnects) and
+//! re-reads the key after subscribing and then at a fixed interval, so a message lost during a
+//! reconnect delays a waiter by at most that interval and never strands it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Script};
+use tokio::sync::{Notify, OnceCell, mpsc};
+
+use super::{DEFAULT_RESULT_TTL, ResultBackend, StoreOutcome, TaskMeta, meta_key};
+use crate::error::{Error, Result};
+
+const STORE_SCRIPT: &str = r#"
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, meta = pcall(cjson.decode, current)
+  if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then
+    return 0
+  end
+end
+redis.call('SETEX', KEYS[1], ARGV[2], ARGV[1])
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"#;
+
+/// How often a waiter re-reads the key even without a notification.
+const RECHECK_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Redis result backend. Cheap to clone: clones share connections.
+#[derive(Clone)]
+pub struct RedisBackend {
+    inner: Arc<Inner>,
+    ttl: Duration,
+}
+
+struct Inner {
+    client: redis::Client,
+    conn: ConnectionManager,
+    store: Script,
+    subscriber: OnceCell<Subscriber>,
+    display_url: String,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("url", &self.inner.display_url)
+            .field("ttl", &self.ttl)
+            .finish()
+    }
+}
+
+fn manager_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(10)))
+        .set_number_of_retries(4)
+        .set_max_delay(Duration::from_secs(2))
+}
+
+impl RedisBackend {
+    /// Connects to `redis://host:port/db`. Fails if Redis cannot be reached now.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let display_url = crate::redact_url(url);
+        let client = redis::Client::open(url)
+            .map_err(|e| Error::Config(format!("RESULT_BACKEND `{display_url}`: {e}")))?;
+        let conn = ConnectionManager::new_with_config(client.clone(), manager_config())
+            .await
+            .map_err(|e| {
+                Error::Backend(format!("cannot connect to Redis at {display_url}: {e}"))
+            })?;
+        Ok(RedisBackend {
+            inner: Arc::new(Inner {
+                client,
+                conn,
+                store: Script::new(STORE_SCRIPT),
+                subscriber: OnceCell::new(),
+                display_url,
+            }),
+            ttl: DEFAULT_RESULT_TTL,
+        })
+    }
+
+    /// Sets how long results are kept (`SETEX` seconds, at least 1).
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl.max(Duration::from_secs(1));
+        self
+    }
+
+    /// A command connection to the same Redis (shared, auto-reconnecting), for callers that keep
+    /// their own keys next to the results (locks, schedules).
+    pub fn connection(&self) -> ConnectionManager {
+        self.inner.conn.clone()
+    }
+
+    async fn subscriber(&self) -> Result<&Subscriber> {
+        self.inner
+            .subscriber
+            .get_or_try_init(|| Subscriber::start(&self.inner.client, &self.inner.display_url))
+            .await
+    }
+}
+
+impl ResultBackend for RedisBackend {
+    async fn store(&self, meta: &TaskMeta) -> Result<StoreOutcome> {
+        let bytes = meta.to_json()?;
+        let mut conn = self.inner.conn.clone();
+        let written: i64 = self
+            .inner
+            .store
+            .key(meta_key(&meta.task_id))
+            .arg(bytes)
+            .arg(self.ttl.as_secs().max(1))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(if written == 1 {
+            StoreOutcome::Stored
+        } else {
+            StoreOutcome::KeptSuccess
+        })
+    }
+
+    async fn get(&self, task_id: &str) -> Result<Option<TaskMeta>> {
+        let mut conn = self.inner.conn.clone();
+        let bytes: Option<Vec<u8>> = conn.get(meta_key(task_id)).await?;
+        bytes.map(|b| TaskMeta::from_json(&b)).transpose()
+    }
+
+    async fn wait(&self, task_id: &str, timeout: Duration) -> Result<TaskMeta> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let channel = meta_key(task_id);
+        let subscriber = self.subscriber().await?;
+        let registration = subscriber.register(&channel).await;
+        loop {
+            let notified = registration.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(meta) = self.get(task_id).await?
+                && meta.status.is_ready()
+            {
+                return Ok(meta);
+            }
+            let wake = tokio::time::Instant::now() + RECHECK_INTERVAL;
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(wake.min(deadline)) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(Error::Timeout(timeout));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn forget(&self, task_id: &str) -> Result<()> {
+        let mut conn = self.inner.conn.clone();
+        let _: i64 = conn.del(meta_key(task_id)).await?;
+        Ok(())
+    }
+}
+
+/// One pub/sub connection per process, shared by every waiter.
+struct Subscriber {
+    conn: ConnectionManager,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+struct Channel {
+    waiters: usize,
+    notify: Arc<Notify>,
+}
+
+/// A waiter's interest in a channel; unsubscribes when the last one goes.
+struct Registration {
+    channel: String,
+    notify: Arc<Notify>,
+    conn: ConnectionManager,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut channels = self.channels.lock().expect("subscriber lock");
+        let last = match channels.get_mut(&self.channel) {
+            Some(c) => {
+                c.waiters -= 1;
+                c.waiters == 0
+            }
+            None => false,
+        };
+        if last {
+            channels.remove(&self.channel);
+            let mut conn = self.conn.clone();
+            let channel = std::mem::take(&mut self.channel);
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    let _ = conn.unsubscribe(channel).await;
+                });
+            }
+        }
+    }
+}
+
+impl Subscriber {
+    async fn start(client: &redis::Client, display_url: &str) -> Result<Self> {
+        let info = client.get_connection_info().clone();
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let client = redis::Client::open(
+            info.set_redis_settings(settings)
+                .into_connection_info()
+                .map_err(|e| Error::Config(e.to_string()))?,
+        )?;
+        let (tx, mut rx) = mpsc::unbounded_channel::<PushInfo>();
+        let conn = ConnectionManager::new_with_config(
+            client,
+            manager_config()
+                .set_push_sender(tx)
+                .set_automatic_resubscription(),
+        )
+        .await
+        .map_err(|e| Error::Backend(format!("cannot subscribe at Redis {display_url}: {e}")))?;
+        let channels: Arc<Mutex<HashMap<String, Channel>>> = Arc::default();
+        let weak = Arc::downgrade(&channels);
+        tokio::spawn(async move {
+            while let Some(push) = rx.recv().await {
+                let Some(channels) = weak.upgrade() else {
+                    break;
+                };
+                let channels = channels.lock().expect("subscriber lock");
+                match push.kind {
+                    PushKind::Message => {
+                        let name = push.data.first().and_then(|v| match v {
+                            redis::Value::BulkString(b) => std::str::from_utf8(b).ok(),
+                            redis::Value::SimpleString(s) => Some(s.as_str()),
+                            _ => None,
+                        });
+                        if let Some(c) = name.and_then(|n| channels.get(n)) {
+                            c.notify.notify_waiters();
+                        }
+                    }
+                    // After a reconnect every waiter re-reads its key.
+                    PushKind::Disconnection => {
+                        channels.values().for_each(|c| c.notify.notify_waiters())
+                    }
+                    _ => {}
+                }
+            }
+        });
+        Ok(Subscriber { conn, channels })
+    }
+
+    async fn register(&self, channel: &str) -> Registration {
+        let (notify, first) = {
+            let mut channels = self.channels.lock().expect("subscriber lock");
+            let c = channels
+                .entry(channel.to_owned())
+                .or_insert_with(|| Channel {
+                    waiters: 0,
+                    notify: Arc::new(Notify::new()),
+                });
+            c.waiters += 1;
+            (c.notify.clone(), c.waiters == 1)
+        };
+        let registration = Registration {
+            channel: channel.to_owned(),
+            notify,
+            conn: self.conn.clone(),
+            channels: self.channels.clone(),
+        };
+        if first {
+            let mut conn = self.conn.clone();
+            if let Err(e) = conn.subscribe(channel).await {
+                // Not fatal: the waiter still re-reads the key every RECHECK_INTERVAL.
+                tracing::warn!(error = %e, channel, "result subscription failed; polling instead");
+            }
+        }
+        registration
+    }
+}

@@ -1,0 +1,678 @@
+//! RabbitMQ broker on lapin, with Celery's topology and our own reconnection.
+//!
+//! Topology: each task queue is durable with no arguments, bound to a durable direct exchange of the
+//! same name (what Celery declares), and messages are published through the default exchange with
+//! the queue name as routing key. A queue that already exists with other arguments is used as it is
+//! rather than redeclared (a mismatched declaration would close the channel with 406).
+//!
+//! Every publish is persistent, `mandatory`, and waits for its publisher confirm; an unroutable or
+//! nacked message is an error, never a silent loss.
+//!
+//! Reconnection: one connection per broker handle carries a confirm-mode publishing channel. When
+//! the connection or that channel fails, the next operation opens a new one; publishes retry with
+//! capped exponential back-off for up to [`AmqpBroker::with_retry_for`] (60 s by default). Each
+//! consumer runs a loop that re-opens its channel, re-applies QoS, re-declares and re-consumes after
+//! any failure, so a broker restart pauses a worker instead of stopping it. Deliveries taken before a
+//! reconnect cannot be acknowledged afterwards; the broker redelivers them (at least once).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use tokio::sync::OnceCell;
+
+use super::delay::{self, DELIVER_EXCHANGE, LEVELS};
+use super::field_table::{json_to_table, short, table_to_json};
+use super::{Acker, Broker, Consumer, Delivery, dead_letter_queue, with_dead_letter_headers};
+use crate::error::{Error, Result};
+use crate::protocol::{Properties, RawMessage};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A RabbitMQ broker. Cheap to clone: clones share the connection.
+#[derive(Clone)]
+pub struct AmqpBroker {
+    inner: Arc<Inner>,
+    retry_for: Duration,
+}
+
+struct Inner {
+    uri: String,
+    display: String,
+    link: tokio::sync::Mutex<Option<Arc<Link>>>,
+    generations: AtomicU64,
+    closed: AtomicBool,
+}
+
+/// One live connection and what has been set up on it.
+struct Link {
+    generation: u64,
+    connection: Connection,
+    publisher: Channel,
+    declared: Mutex<HashSet<String>>,
+    delay_topology: OnceCell<()>,
+}
+
+impl Link {
+    fn healthy(&self) -> bool {
+        self.connection.status().connected() && self.publisher.status().connected()
+    }
+}
+
+impl std::fmt::Debug for AmqpBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpBroker")
+            .field("url", &self.inner.display)
+            .finish()
+    }
+}
+
+fn soft_error(e: &lapin::Error) -> Option<AMQPSoftError> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(p) => match p.kind() {
+            AMQPErrorKind::Soft(s) => Some(s.clone()),
+            AMQPErrorKind::Hard(_) => None,
+        },
+        _ => None,
+    }
+}
+
+fn durable_queue() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+fn durable_exchange() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    }
+}
+
+impl AmqpBroker {
+    /// Connects now, so a wrong URL or an unreachable broker is reported at start-up.
+    pub async fn connect(uri: &str) -> Result<Self> {
+        let broker = AmqpBroker {
+            inner: Arc::new(Inner {
+                uri: uri.to_owned(),
+                display: crate::redact_url(uri),
+                link: tokio::sync::Mutex::new(None),
+                generations: AtomicU64::new(0),
+                closed: AtomicBool::new(false),
+            }),
+            retry_for: Duration::from_secs(60),
+        };
+        broker.link().await?;
+        Ok(broker)
+    }
+
+    /// How long a publish keeps retrying through reconnects before it fails.
+    pub fn with_retry_for(mut self, retry_for: Duration) -> Self {
+        self.retry_for = retry_for;
+        self
+    }
+
+    /// Closes the connection. Unacknowledged deliveries go back to their queues.
+    pub async fn close(&self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        if let Some(link) = self.inner.link.lock().await.take() {
+            let _ = link.connection.close(200, "closing".into()).await;
+        }
+    }
+
+    async fn open_link(&self) -> Result<Arc<Link>> {
+        let props = ConnectionProperties::default().with_connection_name(
+            format!("task-core {}@{}", std::process::id(), crate::hostname()).into(),
+        );
+        let connection =
+            tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&self.inner.uri, props))
+                .await
+                .map_err(|_| {
+                    Error::Broker(format!("timed out connecting to {}", self.inner.display))
+                })?
+                .map_err(|e| {
+                    Error::Broker(format!("cannot connect to {}: {e}", self.inner.display))
+                })?;
+        let publisher = connection.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let generation = self.inner.generations.fetch_add(1, Ordering::SeqCst) + 1;
+        if generation > 1 {
+            tracing::info!(broker = %self.inner.display, generation, "reconnected to RabbitMQ");
+        }
+        Ok(Arc::new(Link {
+            generation,
+            connection,
+            publisher,
+            declared: Mutex::new(HashSet::new()),
+            delay_topology: OnceCell::new(),
+        }))
+    }
+
+    /// The current healthy connection, opening a new one if needed.
+    async fn link(&self) -> Result<Arc<Link>> {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(Error::Shutdown);
+        }
+        let mut current = self.inner.link.lock().await;
+        if let Some(link) = current.as_ref()
+            && link.healthy()
+        {
+            return Ok(link.clone());
+        }
+        if let Some(old) = current.take() {
+            tracing::warn!(broker = %self.inner.display, generation = old.generation, "RabbitMQ connection lost");
+            let _ = old.connection.close(200, "replaced".into()).await;
+        }
+        let link = self.open_link().await?;
+        *current = Some(link.clone());
+        Ok(link)
+    }
+
+    /// Runs `op` on a healthy connection, reconnecting and retrying while the failure is the
+    /// connection's (not a refusal by a healthy broker), for up to `retry_for`.
+    async fn retrying<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T>
+    where
+        F: FnMut(Arc<Link>) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.retry_for;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let error = match self.link().await {
+                Ok(link) => match op(link.clone()).await {
+                    Ok(v) => return Ok(v),
+                    Err(e @ Error::NotConfirmed { .. }) if link.healthy() => {
+                        link.declared.lock().expect("declared lock").clear();
+                        e
+                    }
+                    Err(e) if link.healthy() => return Err(e),
+                    Err(e) => e,
+                },
+                Err(Error::Shutdown) => return Err(Error::Shutdown),
+                Err(e) => e,
+            };
+            if tokio::time::Instant::now() + backoff > deadline {
+                return Err(error);
+            }
+            tracing::warn!(broker = %self.inner.display, %error, "{what} failed; retrying in {backoff:?}");
+            tokio::time::sleep(backoff + Duration::from_millis(fastrand::u64(0..100))).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Declares `queue` as Celery does (plus its binding for delayed delivery), once per connection.
+    async fn ensure_task_queue(&self, link: &Link, queue: &str) -> Result<()> {
+        if link.declared.lock().expect("declared lock").contains(queue) {
+            return Ok(());
+        }
+        let name = short(queue)?;
+        let mut ch = link.connection.create_channel().await?;
+        match ch
+            .queue_declare(name.clone(), durable_queue(), FieldTable::default())
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if soft_error(&e) == Some(AMQPSoftError::PRECONDITIONFAILED) => {
+                tracing::warn!(
+                    queue,
+                    "queue exists with other arguments; using it as it is"
+                );
+                ch = link.connection.create_channel().await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        match ch
+            .exchange_declare(
+                name.clone(),
+                ExchangeKind::Direct,
+                durable_exchange(),
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(()) => {
+                ch.queue_bind(
+                    name.clone(),
+                    name.clone(),
+                    name.clone(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            }
+            Err(e) if soft_error(&e) == Some(AMQPSoftError::PRECONDITIONFAILED) => {
+                tracing::warn!(
+                    queue,
+                    "exchange `{queue}` exists with another type; not binding"
+                );
+                ch = link.connection.create_channel().await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let pattern = delay::delivery_pattern(queue);
+        if pattern.len() <= 255 {
+            ch.exchange_declare(
+                DELIVER_EXCHANGE.into(),
+                ExchangeKind::Topic,
+                durable_exchange(),
+                FieldTable::default(),
+            )
+            .await?;
+            ch.queue_bind(
+                name,
+                DELIVER_EXCHANGE.into(),
+                short(&pattern)?,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        let _ = ch.close(200, "declared".into()).await;
+        link.declared
+            .lock()
+            .expect("declared lock")
+            .insert(queue.to_owned());
+        Ok(())
+    }
+
+    /// Declares a plain durable queue (dead-letter queues), once per connection.
+    async fn ensure_plain_queue(&self, link: &Link, queue: &str) -> Result<()> {
+        if link.declared.lock().expect("declared lock").contains(queue) {
+            return Ok(());
+        }
+        let ch = link.connection.create_channel().await?;
+        match ch
+            .queue_declare(short(queue)?, durable_queue(), FieldTable::default())
+            .await
+        {
+            Ok(_) => {
+                let _ = ch.close(200, "declared".into()).await;
+            }
+            Err(e) if soft_error(&e) == Some(AMQPSoftError::PRECONDITIONFAILED) => {}
+            Err(e) => return Err(e.into()),
+        }
+        link.declared
+            .lock()
+            .expect("declared lock")
+            .insert(queue.to_owned());
+        Ok(())
+    }
+
+    /// Declares the delay levels (see [`super::delay`]), once per connection.
+    async fn ensure_delay_topology(&self, link: &Link) -> Result<()> {
+        link.delay_topology
+            .get_or_try_init(|| async {
+                let ch = link.connection.create_channel().await?;
+                let topic = |name: String| {
+                    let ch = ch.clone();
+                    async move {
+                        ch.exchange_declare(
+                            short(&name)?,
+                            ExchangeKind::Topic,
+                            durable_exchange(),
+                            FieldTable::default(),
+                        )
+                        .await
+                        .map_err(Error::from)
+                    }
+                };
+                topic(DELIVER_EXCHANGE.to_owned()).await?;
+                for level in 0..LEVELS {
+                    topic(delay::level_name(level)).await?;
+                }
+                for level in 0..LEVELS {
+                    let name = delay::level_name(level);
+                    let mut args = FieldTable::default();
+                    args.insert(
+                        "x-queue-type".into(),
+                        AMQPValue::LongString(LongString::from("quorum")),
+                    );
+                    args.insert(
+                        "x-message-ttl".into(),
+                        AMQPValue::LongLongInt(1000i64 << level),
+                    );
+                    args.insert(
+                        "x-dead-letter-exchange".into(),
+                        AMQPValue::LongString(LongString::from(
+                            delay::next_exchange(level).as_str(),
+                        )),
+                    );
+                    args.insert(
+                        "x-dead-letter-strategy".into(),
+                        AMQPValue::LongString(LongString::from("at-least-once")),
+                    );
+                    args.insert(
+                        "x-overflow".into(),
+                        AMQPValue::LongString(LongString::from("reject-publish")),
+                    );
+                    ch.queue_declare(short(&name)?, durable_queue(), args)
+                        .await?;
+                    let (wait, pass) = delay::level_patterns(level);
+                    ch.queue_bind(
+                        short(&name)?,
+                        short(&name)?,
+                        short(&wait)?,
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                    ch.exchange_bind(
+                        short(&delay::next_exchange(level))?,
+                        short(&name)?,
+                        short(&pass)?,
+                        ExchangeBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                }
+                let _ = ch.close(200, "declared".into()).await;
+                Ok::<(), Error>(())
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn publish_on(
+        link: &Link,
+        exchange: &str,
+        routing_key: &str,
+        message: &RawMessage,
+        queue: &str,
+    ) -> Result<()> {
+        let confirm = link
+            .publisher
+            .basic_publish(
+                short(exchange)?,
+                short(routing_key)?,
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &message.body,
+                basic_properties(message)?,
+            )
+            .await?
+            .await?;
+        match confirm {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(returned)) => Err(Error::NotConfirmed {
+                queue: queue.to_owned(),
+                reason: format!(
+                    "unroutable ({} {})",
+                    returned.reply_code, returned.reply_text
+                ),
+            }),
+            Confirmation::Nack(_) => Err(Error::NotConfirmed {
+                queue: queue.to_owned(),
+                reason: "the broker refused it (nack)".into(),
+            }),
+        }
+    }
+}
+
+fn basic_properties(m: &RawMessage) -> Result<BasicProperties> {
+    let p = &m.properties;
+    let mut props = BasicProperties::default()
+        .with_headers(json_to_table(&m.headers)?)
+        .with_delivery_mode(p.delivery_mode.unwrap_or(2));
+    if let Some(v) = &p.content_type {
+        props = props.with_content_type(short(v)?);
+    }
+    if let Some(v) = &p.content_encoding {
+        props = props.with_content_encoding(short(v)?);
+    }
+    if let Some(v) = &p.correlation_id {
+        props = props.with_correlation_id(short(v)?);
+    }
+    if let Some(v) = &p.reply_to {
+        props = props.with_reply_to(short(v)?);
+    }
+    if let Some(v) = p.priority {
+        props = props.with_priority(v);
+    }
+    if let Some(v) = &p.expiration {
+        props = props.with_expiration(short(v)?);
+    }
+    Ok(props)
+}
+
+fn raw_message(d: &lapin::message::Delivery) -> RawMessage {
+    let p = &d.properties;
+    let s = |v: &Option<lapin::types::ShortString>| v.as_ref().map(|s| s.as_str().to_owned());
+    RawMessage {
+        headers: p.headers().as_ref().map(table_to_json).unwrap_or_default(),
+        properties: Properties {
+            content_type: s(p.content_type()),
+            content_encoding: s(p.content_encoding()),
+            correlation_id: s(p.correlation_id()),
+            reply_to: s(p.reply_to()),
+            priority: *p.priority(),
+            delivery_mode: *p.delivery_mode(),
+            expiration: s(p.expiration()),
+        },
+        body: d.data.clone(),
+    }
+}
+
+impl Broker for AmqpBroker {
+    async fn publish(&self, queue: &str, message: &RawMessage) -> Result<()> {
+        self.retrying("publish", |link| async move {
+            self.ensure_task_queue(&link, queue).await?;
+            Self::publish_on(&link, "", queue, message, queue).await
+        })
+        .await
+    }
+
+    async fn publish_delayed(
+        &self,
+        queue: &str,
+        message: &RawMessage,
+        delay: Duration,
+    ) -> Result<()> {
+        let seconds = delay.min(delay::MAX_DELAY).as_secs();
+        if seconds == 0 {
+            return self.publish(queue, message).await;
+        }
+        let key = delay::routing_key(seconds, queue);
+        if key.len() > 255 {
+            return Err(Error::Broker(format!(
+                "queue name `{queue}` is too long for delayed delivery (at most {} bytes)",
+                255 - 2 * LEVELS
+            )));
+        }
+        let mut message = message.clone();
+        // The expiry header still applies; a per-message TTL would dead-letter it early instead.
+        message.properties.expiration = None;
+        let message = &message;
+        let key = &key;
+        self.retrying("delayed publish", |link| async move {
+            self.ensure_delay_topology(&link).await?;
+            self.ensure_task_queue(&link, queue).await?;
+            Self::publish_on(&link, &delay::entry_exchange(), key, message, queue).await
+        })
+        .await
+    }
+
+    async fn dead_letter(&self, queue: &str, message: &RawMessage, reason: &str) -> Result<()> {
+        let dlq = dead_letter_queue(queue);
+        let message = with_dead_letter_headers(message, queue, reason);
+        let (dlq, message) = (&dlq, &message);
+        self.retrying("dead-letter publish", |link| async move {
+            self.ensure_plain_queue(&link, dlq).await?;
+            Self::publish_on(&link, "", dlq, message, dlq).await
+        })
+        .await
+    }
+
+    async fn consume(&self, queues: &[String], prefetch: u16) -> Result<Consumer> {
+        if queues.is_empty() {
+            return Err(Error::Broker("no queue to consume from".into()));
+        }
+        // Fail fast on a bad queue name or an unreachable broker.
+        let link = self.link().await?;
+        for q in queues {
+            self.ensure_task_queue(&link, q).await?;
+        }
+        let broker = self.clone();
+        let queues = queues.to_vec();
+        Ok(Consumer::new(
+            usize::from(prefetch.max(1)),
+            move |tx, stop| tokio::spawn(consume_loop(broker, queues, prefetch.max(1), tx, stop)),
+        ))
+    }
+
+    async fn queue_length(&self, queue: &str) -> Result<u64> {
+        let name = short(queue)?;
+        self.retrying("queue length", |link| {
+            let name = name.clone();
+            async move {
+                let ch = link.connection.create_channel().await?;
+                let opts = QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                };
+                match ch.queue_declare(name, opts, FieldTable::default()).await {
+                    Ok(q) => {
+                        let _ = ch.close(200, "ok".into()).await;
+                        Ok(u64::from(q.message_count()))
+                    }
+                    Err(e) if soft_error(&e) == Some(AMQPSoftError::NOTFOUND) => Ok(0),
+                    Err(e) => Err(e.into()),
+                }
+            }
+        })
+        .await
+    }
+
+    async fn delete_queue(&self, queue: &str) -> Result<()> {
+        let name = short(queue)?;
+        self.retrying("queue delete", |link| {
+            let name = name.clone();
+            async move {
+                let ch = link.connection.create_channel().await?;
+                ch.queue_delete(name.clone(), QueueDeleteOptions::default())
+                    .await?;
+                let _ = ch.exchange_delete(name, Default::default()).await;
+                let _ = ch.close(200, "ok".into()).await;
+                link.declared.lock().expect("declared lock").remove(queue);
+                Ok(())
+            }
+        })
+        .await
+    }
+}
+
+/// Keeps a consumer alive across reconnects until told to stop or the receiver goes away.
+async fn consume_loop(
+    broker: AmqpBroker,
+    queues: Vec<String>,
+    prefetch: u16,
+    tx: tokio::sync::mpsc::Sender<Delivery>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let tag_base = format!("{}-{}", crate::hostname(), uuid::Uuid::new_v4().simple());
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        match consume_session(&broker, &queues, prefetch, &tag_base, &tx, &mut stop).await {
+            Ok(SessionEnd::Stopped) => return,
+            Ok(SessionEnd::Lost) => backoff = Duration::from_millis(100),
+            Err(Error::Shutdown) => return,
+            Err(e) => tracing::warn!(error = %e, "consumer cannot start; retrying in {backoff:?}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+enum SessionEnd {
+    Stopped,
+    Lost,
+}
+
+async fn consume_session(
+    broker: &AmqpBroker,
+    queues: &[String],
+    prefetch: u16,
+    tag_base: &str,
+    tx: &tokio::sync::mpsc::Sender<Delivery>,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<SessionEnd> {
+    let link = broker.link().await?;
+    let ch = link.connection.create_channel().await?;
+    // Global QoS: one prefetch window shared by the consumers of every queue on this channel.
+    ch.basic_qos(prefetch, BasicQosOptions { global: true })
+        .await?;
+    let mut streams = Vec::with_capacity(queues.len());
+    let mut tags = Vec::with_capacity(queues.len());
+    for queue in queues {
+        broker.ensure_task_queue(&link, queue).await?;
+        let tag = format!("{tag_base}-{queue}");
+        let consumer = ch
+            .basic_consume(
+                short(queue)?,
+                short(&tag)?,
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let queue = queue.clone();
+        streams.push(consumer.map(move |d| (queue.clone(), d)).boxed());
+        tags.push(tag);
+    }
+    tracing::info!(queues = ?queues, prefetch, generation = link.generation, "consuming");
+    let mut merged = futures_util::stream::select_all(streams);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => {
+                for tag in &tags {
+                    let _ = ch.basic_cancel(short(tag)?, BasicCancelOptions::default()).await;
+                }
+                return Ok(SessionEnd::Stopped);
+            }
+            item = merged.next() => match item {
+                Some((queue, Ok(d))) => {
+                    let delivery = Delivery {
+                        message: raw_message(&d),
+                        queue,
+                        redelivered: d.redelivered,
+                        acker: Acker::Amqp(d.acker),
+                    };
+                    if tx.send(delivery).await.is_err() {
+                        return Ok(SessionEnd::Stopped);
+                    }
+                }
+                Some((_, Err(e))) => {
+                    tracing::warn!(error = %e, "consumer lost its channel");
+                    return Ok(SessionEnd::Lost);
+                }
+                None => {
+                    tracing::warn!("consumer stream ended (broker cancelled it or the connection closed)");
+                    return Ok(SessionEnd::Lost);
+                }
+            }
+        }
+    }
+}

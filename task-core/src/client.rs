@@ -1,0 +1,437 @@
+//! Sending tasks and reading their results.
+//!
+//! ```no_run
+//! # async fn demo() -> task_core::Result<()> {
+//! use std::time::Duration;
+//! use task_core::{Client, diag};
+//!
+//! let client = Client::connect("amqp://guest:guest@127.0.0.1:5672/%2f", "redis://127.0.0.1:6379/0").await?;
+//! let sum = client
+//!     .task::<diag::Add>(diag::AddArgs::new(2, 3))
+//!     .countdown(Duration::from_secs(5))
+//!     .send()
+//!     .await?
+//!     .get(Duration::from_secs(30))
+//!     .await?;
+//! assert_eq!(sum, 5.into());
+//! # Ok(()) }
+//! ```
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use crate::backend::{AnyBackend, ResultBackend, TaskMeta, TaskState};
+use crate::broker::{AnyBroker, Broker};
+use crate::error::{Error, Result};
+use crate::protocol::{ContentType, TaskMessage};
+use crate::task::{Task, TaskOptions, encode_args};
+
+/// The queue tasks go to when nothing else says: Celery's default.
+pub const DEFAULT_QUEUE: &str = "celery";
+
+/// Sends tasks and reads results. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<ClientInner>,
+}
+
+struct ClientInner {
+    broker: AnyBroker,
+    backend: AnyBackend,
+    default_queue: String,
+    serializer: ContentType,
+    origin: String,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("broker", &self.inner.broker)
+            .field("backend", &self.inner.backend)
+            .field("default_queue", &self.inner.default_queue)
+            .finish()
+    }
+}
+
+impl Client {
+    /// A client on an existing broker and backend.
+    pub fn new(broker: impl Into<AnyBroker>, backend: impl Into<AnyBackend>) -> Self {
+        Client {
+            inner: Arc::new(ClientInner {
+                broker: broker.into(),
+                backend: backend.into(),
+                default_queue: DEFAULT_QUEUE.to_owned(),
+                serializer: ContentType::Json,
+                origin: format!("gen{}@{}", std::process::id(), crate::hostname()),
+            }),
+        }
+    }
+
+    /// Connects to a broker and a backend by URL (`amqp://`, `redis://`, `memory://`).
+    pub async fn connect(broker_url: &str, backend_url: &str) -> Result<Self> {
+        let broker = AnyBroker::connect(broker_url).await?;
+        let backend = AnyBackend::connect(backend_url).await?;
+        Ok(Client::new(broker, backend))
+    }
+
+    fn with(&self, f: impl FnOnce(&mut ClientInner)) -> Self {
+        let mut inner = ClientInner {
+            broker: self.inner.broker.clone(),
+            backend: self.inner.backend.clone(),
+            default_queue: self.inner.default_queue.clone(),
+            serializer: self.inner.serializer,
+            origin: self.inner.origin.clone(),
+        };
+        f(&mut inner);
+        Client {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// A client sending to `queue` when neither the call nor the task names one.
+    pub fn with_default_queue(&self, queue: impl Into<String>) -> Self {
+        let queue = queue.into();
+        self.with(|i| i.default_queue = queue)
+    }
+
+    /// A client encoding bodies with `serializer`.
+    pub fn with_serializer(&self, serializer: ContentType) -> Self {
+        self.with(|i| i.serializer = serializer)
+    }
+
+    /// The broker.
+    pub fn broker(&self) -> &AnyBroker {
+        &self.inner.broker
+    }
+
+    /// The result backend.
+    pub fn backend(&self) -> &AnyBackend {
+        &self.inner.backend
+    }
+
+    /// Starts a typed call of `T` (options default to `T::options()`).
+    pub fn task<T: Task>(&self, args: T::Args) -> Call<'_, T::Output> {
+        let options = T::options();
+        let mut call = self.call_with(T::NAME, encode_args(&args), &options);
+        call.options.queue = options.queue.clone();
+        call
+    }
+
+    /// Starts an untyped call by name, as Python's `send_task` (the result is any JSON value).
+    pub fn send_task(
+        &self,
+        name: &str,
+        args: Vec<Value>,
+        kwargs: Map<String, Value>,
+    ) -> Call<'_, Value> {
+        self.call_with(name, Ok((args, kwargs)), &TaskOptions::default())
+    }
+
+    fn call_with<O>(
+        &self,
+        name: &str,
+        args: std::result::Result<(Vec<Value>, Map<String, Value>), String>,
+        options: &TaskOptions,
+    ) -> Call<'_, O> {
+        Call {
+            client: self,
+            name: name.to_owned(),
+            args,
+            options: SendOptions {
+                expires: options.expires.map(|d| Utc::now() + d),
+                priority: options.priority,
+                soft_time_limit: options.soft_time_limit,
+                time_limit: options.time_limit,
+                ignore_result: options.ignore_result,
+                ..SendOptions::default()
+            },
+            _output: PhantomData,
+        }
+    }
+
+    /// Publishes a prepared message to `queue`; a future ETA is kept by the broker.
+    pub async fn publish(&self, queue: &str, message: &TaskMessage) -> Result<()> {
+        let raw = message.encode()?;
+        let delay = message
+            .headers
+            .eta
+            .and_then(|eta| (eta - Utc::now()).to_std().ok())
+            .filter(|d| !d.is_zero());
+        match delay {
+            Some(delay) => self.inner.broker.publish_delayed(queue, &raw, delay).await,
+            None => self.inner.broker.publish(queue, &raw).await,
+        }
+    }
+
+    /// A handle on the result of a task id.
+    pub fn result<O>(&self, task_id: impl Into<String>) -> AsyncResult<O> {
+        AsyncResult {
+            id: task_id.into(),
+            backend: self.inner.backend.clone(),
+            _output: PhantomData,
+        }
+    }
+}
+
+/// Per-call options, as Celery's `apply_async`.
+#[derive(Debug, Clone, Default)]
+pub struct SendOptions {
+    /// Task id (default: a new UUID).
+    pub task_id: Option<String>,
+    /// Queue.
+    pub queue: Option<String>,
+    /// Do not run before.
+    pub eta: Option<DateTime<Utc>>,
+    /// Discard after.
+    pub expires: Option<DateTime<Utc>>,
+    /// Message priority.
+    pub priority: Option<u8>,
+    /// Body encoding (default: the client's).
+    pub serializer: Option<ContentType>,
+    /// Soft time limit.
+    pub soft_time_limit: Option<Duration>,
+    /// Hard time limit.
+    pub time_limit: Option<Duration>,
+    /// Do not store the result.
+    pub ignore_result: bool,
+    /// Parent task id (sets `parent_id`; `root_id` follows `root_id`).
+    pub parent_id: Option<String>,
+    /// Workflow root id.
+    pub root_id: Option<String>,
+}
+
+/// A call being prepared; [`Call::send`] publishes it.
+#[must_use = "a call does nothing until it is sent"]
+pub struct Call<'a, O> {
+    client: &'a Client,
+    name: String,
+    args: std::result::Result<(Vec<Value>, Map<String, Value>), String>,
+    options: SendOptions,
+    _output: PhantomData<fn() -> O>,
+}
+
+impl<O> std::fmt::Debug for Call<'_, O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Call")
+            .field("name", &self.name)
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+impl<'a, O> Call<'a, O> {
+    /// Runs no earlier than `delay` from now.
+    pub fn countdown(mut self, delay: Duration) -> Self {
+        self.options.eta = chrono::Duration::from_std(delay)
+            .ok()
+            .map(|d| Utc::now() + d);
+        self
+    }
+    /// Runs no earlier than `eta`.
+    pub fn eta(mut self, eta: DateTime<Utc>) -> Self {
+        self.options.eta = Some(eta);
+        self
+    }
+    /// Discarded as REVOKED if not started within `after`.
+    pub fn expires_in(mut self, after: Duration) -> Self {
+        self.options.expires = chrono::Duration::from_std(after)
+            .ok()
+            .map(|d| Utc::now() + d);
+        self
+    }
+    /// Discarded as REVOKED if not started by `at`.
+    pub fn expires_at(mut self, at: DateTime<Utc>) -> Self {
+        self.options.expires = Some(at);
+        self
+    }
+    /// Message priority (effective on queues declared with `x-max-priority`).
+    pub fn priority(mut self, priority: u8) -> Self {
+        self.options.priority = Some(priority);
+        self
+    }
+    /// Target queue.
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.options.queue = Some(queue.into());
+        self
+    }
+    /// Task id, for idempotent sending (the same id is the same task).
+    pub fn task_id(mut self, id: impl Into<String>) -> Self {
+        self.options.task_id = Some(id.into());
+        self
+    }
+    /// Body encoding.
+    pub fn serializer(mut self, serializer: ContentType) -> Self {
+        self.options.serializer = Some(serializer);
+        self
+    }
+    /// Soft and hard time limits for this message.
+    pub fn time_limits(mut self, soft: Option<Duration>, hard: Option<Duration>) -> Self {
+        self.options.soft_time_limit = soft;
+        self.options.time_limit = hard;
+        self
+    }
+    /// Do not store the result.
+    pub fn ignore_result(mut self, yes: bool) -> Self {
+        self.options.ignore_result = yes;
+        self
+    }
+    /// Marks the call as sent by another task.
+    pub fn parent(mut self, ctx: &crate::TaskContext) -> Self {
+        self.options.parent_id = Some(ctx.id.clone());
+        self.options.root_id = ctx.root_id.clone().or_else(|| Some(ctx.id.clone()));
+        self
+    }
+    /// Replaces every option at once.
+    pub fn options(mut self, options: SendOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// The message this call will publish.
+    pub fn message(&self) -> Result<TaskMessage> {
+        let (args, kwargs) = self.args.clone().map_err(Error::Serialization)?;
+        let id = self
+            .options
+            .task_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let mut m = TaskMessage::new(self.name.clone(), id);
+        let h = &mut m.headers;
+        h.argsrepr = Some(repr(&Value::Array(args.clone())));
+        h.kwargsrepr = Some(repr(&Value::Object(kwargs.clone())));
+        h.origin = Some(self.client.inner.origin.clone());
+        h.eta = self.options.eta;
+        h.expires = self.options.expires;
+        h.soft_time_limit = self.options.soft_time_limit.map(|d| d.as_secs_f64());
+        h.time_limit = self.options.time_limit.map(|d| d.as_secs_f64());
+        h.ignore_result = self.options.ignore_result;
+        h.parent_id = self.options.parent_id.clone();
+        if let Some(root) = &self.options.root_id {
+            h.root_id = Some(root.clone());
+        }
+        m.args = args;
+        m.kwargs = kwargs;
+        m.priority = self.options.priority;
+        m.content_type = self
+            .options
+            .serializer
+            .unwrap_or(self.client.inner.serializer);
+        Ok(m)
+    }
+
+    /// Publishes the call (waiting for the broker's confirm) and returns a handle on its result.
+    pub async fn send(self) -> Result<AsyncResult<O>> {
+        let message = self.message()?;
+        let queue = self
+            .options
+            .queue
+            .as_deref()
+            .unwrap_or(&self.client.inner.default_queue);
+        self.client.publish(queue, &message).await?;
+        Ok(self.client.result(message.headers.id))
+    }
+}
+
+/// Printable arguments, cut to 1024 characters like Celery's `argsrepr`.
+fn repr(v: &Value) -> String {
+    let mut s = v.to_string();
+    if s.len() > 1024 {
+        let mut cut = 1021;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push_str("...");
+    }
+    s
+}
+
+/// A handle on a task's result.
+pub struct AsyncResult<O> {
+    id: String,
+    backend: AnyBackend,
+    _output: PhantomData<fn() -> O>,
+}
+
+impl<O> std::fmt::Debug for AsyncResult<O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncResult").field("id", &self.id).finish()
+    }
+}
+
+impl<O> Clone for AsyncResult<O> {
+    fn clone(&self) -> Self {
+        AsyncResult {
+            id: self.id.clone(),
+            backend: self.backend.clone(),
+            _output: PhantomData,
+        }
+    }
+}
+
+impl<O: DeserializeOwned> AsyncResult<O> {
+    /// The task id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The current state (PENDING when nothing is stored).
+    pub async fn state(&self) -> Result<TaskState> {
+        Ok(self
+            .meta()
+            .await?
+            .map(|m| m.status)
+            .unwrap_or(TaskState::Pending))
+    }
+
+    /// The stored meta, if any.
+    pub async fn meta(&self) -> Result<Option<TaskMeta>> {
+        self.backend.get(&self.id).await
+    }
+
+    /// Waits for the task to finish and returns its value; a failure or revocation is
+    /// [`Error::TaskFailed`], no result within `timeout` is [`Error::Timeout`].
+    pub async fn get(&self, timeout: Duration) -> Result<O> {
+        let meta = self.backend.wait(&self.id, timeout).await?;
+        Self::value(meta)
+    }
+
+    fn value(meta: TaskMeta) -> Result<O> {
+        match meta.status {
+            TaskState::Success => serde_json::from_value(meta.result).map_err(|e| {
+                Error::Serialization(format!(
+                    "result of task {} does not decode: {e}",
+                    meta.task_id
+                ))
+            }),
+            state => Err(Error::TaskFailed {
+                task_id: meta.task_id.clone(),
+                state,
+                exception: meta.exception_info().unwrap_or_else(|| {
+                    crate::backend::ExceptionInfo::new(
+                        "builtins",
+                        "Exception",
+                        meta.result.to_string(),
+                    )
+                }),
+            }),
+        }
+    }
+}
+
+impl<O: Serialize> AsyncResult<O> {
+    /// Drops the typing, for code that handles results of many task types.
+    pub fn untyped(self) -> AsyncResult<Value> {
+        AsyncResult {
+            id: self.id,
+            backend: self.backend,
+            _output: PhantomData,
+        }
+    }
+}

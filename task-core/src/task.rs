@@ -1,0 +1,477 @@
+//! Typed tasks: a name, typed arguments and result, options, and the error that says what to do
+//! next.
+//!
+//! ```
+//! use serde::{Deserialize, Serialize};
+//! use task_core::{Task, TaskContext, TaskError};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Add { x: i64, y: i64 }
+//!
+//! struct AddTask;
+//! impl Task for AddTask {
+//!     const NAME: &'static str = "example.add";
+//!     type Args = Add;
+//!     type Output = i64;
+//!     async fn run(&self, _ctx: TaskContext, a: Add) -> Result<i64, TaskError> {
+//!         a.x.checked_add(a.y).ok_or_else(|| TaskError::abort("OverflowError", "sum overflows"))
+//!     }
+//! }
+//! ```
+//!
+//! Arguments arrive as Celery's `(args, kwargs)`. A struct's fields are filled from positional
+//! arguments in declaration order and from keyword arguments by name, so Python's
+//! `send_task("example.add", (2, 3))` and `send_task("example.add", kwargs={"x": 2, "y": 3})` both
+//! work; tuples take positional arguments only.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use crate::backend::ExceptionInfo;
+use crate::backoff::{Backoff, RateLimit};
+use crate::client::Client;
+
+/// A task type.
+pub trait Task: Send + Sync + 'static {
+    /// The registered name (the `task` header).
+    const NAME: &'static str;
+    /// Arguments, decoded from Celery's `(args, kwargs)`.
+    type Args: Serialize + DeserializeOwned + Send + 'static;
+    /// Return value, stored as the result.
+    type Output: Serialize + DeserializeOwned + Send + 'static;
+
+    /// Options used by workers running the task and by clients sending it.
+    fn options() -> TaskOptions {
+        TaskOptions::default()
+    }
+
+    /// Runs the task once.
+    fn run(
+        &self,
+        ctx: TaskContext,
+        args: Self::Args,
+    ) -> impl Future<Output = Result<Self::Output, TaskError>> + Send;
+}
+
+/// Per-task options. Per-message values (time limits, expiry, priority, queue) override these.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskOptions {
+    /// Queue the task is sent to (default `celery`).
+    pub queue: Option<String>,
+    /// Retries allowed after the first run; `None` = unlimited. Default 3.
+    pub max_retries: Option<u32>,
+    /// Wait between retries when the task does not say how long.
+    pub backoff: Backoff,
+    /// Cooperative limit: after it the task is told to stop (see [`TaskContext::soft_time_limit`]).
+    pub soft_time_limit: Option<Duration>,
+    /// Hard limit: after it the task is abandoned and fails with `TimeLimitExceeded`.
+    pub time_limit: Option<Duration>,
+    /// Default expiry for sent messages, counted from sending.
+    pub expires: Option<Duration>,
+    /// Default message priority.
+    pub priority: Option<u8>,
+    /// Do not store results.
+    pub ignore_result: bool,
+    /// At most this many starts per second on each worker.
+    pub rate_limit: Option<RateLimit>,
+    /// Store STARTED when execution begins.
+    pub track_started: bool,
+}
+
+impl Default for TaskOptions {
+    fn default() -> Self {
+        TaskOptions {
+            queue: None,
+            max_retries: Some(3),
+            backoff: Backoff::default(),
+            soft_time_limit: None,
+            time_limit: None,
+            expires: None,
+            priority: None,
+            ignore_result: false,
+            rate_limit: None,
+            track_started: false,
+        }
+    }
+}
+
+impl TaskOptions {
+    /// Sets the default queue.
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+    /// Sets the retry budget (`None` = unlimited).
+    pub fn max_retries(mut self, n: Option<u32>) -> Self {
+        self.max_retries = n;
+        self
+    }
+    /// Sets the retry back-off.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+    /// Sets the soft and hard time limits.
+    pub fn time_limits(mut self, soft: Option<Duration>, hard: Option<Duration>) -> Self {
+        self.soft_time_limit = soft;
+        self.time_limit = hard;
+        self
+    }
+    /// Sets the default expiry.
+    pub fn expires(mut self, after: Duration) -> Self {
+        self.expires = Some(after);
+        self
+    }
+    /// Sets the default priority.
+    pub fn priority(mut self, p: u8) -> Self {
+        self.priority = Some(p);
+        self
+    }
+    /// Stops results from being stored.
+    pub fn ignore_result(mut self, yes: bool) -> Self {
+        self.ignore_result = yes;
+        self
+    }
+    /// Sets the per-worker rate limit.
+    pub fn rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limit = Some(limit);
+        self
+    }
+    /// Stores STARTED when execution begins.
+    pub fn track_started(mut self, yes: bool) -> Self {
+        self.track_started = yes;
+        self
+    }
+}
+
+/// How a task run ended when it did not succeed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TaskError {
+    /// A temporary failure: run the task again later (after `after`, or the task's back-off), while
+    /// retries remain.
+    #[error("retry requested: {reason}")]
+    Retry {
+        /// Why (stored with the RETRY state).
+        reason: String,
+        /// How long to wait; `None` uses the task's back-off.
+        after: Option<Duration>,
+    },
+    /// A permanent failure: store FAILURE and never retry (a declined card, invalid input).
+    #[error("{kind}: {message}")]
+    Abort {
+        /// Exception type Python sees (`ValueError`, or `module.Name`).
+        kind: String,
+        /// Message.
+        message: String,
+    },
+}
+
+impl TaskError {
+    /// A retry after the task's back-off.
+    pub fn retry(reason: impl Into<String>) -> Self {
+        TaskError::Retry {
+            reason: reason.into(),
+            after: None,
+        }
+    }
+
+    /// A retry after a given wait.
+    pub fn retry_after(after: Duration, reason: impl Into<String>) -> Self {
+        TaskError::Retry {
+            reason: reason.into(),
+            after: Some(after),
+        }
+    }
+
+    /// A permanent failure with an exception type and message.
+    pub fn abort(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        TaskError::Abort {
+            kind: kind.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The exception stored in the result backend for this error.
+    pub fn exception(&self) -> ExceptionInfo {
+        match self {
+            TaskError::Retry { reason, .. } => {
+                ExceptionInfo::new("celery.exceptions", "Retry", reason.clone())
+            }
+            TaskError::Abort { kind, message } => match kind.rsplit_once('.') {
+                Some((module, name)) => ExceptionInfo::new(module, name, message.clone()),
+                None => ExceptionInfo::new("builtins", kind, message.clone()),
+            },
+        }
+    }
+}
+
+/// What a running task knows about itself, and its way to send more tasks.
+#[derive(Clone)]
+pub struct TaskContext {
+    /// Task id (stable across retries and redeliveries).
+    pub id: String,
+    /// Task name.
+    pub name: String,
+    /// Retries so far (0 on the first run).
+    pub retries: u32,
+    /// Retry budget (`None` = unlimited).
+    pub max_retries: Option<u32>,
+    /// Whether the broker delivered this message before (a previous worker may have run it).
+    pub redelivered: bool,
+    /// Queue the message came from.
+    pub queue: String,
+    /// Workflow root id.
+    pub root_id: Option<String>,
+    /// Parent task id.
+    pub parent_id: Option<String>,
+    /// The message's ETA, if it had one.
+    pub eta: Option<DateTime<Utc>>,
+    /// The message's expiry, if any.
+    pub expires: Option<DateTime<Utc>>,
+    /// Worker node name.
+    pub hostname: String,
+    pub(crate) client: Client,
+    pub(crate) soft: SoftLimit,
+}
+
+impl std::fmt::Debug for TaskContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskContext")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("retries", &self.retries)
+            .field("redelivered", &self.redelivered)
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The soft time limit of one run.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct SoftLimit {
+    pub(crate) deadline: Option<tokio::time::Instant>,
+    pub(crate) watched: Arc<AtomicBool>,
+}
+
+impl TaskContext {
+    /// A client to send further tasks with (shares the worker's connections).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Resolves when the soft time limit passes (never, if there is none).
+    ///
+    /// Calling this tells the worker the task handles its soft limit: it is then left to finish
+    /// (until the hard limit) after the soft limit passes. A task that never calls it is stopped at
+    /// the soft limit and fails with `SoftTimeLimitExceeded`, which is what an uncaught
+    /// `SoftTimeLimitExceeded` does in Celery.
+    pub fn soft_time_limit(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.soft.watched.store(true, Ordering::SeqCst);
+        let deadline = self.soft.deadline;
+        async move {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    /// Whether a failure now would exhaust the retry budget.
+    pub fn is_last_attempt(&self) -> bool {
+        self.max_retries.is_some_and(|max| self.retries >= max)
+    }
+}
+
+/// Fills a task's arguments from Celery's positional and keyword arguments.
+pub fn decode_args<A: DeserializeOwned>(
+    args: Vec<Value>,
+    kwargs: Map<String, Value>,
+) -> Result<A, String> {
+    if kwargs.is_empty() {
+        let empty = args.is_empty();
+        return match serde_json::from_value(Value::Array(args)) {
+            Ok(a) => Ok(a),
+            Err(e) if empty => serde_json::from_value(Value::Null)
+                .or_else(|_| serde_json::from_value(Value::Object(Map::new())))
+                .map_err(|_| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+    }
+    if args.is_empty() {
+        return serde_json::from_value(Value::Object(kwargs)).map_err(|e| e.to_string());
+    }
+    let fields = field_names::<A>().ok_or_else(|| {
+        "positional and keyword arguments were both given, but this task takes positional \
+         arguments only"
+            .to_owned()
+    })?;
+    if args.len() > fields.len() {
+        return Err(format!(
+            "takes {} arguments but {} were given",
+            fields.len(),
+            args.len() + kwargs.len()
+        ));
+    }
+    let mut merged = Map::new();
+    for (name, value) in fields.iter().zip(args) {
+        merged.insert((*name).to_owned(), value);
+    }
+    for (name, value) in kwargs {
+        if merged.contains_key(&name) {
+            return Err(format!("got multiple values for argument `{name}`"));
+        }
+        merged.insert(name, value);
+    }
+    serde_json::from_value(Value::Object(merged)).map_err(|e| e.to_string())
+}
+
+/// Encodes a task's arguments as Celery's `(args, kwargs)`: a sequence becomes positional
+/// arguments, a struct or map keyword arguments, `()` nothing, anything else one positional argument.
+pub fn encode_args<A: Serialize>(args: &A) -> Result<(Vec<Value>, Map<String, Value>), String> {
+    match serde_json::to_value(args).map_err(|e| e.to_string())? {
+        Value::Array(items) => Ok((items, Map::new())),
+        Value::Object(map) => Ok((Vec::new(), map)),
+        Value::Null => Ok((Vec::new(), Map::new())),
+        other => Ok((vec![other], Map::new())),
+    }
+}
+
+/// The field names of a struct type, found by asking its `Deserialize` impl.
+fn field_names<A: DeserializeOwned>() -> Option<&'static [&'static str]> {
+    use serde::de::{self, Visitor};
+    struct Probe(Option<&'static [&'static str]>);
+    #[derive(Debug)]
+    struct Stop;
+    impl std::fmt::Display for Stop {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("probe")
+        }
+    }
+    impl std::error::Error for Stop {}
+    impl de::Error for Stop {
+        fn custom<T: std::fmt::Display>(_: T) -> Self {
+            Stop
+        }
+    }
+    impl<'de> de::Deserializer<'de> for &mut Probe {
+        type Error = Stop;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
+            Err(Stop)
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Stop> {
+            self.0 = Some(fields);
+            Err(Stop)
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+    let mut probe = Probe(None);
+    let _ = A::deserialize(&mut probe);
+    probe.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+    use serde_json::json;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Xy {
+        x: i64,
+        y: i64,
+    }
+
+    fn kw(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn structs_take_positional_keyword_or_mixed_arguments() {
+        assert_eq!(
+            decode_args::<Xy>(vec![json!(1), json!(2)], Map::new()),
+            Ok(Xy { x: 1, y: 2 })
+        );
+        assert_eq!(
+            decode_args::<Xy>(vec![], kw(json!({"y": 2, "x": 1}))),
+            Ok(Xy { x: 1, y: 2 })
+        );
+        assert_eq!(
+            decode_args::<Xy>(vec![json!(1)], kw(json!({"y": 2}))),
+            Ok(Xy { x: 1, y: 2 })
+        );
+    }
+
+    #[test]
+    fn wrong_shapes_are_explained() {
+        assert!(
+            decode_args::<Xy>(vec![json!(1)], Map::new())
+                .unwrap_err()
+                .contains("invalid length")
+        );
+        assert!(
+            decode_args::<Xy>(vec![json!("a"), json!(2)], Map::new())
+                .unwrap_err()
+                .contains("invalid type")
+        );
+        assert!(decode_args::<Xy>(vec![json!(1), json!(2), json!(3)], Map::new()).is_err());
+        assert!(
+            decode_args::<Xy>(vec![json!(1)], kw(json!({"x": 2})))
+                .unwrap_err()
+                .contains("multiple values")
+        );
+        assert!(
+            decode_args::<(i64, i64)>(vec![json!(1)], kw(json!({"y": 2})))
+                .unwrap_err()
+                .contains("positional")
+        );
+    }
+
+    #[test]
+    fn unit_and_tuples() {
+        assert_eq!(decode_args::<()>(vec![], Map::new()), Ok(()));
+        assert_eq!(
+            decode_args::<(i64, String)>(vec![json!(1), json!("a")], Map::new()),
+            Ok((1, "a".into()))
+        );
+        assert_eq!(
+            encode_args(&(1, 2)).unwrap(),
+            (vec![json!(1), json!(2)], Map::new())
+        );
+        assert_eq!(
+            encode_args(&Xy { x: 1, y: 2 }).unwrap(),
+            (vec![], kw(json!({"x": 1, "y": 2})))
+        );
+        assert_eq!(encode_args(&()).unwrap(), (vec![], Map::new()));
+    }
+
+    #[test]
+    fn errors_map_to_python_exceptions() {
+        let e = TaskError::abort("ValueError", "bad").exception();
+        assert_eq!(
+            (e.exc_module.as_str(), e.exc_type.as_str()),
+            ("builtins", "ValueError")
+        );
+        let e = TaskError::abort("billing.CardDeclined", "5051").exception();
+        assert_eq!(
+            (e.exc_module.as_str(), e.exc_type.as_str()),
+            ("billing", "CardDeclined")
+        );
+    }
+}

@@ -1,0 +1,116 @@
+//! Helpers for tests that run the `worker` binary against the real services.
+#![allow(dead_code, unreachable_pub)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+pub fn unique_queue(prefix: &str) -> String {
+    format!("test.{prefix}.{}", uuid::Uuid::new_v4().simple())
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
+/// The virtualenv Python with `celery` installed (`scripts/test` creates `.venv`).
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("INTEROP_PYTHON") {
+        return p.into();
+    }
+    let p = workspace_root().join(".venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/test (it creates the virtualenv with celery)",
+        p.display()
+    );
+    p
+}
+
+/// A `worker` process, killed when dropped.
+pub struct WorkerProcess {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl WorkerProcess {
+    pub fn spawn(queue: &str, extra: &[(&str, &str)]) -> Self {
+        let log =
+            std::env::temp_dir().join(format!("worker-{}.log", uuid::Uuid::new_v4().simple()));
+        let file = std::fs::File::create(&log).expect("worker log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_worker"));
+        cmd.env("BROKER_URL", amqp_url())
+            .env("RESULT_BACKEND", redis_url())
+            .env("WORKER_QUEUES", queue)
+            .env("RUST_LOG", "info")
+            .env("LOG_FORMAT", "json")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(file))
+            .kill_on_drop(true);
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn the worker binary");
+        WorkerProcess { child, log }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id().expect("worker pid") as i32
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{signal} failed");
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the worker logs that it is consuming.
+    pub async fn ready(&self) {
+        eventually(
+            "the worker to start consuming",
+            Duration::from_secs(30),
+            || async { self.log_text().contains("worker ready").then_some(()) },
+        )
+        .await;
+    }
+}
+
+/// Polls `check` every 25 ms until it returns `Some`, failing with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
