@@ -16,6 +16,7 @@ pub mod broker;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod diag;
 mod error;
 pub mod protocol;
@@ -29,6 +30,7 @@ pub use backend::{AnyBackend, MemoryBackend, RedisBackend, ResultBackend, TaskMe
 pub use backoff::{Backoff, RateLimit};
 pub use broker::{AmqpBroker, AnyBroker, Broker, MemoryBroker};
 pub use client::{AsyncResult, Client};
+pub use clock::Clock;
 pub use error::{Error, Result};
 pub use protocol::ContentType;
 pub use registry::Registry;

@@ -33,6 +33,7 @@ use lapin::{
 };
 use tokio::sync::OnceCell;
 
+use super::amqp_settle::Settler;
 use super::delay::{self, DELIVER_EXCHANGE, LEVELS};
 use super::field_table::{json_to_table, short, table_to_json};
 use super::{Acker, Broker, Consumer, Delivery, dead_letter_queue, with_dead_letter_headers};
@@ -642,6 +643,9 @@ async fn consume_session(
         streams.push(consumer.map(move |d| (queue.clone(), d)).boxed());
         tags.push(tag);
     }
+    // Deliveries are settled through the settler, which keeps the channel open until the last one
+    // is settled: closing it earlier would requeue messages whose tasks already ran.
+    let settler = Settler::start(ch.clone());
     tracing::info!(queues = ?queues, prefetch, generation = link.generation, "consuming");
     let mut merged = futures_util::stream::select_all(streams);
     loop {
@@ -649,6 +653,10 @@ async fn consume_session(
             _ = stop.changed() => {
                 for tag in &tags {
                     let _ = ch.basic_cancel(short(tag)?, BasicCancelOptions::default()).await;
+                }
+                // Give back what arrived before the cancel took effect.
+                while let Ok(Some((_, Ok(d)))) = tokio::time::timeout(Duration::from_millis(200), merged.next()).await {
+                    let _ = d.acker.reject(lapin::options::BasicRejectOptions { requeue: true }).await;
                 }
                 return Ok(SessionEnd::Stopped);
             }
@@ -658,7 +666,7 @@ async fn consume_session(
                         message: raw_message(&d),
                         queue,
                         redelivered: d.redelivered,
-                        acker: Acker::Amqp(d.acker),
+                        acker: Acker::Amqp(settler.acker(d.delivery_tag)),
                     };
                     if tx.send(delivery).await.is_err() {
                         return Ok(SessionEnd::Stopped);

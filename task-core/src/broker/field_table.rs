@@ -11,7 +11,7 @@ use serde_json::{Map, Number, Value};
 use crate::error::{Error, Result};
 
 /// Converts an AMQP header table to a JSON object.
-pub(super) fn table_to_json(table: &FieldTable) -> Map<String, Value> {
+pub fn table_to_json(table: &FieldTable) -> Map<String, Value> {
     table
         .inner()
         .iter()
@@ -56,7 +56,7 @@ fn value_to_json(v: &AMQPValue) -> Value {
 }
 
 /// Converts a JSON object to an AMQP header table the way py-amqp would write it.
-pub(super) fn json_to_table(map: &Map<String, Value>) -> Result<FieldTable> {
+pub fn json_to_table(map: &Map<String, Value>) -> Result<FieldTable> {
     let mut table = FieldTable::default();
     for (k, v) in map {
         table.insert(short(k)?, json_to_value(v)?);
@@ -84,7 +84,7 @@ fn json_to_value(v: &Value) -> Result<AMQPValue> {
 }
 
 /// An AMQP short string (at most 255 bytes), or a clear error naming the value.
-pub(super) fn short(s: &str) -> Result<ShortString> {
+pub(crate) fn short(s: &str) -> Result<ShortString> {
     ShortString::try_new(s).map_err(|_| {
         Error::Broker(format!(
             "`{}…` is longer than the 255 bytes AMQP allows here",

@@ -9,8 +9,9 @@
 //! a channel closes with unacknowledged messages).
 
 mod amqp;
+mod amqp_settle;
 mod delay;
-mod field_table;
+pub mod field_table;
 mod memory;
 
 pub use amqp::AmqpBroker;
@@ -86,7 +87,7 @@ pub struct Delivery {
 
 #[derive(Debug)]
 enum Acker {
-    Amqp(lapin::Acker),
+    Amqp(amqp_settle::AmqpAcker),
     Memory(memory::MemoryAcker),
 }
 
@@ -94,10 +95,7 @@ impl Delivery {
     /// Acknowledges the message: the broker forgets it.
     pub async fn ack(self) -> Result<()> {
         match self.acker {
-            Acker::Amqp(a) => {
-                a.ack(lapin::options::BasicAckOptions::default()).await?;
-                Ok(())
-            }
+            Acker::Amqp(a) => a.ack().await,
             Acker::Memory(a) => a.ack(),
         }
     }
@@ -105,11 +103,7 @@ impl Delivery {
     /// Rejects the message; with `requeue` it goes back to its queue for another consumer.
     pub async fn reject(self, requeue: bool) -> Result<()> {
         match self.acker {
-            Acker::Amqp(a) => {
-                a.reject(lapin::options::BasicRejectOptions { requeue })
-                    .await?;
-                Ok(())
-            }
+            Acker::Amqp(a) => a.reject(requeue).await,
             Acker::Memory(a) => a.reject(requeue),
         }
     }

@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use chrono::Utc;
 use serde_json::{Value, json};
 use tracing::Instrument;
 
@@ -38,21 +37,41 @@ pub(super) async fn handle(state: Arc<State>, delivery: Delivery) {
         let exc = ExceptionInfo::new("celery.exceptions", "NotRegistered", name.clone());
         return dead_letter(&state, delivery, &format!("unknown task `{name}`"), exc).await;
     };
+    let span = tracing::info_span!(
+        "task",
+        task_id = %message.headers.id,
+        task = %message.headers.task,
+        retries = message.headers.retries
+    );
+    run_task(state, delivery, message, task)
+        .instrument(span)
+        .await
+}
+
+/// Runs a decoded message of a registered task.
+async fn run_task(
+    state: Arc<State>,
+    delivery: Delivery,
+    message: TaskMessage,
+    task: Arc<dyn crate::registry::ErasedTask>,
+) {
     let id = message.headers.id.clone();
 
     if delivery.redelivered
         && let Ok(Some(meta)) = state.backend().get(&id).await
         && meta.status.is_ready()
     {
-        tracing::info!(task_id = %id, state = %meta.status, "redelivered task already finished; acknowledging");
+        tracing::info!(state = %meta.status, "redelivered task already finished; acknowledging");
         state.stats.duplicates.fetch_add(1, Ordering::Relaxed);
         return settle(delivery, true).await;
     }
-    if expired(&message) {
+    if expired(&state, &message) {
         return revoke_expired(&state, delivery, &message).await;
     }
     if let Some(eta) = message.headers.eta {
-        let wait = (eta - Utc::now()).to_std().unwrap_or_default();
+        let wait = (eta - state.config.clock.now())
+            .to_std()
+            .unwrap_or_default();
         if wait > state.config.eta_hold {
             return defer(&state, delivery, wait).await;
         }
@@ -95,11 +114,11 @@ pub(super) async fn handle(state: Arc<State>, delivery: Delivery) {
             return settle(delivery, false).await;
         }
     }
-    if expired(&message) {
+    if expired(&state, &message) {
         return revoke_expired(&state, delivery, &message).await;
     }
 
-    let started = Utc::now();
+    let started = state.config.clock.now();
     let ignore_result = message.headers.ignore_result || options.ignore_result;
     if options.track_started && !ignore_result {
         let meta = base_meta(
@@ -110,7 +129,7 @@ pub(super) async fn handle(state: Arc<State>, delivery: Delivery) {
             json!({"pid": std::process::id(), "hostname": state.config.hostname}),
         );
         if let Err(e) = state.backend().store(&meta).await {
-            tracing::warn!(task_id = %id, error = %e, "could not store STARTED");
+            tracing::warn!(error = %e, "could not store STARTED");
         }
     }
 
@@ -142,13 +161,13 @@ pub(super) async fn handle(state: Arc<State>, delivery: Delivery) {
             watched: Arc::default(),
         },
     };
-    let span = tracing::info_span!("task", task_id = %id, task = %message.headers.task, retries = message.headers.retries);
-    let outcome = execute(run, ctx, soft, hard, span.clone()).await;
+    tracing::debug!("started");
+    let outcome = execute(run, ctx, soft, hard).await;
 
     let mut meta = match outcome {
         Outcome::Returned(Ok(value)) => {
             state.stats.succeeded.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(parent: &span, "succeeded");
+            tracing::debug!("succeeded");
             if ignore_result {
                 return settle(delivery, true).await;
             }
@@ -159,26 +178,22 @@ pub(super) async fn handle(state: Arc<State>, delivery: Delivery) {
                 Ok(Some(meta)) => meta,
                 Ok(None) => return settle(delivery, true).await,
                 Err(e) => {
-                    tracing::error!(parent: &span, error = %e, "could not schedule the retry; requeueing");
+                    tracing::error!(error = %e, "could not schedule the retry; requeueing");
                     return settle(delivery, false).await;
                 }
             }
         }
-        Outcome::Returned(Err(e)) => {
-            failure(&state, &message, &delivery.queue, &span, e.exception())
-        }
+        Outcome::Returned(Err(e)) => failure(&state, &message, &delivery.queue, e.exception()),
         Outcome::Panicked(msg) => failure(
             &state,
             &message,
             &delivery.queue,
-            &span,
             ExceptionInfo::new("builtins", "RuntimeError", format!("task panicked: {msg}")),
         ),
         Outcome::SoftLimit(secs) => failure(
             &state,
             &message,
             &delivery.queue,
-            &span,
             ExceptionInfo::new(
                 "celery.exceptions",
                 "SoftTimeLimitExceeded",
@@ -189,7 +204,6 @@ pub(super) async fn handle(state: Arc<State>, delivery: Delivery) {
             &state,
             &message,
             &delivery.queue,
-            &span,
             ExceptionInfo::new("celery.exceptions", "TimeLimitExceeded", format!("{secs}")),
         ),
     };
@@ -202,21 +216,15 @@ pub(super) async fn handle(state: Arc<State>, delivery: Delivery) {
     match stored {
         Ok(()) => settle(delivery, true).await,
         Err(e) => {
-            tracing::error!(parent: &span, error = %e, "could not store the result; requeueing the message");
+            tracing::error!(error = %e, "could not store the result; requeueing the message");
             settle(delivery, false).await
         }
     }
 }
 
-fn failure(
-    state: &State,
-    message: &TaskMessage,
-    queue: &str,
-    span: &tracing::Span,
-    exc: ExceptionInfo,
-) -> TaskMeta {
+fn failure(state: &State, message: &TaskMessage, queue: &str, exc: ExceptionInfo) -> TaskMeta {
     state.stats.failed.fetch_add(1, Ordering::Relaxed);
-    tracing::warn!(parent: span, exception = %exc, "failed");
+    tracing::warn!(exception = %exc, "failed");
     let mut meta = base_meta(state, message, queue, TaskState::Failure, Value::Null);
     meta.result = serde_json::to_value(&exc).unwrap_or(Value::Null);
     meta
@@ -228,11 +236,10 @@ async fn execute(
     ctx: TaskContext,
     soft: Option<Duration>,
     hard: Option<Duration>,
-    span: tracing::Span,
 ) -> Outcome {
     let watched = ctx.soft.watched.clone();
     let start = tokio::time::Instant::now();
-    let mut handle = tokio::spawn(run(ctx).instrument(span));
+    let mut handle = tokio::spawn(run(ctx).in_current_span());
     let joined = |r: std::result::Result<Result<Value, TaskError>, tokio::task::JoinError>| match r
     {
         Ok(r) => Outcome::Returned(r),
@@ -282,8 +289,11 @@ async fn wait_or_stop<F: std::future::Future>(state: &State, fut: F) -> Option<F
     }
 }
 
-fn expired(message: &TaskMessage) -> bool {
-    message.headers.expires.is_some_and(|e| e <= Utc::now())
+fn expired(state: &State, message: &TaskMessage) -> bool {
+    message
+        .headers
+        .expires
+        .is_some_and(|e| e <= state.config.clock.now())
 }
 
 fn base_meta(
@@ -406,7 +416,7 @@ async fn retry(
         return Ok(Some(meta));
     }
     let wait = after.unwrap_or_else(|| options.backoff.delay(retries));
-    let eta = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+    let eta = state.config.clock.now() + chrono::Duration::from_std(wait).unwrap_or_default();
     let mut next: RawMessage = delivery.message.clone();
     next.headers
         .insert("retries".into(), Value::from(retries + 1));

@@ -50,6 +50,8 @@ pub struct WorkerConfig {
     /// Store name, args, kwargs, worker, retries and queue with results (Celery's
     /// `result_extended`).
     pub result_extended: bool,
+    /// Wall clock for ETAs and expiry (the system clock; tests inject one).
+    pub clock: crate::Clock,
 }
 
 impl Default for WorkerConfig {
@@ -63,6 +65,7 @@ impl Default for WorkerConfig {
             shutdown_timeout: Duration::from_secs(30),
             eta_hold: Duration::from_secs(1),
             result_extended: true,
+            clock: crate::Clock::system(),
         }
     }
 }

@@ -1,0 +1,465 @@
+//! The task-queue benchmark: one run on the local RabbitMQ and Redis.
+//!
+//! ```sh
+//! cargo build --release -p worker && cargo build --release -p examples --example bench
+//! target/release/examples/bench            # or: --tasks 20000 --latency-seconds 10
+//! ```
+//!
+//! 1. The raw broker ceiling with lapin alone: persistent publishes with confirms (a window of
+//!    1,000 in flight) and a consumer acknowledging each message, same message size as a task.
+//! 2. N no-op `diag.add` tasks produced by the client and drained by the `worker` binary with results
+//!    stored in Redis: tasks per second, and the ratio to the raw ceiling.
+//! 3. Enqueue→start latency (p50/p99) at a paced rate of half the measured maximum.
+//! 4. The worker's peak RSS, during the run and with 1,000 tasks in flight.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::Value;
+use task_core::diag::{self, AddArgs, SleepArgs};
+use task_core::{Broker, Client};
+use tokio::sync::Mutex;
+
+const WINDOW: usize = 1000;
+
+struct Settings {
+    tasks: usize,
+    latency_seconds: u64,
+    concurrency: u32,
+    prefetch: u32,
+    broker: String,
+    backend: String,
+}
+
+fn settings() -> anyhow::Result<Settings> {
+    let mut s = Settings {
+        tasks: 50_000,
+        latency_seconds: 10,
+        concurrency: 32,
+        prefetch: 512,
+        broker: std::env::var("BROKER_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+        backend: std::env::var("RESULT_BACKEND")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into()),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--tasks" => s.tasks = value.parse()?,
+            "--latency-seconds" => s.latency_seconds = value.parse()?,
+            "--concurrency" => s.concurrency = value.parse()?,
+            "--prefetch" => s.prefetch = value.parse()?,
+            other => bail!(
+                "unknown flag {other} (--tasks, --latency-seconds, --concurrency, --prefetch)"
+            ),
+        }
+    }
+    Ok(s)
+}
+
+/// The `worker` binary next to this one (`target/release/worker`).
+fn worker_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .context("bench location")?
+        .join("worker");
+    if !path.exists() {
+        bail!(
+            "{} not found: run `cargo build --release -p worker` first",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+struct WorkerProcess {
+    child: tokio::process::Child,
+    log: PathBuf,
+}
+
+impl WorkerProcess {
+    async fn start(
+        s: &Settings,
+        queue: &str,
+        concurrency: u32,
+        prefetch: u32,
+    ) -> anyhow::Result<Self> {
+        let log = std::env::temp_dir().join(format!(
+            "bench-worker-{}.log",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let child = tokio::process::Command::new(worker_binary()?)
+            .env("BROKER_URL", &s.broker)
+            .env("RESULT_BACKEND", &s.backend)
+            .env("WORKER_QUEUES", queue)
+            .env("WORKER_CONCURRENCY", concurrency.to_string())
+            .env("WORKER_PREFETCH", prefetch.to_string())
+            .env("RUST_LOG", "warn,task_core::worker=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(&log)?))
+            .kill_on_drop(true)
+            .spawn()?;
+        let w = WorkerProcess { child, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&w.log)
+            .unwrap_or_default()
+            .contains("worker ready")
+        {
+            if Instant::now() > deadline {
+                bail!("worker did not start; see {}", w.log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(w)
+    }
+
+    /// (current, peak) resident set size in MB.
+    fn rss_mb(&self) -> (f64, f64) {
+        let pid = self.child.id().unwrap_or(0);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+                .map(|kb| kb / 1024.0)
+                .unwrap_or(0.0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Start times of finished tasks, as announced on Redis pub/sub.
+#[derive(Clone, Default)]
+struct Finished(Arc<Mutex<HashMap<String, Option<DateTime<Utc>>>>>);
+
+impl Finished {
+    async fn listen(backend: &str, pattern: String) -> anyhow::Result<Self> {
+        let client = redis::Client::open(backend)?;
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.psubscribe(&pattern).await?;
+        let finished = Finished::default();
+        let map = finished.0.clone();
+        tokio::spawn(async move {
+            let mut stream = pubsub.into_on_message();
+            while let Some(msg) = stream.next().await {
+                let Ok(payload) = msg.get_payload::<Vec<u8>>() else {
+                    continue;
+                };
+                let Ok(meta) = serde_json::from_slice::<Value>(&payload) else {
+                    continue;
+                };
+                if meta["status"] != "SUCCESS" {
+                    continue;
+                }
+                let started = meta["date_started"]
+                    .as_str()
+                    .and_then(task_core::protocol::parse_datetime);
+                let id = meta["task_id"].as_str().unwrap_or_default().to_owned();
+                map.lock().await.insert(id, started);
+            }
+        });
+        Ok(finished)
+    }
+
+    async fn wait_for(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.0.lock().await.len() < n {
+            if Instant::now() > deadline {
+                bail!(
+                    "only {} of {n} tasks finished within {timeout:?}",
+                    self.0.lock().await.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+}
+
+/// Raw lapin: persistent publishes with confirms, consumed and acknowledged one by one.
+async fn raw_ceiling(
+    s: &Settings,
+    n: usize,
+    message: &task_core::protocol::RawMessage,
+) -> anyhow::Result<f64> {
+    let queue = format!("bench.raw.{}", uuid::Uuid::new_v4().simple());
+    let producer = Connection::connect(&s.broker, ConnectionProperties::default()).await?;
+    let consumer_conn = Connection::connect(&s.broker, ConnectionProperties::default()).await?;
+    let publish = producer.create_channel().await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let opts = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    publish
+        .queue_declare(queue.as_str().into(), opts, FieldTable::default())
+        .await?;
+    let consume = consumer_conn.create_channel().await?;
+    consume
+        .basic_qos(
+            s.prefetch.min(u32::from(u16::MAX)) as u16,
+            BasicQosOptions::default(),
+        )
+        .await?;
+    let mut deliveries = consume
+        .basic_consume(
+            queue.as_str().into(),
+            "bench".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let headers = task_core::broker::field_table::json_to_table(&message.headers)?;
+    let props = BasicProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_content_encoding("utf-8".into())
+        .with_correlation_id("00000000-0000-0000-0000-000000000000".into());
+
+    let start = Instant::now();
+    let drain = tokio::spawn(async move {
+        let mut acks = FuturesUnordered::new();
+        let mut seen = 0;
+        while seen < n {
+            tokio::select! {
+                Some(d) = deliveries.next() => {
+                    let d = d?;
+                    seen += 1;
+                    acks.push(async move { d.acker.ack(BasicAckOptions::default()).await });
+                }
+                Some(r) = acks.next(), if !acks.is_empty() => { r?; }
+            }
+        }
+        while let Some(r) = acks.next().await {
+            r?;
+        }
+        Ok::<_, lapin::Error>(())
+    });
+    let mut confirms = FuturesUnordered::new();
+    for _ in 0..n {
+        if confirms.len() >= WINDOW {
+            confirms.next().await.transpose()?;
+        }
+        let confirm = publish
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &message.body,
+                props.clone(),
+            )
+            .await?;
+        confirms.push(confirm);
+    }
+    while confirms.next().await.transpose()?.is_some() {}
+    drain.await??;
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    publish
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    Ok(rate)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let s = settings()?;
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let queue = format!("bench.tasks.{run}");
+    let client = Client::connect(&s.broker, &s.backend)
+        .await?
+        .with_default_queue(&queue);
+    let sample = client
+        .task::<diag::Add>(AddArgs::new(123_456, 654_321))
+        .message()?
+        .encode()?;
+    let size = sample.body.len() + serde_json::to_vec(&sample.headers)?.len();
+    println!(
+        "message: diag.add, {} B body + {} B of headers (JSON-equivalent)",
+        sample.body.len(),
+        size - sample.body.len()
+    );
+
+    let raw = raw_ceiling(&s, s.tasks, &sample).await?;
+    println!(
+        "raw broker ceiling (lapin, persistent + confirms, consume + ack): {raw:.0} msg/s over {} messages",
+        s.tasks
+    );
+
+    // Throughput.
+    let finished = Finished::listen(&s.backend, format!("celery-task-meta-bench-{run}-*")).await?;
+    let worker = WorkerProcess::start(&s, &queue, s.concurrency, s.prefetch).await?;
+    let rss_peak = Arc::new(std::sync::Mutex::new(0f64));
+    let start = Instant::now();
+    let mut sends = FuturesUnordered::new();
+    for i in 0..s.tasks {
+        if sends.len() >= WINDOW {
+            sends.next().await.transpose()?;
+        }
+        let call = client
+            .task::<diag::Add>(AddArgs::new(i as i64, 1))
+            .task_id(format!("bench-{run}-t-{i}"));
+        sends.push(call.send());
+    }
+    while sends.next().await.transpose()?.is_some() {}
+    finished.wait_for(s.tasks, Duration::from_secs(600)).await?;
+    let elapsed = start.elapsed().as_secs_f64();
+    let tps = s.tasks as f64 / elapsed;
+    let (_, peak) = worker.rss_mb();
+    *rss_peak.lock().unwrap() = peak;
+    println!(
+        "tasks: {} no-op diag.add produced and drained, results in Redis: {tps:.0} tasks/s ({elapsed:.2} s); ratio to raw ceiling {:.2}",
+        s.tasks,
+        tps / raw
+    );
+
+    // Latency at half the maximum rate.
+    let rate = tps / 2.0;
+    let count = (rate * s.latency_seconds as f64) as usize;
+    let mut enqueued = HashMap::with_capacity(count);
+    let t0 = Instant::now();
+    let mut sends = FuturesUnordered::new();
+    for i in 0..count {
+        let due = t0 + Duration::from_secs_f64(i as f64 / rate);
+        loop {
+            let now = Instant::now();
+            if now >= due {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(due - now) => {}
+                Some(r) = sends.next(), if !sends.is_empty() => { let _ = r?; }
+            }
+        }
+        let id = format!("bench-{run}-l-{i}");
+        enqueued.insert(id.clone(), Utc::now());
+        sends.push(
+            client
+                .task::<diag::Add>(AddArgs::new(i as i64, 2))
+                .task_id(id)
+                .send(),
+        );
+    }
+    while sends.next().await.transpose()?.is_some() {}
+    finished
+        .wait_for(s.tasks + count, Duration::from_secs(600))
+        .await?;
+    let starts = finished.0.lock().await;
+    let mut latencies: Vec<f64> = enqueued
+        .iter()
+        .filter_map(|(id, sent)| {
+            starts
+                .get(id)
+                .copied()
+                .flatten()
+                .map(|st| (st - *sent).num_microseconds().unwrap_or(0) as f64 / 1000.0)
+        })
+        .collect();
+    drop(starts);
+    latencies.sort_by(f64::total_cmp);
+    println!(
+        "enqueue→start latency at {rate:.0} tasks/s (half the maximum), {} tasks: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        latencies.len(),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or(f64::NAN)
+    );
+    let (_, peak) = worker.rss_mb();
+    let throughput_peak = peak.max(*rss_peak.lock().unwrap());
+    worker.stop().await;
+    client.broker().delete_queue(&queue).await?;
+
+    // 1,000 tasks in flight.
+    let queue = format!("bench.inflight.{run}");
+    let client = client.with_default_queue(&queue);
+    let worker = WorkerProcess::start(&s, &queue, 1000, 1000).await?;
+    let mut results = Vec::new();
+    for i in 0..1000 {
+        results.push(
+            client
+                .task::<diag::Sleep>(SleepArgs { ms: 3000 })
+                .task_id(format!("bench-{run}-s-{i}"))
+                .send()
+                .await?,
+        );
+    }
+    let mut max_rss = 0f64;
+    let mut in_flight_seen = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while finished.0.lock().await.len() < s.tasks + count + 1000 {
+        if Instant::now() > deadline {
+            bail!("the in-flight phase did not finish");
+        }
+        let (rss, _) = worker.rss_mb();
+        max_rss = max_rss.max(rss);
+        in_flight_seen = in_flight_seen.max(1000 - client.broker().queue_length(&queue).await?);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, peak) = worker.rss_mb();
+    println!(
+        "worker RSS: peak {throughput_peak:.1} MB over the throughput and latency runs; peak {:.1} MB with 1,000 diag.sleep tasks in flight (concurrency 1000)",
+        peak.max(max_rss)
+    );
+    worker.stop().await;
+    client.broker().delete_queue(&queue).await?;
+    forget_results(&s.backend, &format!("celery-task-meta-bench-{run}-*")).await?;
+    Ok(())
+}
+
+/// Deletes this run's results so repeated runs do not fill Redis.
+async fn forget_results(backend: &str, pattern: &str) -> anyhow::Result<()> {
+    let client = redis::Client::open(backend)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let keys: Vec<String> = {
+        let mut iter: redis::AsyncIter<'_, String> =
+            redis::AsyncCommands::scan_match(&mut conn, pattern).await?;
+        let mut keys = Vec::new();
+        while let Some(k) = iter.next_item().await {
+            keys.push(k?);
+        }
+        keys
+    };
+    for chunk in keys.chunks(1000) {
+        let _: () = redis::AsyncCommands::del(&mut conn, chunk).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! The Redis result backend against the real server, in Celery's format.
+
+mod common;
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+use serde_json::json;
+use task_core::backend::{ExceptionInfo, StoreOutcome, meta_key};
+use task_core::{Error, ResultBackend, TaskMeta, TaskState};
+
+fn id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_publishes_the_same_bytes_and_sets_a_ttl() {
+    let backend = common::redis().await.with_ttl(Duration::from_secs(120));
+    let task_id = id();
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe(meta_key(&task_id)).await.unwrap();
+
+    let meta = TaskMeta::new(&task_id, TaskState::Success, json!({"sum": 5}));
+    assert_eq!(backend.store(&meta).await.unwrap(), StoreOutcome::Stored);
+
+    let msg = tokio::time::timeout(Duration::from_secs(5), pubsub.on_message().next())
+        .await
+        .unwrap()
+        .unwrap();
+    let published: Vec<u8> = msg.get_payload().unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let stored: Vec<u8> = conn.get(meta_key(&task_id)).await.unwrap();
+    assert_eq!(published, stored);
+    let ttl: i64 = conn.ttl(meta_key(&task_id)).await.unwrap();
+    assert!((100..=120).contains(&ttl), "ttl {ttl}");
+
+    // Celery's field names and order.
+    let text = String::from_utf8(stored).unwrap();
+    assert!(
+        text.starts_with(
+            r#"{"status":"SUCCESS","result":{"sum":5},"traceback":null,"children":[],"date_done":""#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.ends_with(&format!(r#""task_id":"{task_id}"}}"#)),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_success_is_never_overwritten() {
+    let backend = common::redis().await;
+    let task_id = id();
+    backend
+        .store(&TaskMeta::new(&task_id, TaskState::Started, json!(null)))
+        .await
+        .unwrap();
+    backend
+        .store(&TaskMeta::new(&task_id, TaskState::Success, json!(1)))
+        .await
+        .unwrap();
+    let failure = TaskMeta::exception(
+        &task_id,
+        TaskState::Failure,
+        &ExceptionInfo::new("builtins", "ValueError", "late"),
+    );
+    assert_eq!(
+        backend.store(&failure).await.unwrap(),
+        StoreOutcome::KeptSuccess
+    );
+    let meta = backend.get(&task_id).await.unwrap().unwrap();
+    assert_eq!((meta.status, meta.result), (TaskState::Success, json!(1)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_sees_a_later_store_and_times_out_otherwise() {
+    let backend = common::redis().await;
+    let task_id = id();
+    let writer = backend.clone();
+    let tid = task_id.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        writer
+            .store(&TaskMeta::new(&tid, TaskState::Retry, json!(null)))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        writer
+            .store(&TaskMeta::new(&tid, TaskState::Success, json!("done")))
+            .await
+            .unwrap();
+    });
+    let started = std::time::Instant::now();
+    let meta = backend
+        .wait(&task_id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(meta.result, json!("done"));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "woken by the publish, not by polling late"
+    );
+
+    match backend.wait(&id(), Duration::from_millis(300)).await {
+        Err(Error::Timeout(_)) => {}
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert_eq!(
+        backend.get(&id()).await.unwrap(),
+        None,
+        "unknown ids read as PENDING"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meta_written_by_python_celery_reads_back() {
+    let backend = common::redis().await;
+    let task_id = id();
+    let python = format!(
+        r#"{{"status": "FAILURE", "result": {{"exc_type": "ValueError", "exc_message": ["bad value", 7], "exc_module": "builtins"}}, "traceback": "Traceback (most recent call last):\n  ...", "children": [], "date_done": "2026-11-27T11:05:46.374650+00:00", "name": "tasks.add", "args": [2, 3], "kwargs": {{}}, "worker": "w1@research", "retries": 0, "queue": "celery", "task_id": "{task_id}"}}"#
+    );
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = conn.set_ex(meta_key(&task_id), python, 60).await.unwrap();
+    let meta = backend.get(&task_id).await.unwrap().unwrap();
+    assert_eq!(meta.status, TaskState::Failure);
+    let exc = meta.exception_info().unwrap();
+    assert_eq!(exc.exc_message, vec![json!("bad value"), json!(7)]);
+    assert_eq!(
+        meta.date_done.unwrap().to_rfc3339(),
+        "2026-11-27T11:05:46.374650+00:00"
+    );
+    assert_eq!(meta.worker.as_deref(), Some("w1@research"));
+}

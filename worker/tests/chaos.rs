@@ -1,0 +1,171 @@
+//! The worker binary under SIGKILL and SIGTERM, against the real RabbitMQ and Redis.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::Value;
+use task_core::diag::{self, SleepArgs};
+use task_core::{Broker, Client, ResultBackend, TaskState};
+
+async fn client(queue: &str) -> Client {
+    Client::connect(&common::amqp_url(), &common::redis_url())
+        .await
+        .unwrap()
+        .with_default_queue(queue)
+}
+
+/// Counts SUCCESS announcements per task id, as seen on Redis pub/sub.
+fn count_successes(
+    mut pubsub: redis::aio::PubSub,
+) -> tokio::sync::watch::Receiver<HashMap<String, u32>> {
+    let (tx, rx) = tokio::sync::watch::channel(HashMap::new());
+    tokio::spawn(async move {
+        let mut messages = pubsub.on_message();
+        while let Some(msg) = messages.next().await {
+            let payload: Vec<u8> = msg.get_payload().unwrap_or_default();
+            if let Ok(meta) = serde_json::from_slice::<Value>(&payload)
+                && meta["status"] == "SUCCESS"
+            {
+                let id = meta["task_id"].as_str().unwrap_or_default().to_owned();
+                tx.send_modify(|m| *m.entry(id).or_default() += 1);
+            }
+        }
+    });
+    rx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_batch_loses_nothing_and_duplicates_nothing() {
+    let queue = common::unique_queue("sigkill");
+    let redis = redis::Client::open(common::redis_url()).unwrap();
+    let mut pubsub = redis.get_async_pubsub().await.unwrap();
+    pubsub.psubscribe("celery-task-meta-*").await.unwrap();
+    let successes = count_successes(pubsub);
+
+    let client = client(&queue).await;
+    let mut ids = Vec::new();
+    for _ in 0..300 {
+        ids.push(
+            client
+                .task::<diag::Sleep>(SleepArgs { ms: 20 })
+                .send()
+                .await
+                .unwrap()
+                .id()
+                .to_owned(),
+        );
+    }
+    let first = common::WorkerProcess::spawn(
+        &queue,
+        &[("WORKER_CONCURRENCY", "8"), ("WORKER_PREFETCH", "32")],
+    );
+    let done = |n: usize| {
+        let successes = successes.clone();
+        let ids = ids.clone();
+        async move {
+            (ids.iter()
+                .filter(|id| successes.borrow().contains_key(*id))
+                .count()
+                >= n)
+                .then_some(())
+        }
+    };
+    common::eventually("a third of the batch done", Duration::from_secs(60), || {
+        done(100)
+    })
+    .await;
+    first.signal("KILL");
+    drop(first);
+
+    let second = common::WorkerProcess::spawn(&queue, &[("WORKER_CONCURRENCY", "8")]);
+    common::eventually("the whole batch done", Duration::from_secs(120), || {
+        done(300)
+    })
+    .await;
+    // Let any late duplicate announcement arrive before counting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let counts = successes.borrow().clone();
+    for id in &ids {
+        assert_eq!(
+            counts.get(id),
+            Some(&1),
+            "task {id} must succeed exactly once"
+        );
+        let meta = client.backend().get(id).await.unwrap().unwrap();
+        assert_eq!(meta.status, TaskState::Success);
+    }
+    drop(second);
+    client.broker().delete_queue(&queue).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_running_tasks_and_returns_the_rest() {
+    let queue = common::unique_queue("sigterm");
+    let client = client(&queue).await;
+    let worker = common::WorkerProcess::spawn(
+        &queue,
+        &[
+            ("WORKER_CONCURRENCY", "3"),
+            ("WORKER_PREFETCH", "10"),
+            ("RUST_LOG", "info,task_core::worker=debug"),
+        ],
+    );
+    worker.ready().await;
+    let mut results = Vec::new();
+    for _ in 0..10 {
+        results.push(
+            client
+                .task::<diag::Sleep>(SleepArgs { ms: 1500 })
+                .send()
+                .await
+                .unwrap(),
+        );
+    }
+    common::eventually("three tasks running", Duration::from_secs(20), || async {
+        (worker.log_text().matches("\"message\":\"started\"").count() >= 3).then_some(())
+    })
+    .await;
+    worker.signal("TERM");
+    let mut worker = worker;
+    let status = tokio::time::timeout(Duration::from_secs(20), worker.child.wait())
+        .await
+        .expect("exits after draining")
+        .unwrap();
+    assert!(
+        status.success(),
+        "graceful exit, got {status}; log:\n{}",
+        worker.log_text()
+    );
+
+    let mut states = Vec::new();
+    for r in &results {
+        states.push(r.state().await.unwrap());
+    }
+    assert_eq!(
+        states.iter().filter(|s| **s == TaskState::Success).count(),
+        3,
+        "{states:?}"
+    );
+    assert_eq!(
+        states.iter().filter(|s| **s == TaskState::Pending).count(),
+        7,
+        "{states:?}"
+    );
+    common::eventually(
+        "unstarted tasks back in the queue",
+        Duration::from_secs(10),
+        || async { (client.broker().queue_length(&queue).await.unwrap() == 7).then_some(()) },
+    )
+    .await;
+
+    // Another worker picks up where it left off.
+    let next = common::WorkerProcess::spawn(&queue, &[("WORKER_CONCURRENCY", "8")]);
+    for r in &results {
+        assert_eq!(r.get(Duration::from_secs(30)).await.unwrap(), 1500);
+    }
+    drop(next);
+    client.broker().delete_queue(&queue).await.unwrap();
+}
