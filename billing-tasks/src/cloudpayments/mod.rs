@@ -1,0 +1,1 @@
+//! CloudPayments (written next).
