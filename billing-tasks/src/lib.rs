@@ -4,7 +4,30 @@
 //! - [`secret`]: card cryptograms, tokens and API secrets that never print.
 //! - [`cloudpayments`]: the CloudPayments API client, reason-code classes, webhook signatures, and
 //!   a faithful fake gateway for tests and the demo.
+//! - [`domain`]: the state machines and the billing policy (grace, dunning, refunds).
+//! - [`db`], [`ledger`]: the PostgreSQL ledger, its migrations, history and outbox.
+//! - [`charging`]: exactly-once payment attempts; [`renewals`], [`refunds`], [`reconcile`],
+//!   [`outbox`]: the flows built on it.
+//! - [`service`]: the API the frontend and back-office call; [`tasks`]: the `billing.*` tasks.
 
+pub mod charging;
 pub mod cloudpayments;
+pub mod config;
+pub mod context;
+pub mod db;
+pub mod domain;
+pub mod error;
+pub mod ledger;
 pub mod money;
+pub mod outbox;
+pub mod reconcile;
+pub mod refunds;
+pub mod renewals;
 pub mod secret;
+pub mod service;
+pub mod tasks;
+pub mod webhooks;
+
+pub use context::Billing;
+pub use error::{BillingError, Result};
+pub use service::BillingService;

@@ -113,7 +113,8 @@ impl Money {
         if scaled.fract() != Decimal::ZERO {
             return Err(MoneyError::FractionalMinorUnits(amount.to_string()));
         }
-        let minor = i64::try_from(scaled.trunc()).map_err(|_| MoneyError::OutOfRange(amount.to_string()))?;
+        let minor = i64::try_from(scaled.trunc())
+            .map_err(|_| MoneyError::OutOfRange(amount.to_string()))?;
         Money::new(minor, currency)
     }
 }
@@ -133,8 +134,16 @@ mod tests {
     fn decimal_round_trip() {
         let m = Money::new(29_900, Currency::RUB).unwrap();
         assert_eq!(m.to_decimal().to_string(), "299.00");
-        assert_eq!(Money::from_decimal(Decimal::from_str("299.00").unwrap(), Currency::RUB).unwrap(), m);
-        assert_eq!(Money::from_decimal(Decimal::from_str("0.01").unwrap(), Currency::RUB).unwrap().minor, 1);
+        assert_eq!(
+            Money::from_decimal(Decimal::from_str("299.00").unwrap(), Currency::RUB).unwrap(),
+            m
+        );
+        assert_eq!(
+            Money::from_decimal(Decimal::from_str("0.01").unwrap(), Currency::RUB)
+                .unwrap()
+                .minor,
+            1
+        );
     }
 
     #[test]

@@ -110,6 +110,7 @@ impl WorkerProcess {
             .env("BROKER_URL", &s.broker)
             .env("RESULT_BACKEND", &s.backend)
             .env("WORKER_QUEUES", queue)
+            .env("WORKER_TASKS", "diag")
             .env("WORKER_CONCURRENCY", concurrency.to_string())
             .env("WORKER_PREFETCH", prefetch.to_string())
             .env("RUST_LOG", "warn,task_core::worker=info")

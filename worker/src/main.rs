@@ -1,13 +1,24 @@
-//! `worker`: runs tasks from RabbitMQ queues and stores their results in Redis.
+//! `worker`: runs billing and diagnostic tasks from RabbitMQ queues and stores their results in
+//! Redis.
 //!
 //! Configuration comes from flags or the environment (ARCHITECTURE.md §3.4); `worker --help` lists
 //! both. SIGTERM or SIGINT starts a graceful shutdown; a second one stops at once.
 
 use std::time::Duration;
 
-use clap::Parser;
+use billing_tasks::config::BillingArgs;
+use clap::{Parser, ValueEnum};
 use task_core::cli::{ConnectionArgs, parse_or_exit};
-use task_core::{AnyBackend, AnyBroker, Registry, Worker, WorkerConfig};
+use task_core::{AnyBackend, AnyBroker, Client, Registry, Worker, WorkerConfig};
+
+/// Task sets a worker can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TaskSet {
+    /// `diag.add`, `diag.echo`, `diag.sleep`, `diag.fail` (queue `celery`).
+    Diag,
+    /// The `billing.*` tasks (queue `billing`); needs the ledger and the gateway settings.
+    Billing,
+}
 
 /// Runs billing and diagnostic tasks from RabbitMQ queues, storing results in Redis.
 #[derive(Debug, Parser)]
@@ -16,14 +27,20 @@ struct Cli {
     #[command(flatten)]
     connection: ConnectionArgs,
 
-    /// Queues to consume, comma-separated.
+    #[command(flatten)]
+    billing: BillingArgs,
+
+    /// Task sets to register, comma-separated.
     #[arg(
         long,
-        short = 'Q',
-        env = "WORKER_QUEUES",
-        default_value = "celery",
+        env = "WORKER_TASKS",
+        default_value = "diag,billing",
         value_delimiter = ','
     )]
+    tasks: Vec<TaskSet>,
+
+    /// Queues to consume, comma-separated (default: `celery` for diag, `billing` for billing).
+    #[arg(long, short = 'Q', env = "WORKER_QUEUES", value_delimiter = ',')]
     queues: Vec<String>,
 
     /// Tasks run at once.
@@ -66,12 +83,29 @@ async fn main() -> anyhow::Result<()> {
         .with_ttl(Duration::from_secs(cli.result_expires));
 
     let mut registry = Registry::new();
-    task_core::diag::register(&mut registry);
+    let mut queues = cli.queues.clone();
+    if cli.tasks.contains(&TaskSet::Diag) {
+        task_core::diag::register(&mut registry);
+        if cli.queues.is_empty() {
+            queues.push(task_core::client::DEFAULT_QUEUE.to_owned());
+        }
+    }
+    if cli.tasks.contains(&TaskSet::Billing) {
+        let tasks = Client::new(broker.clone(), backend.clone());
+        let billing = cli.billing.connect(tasks).await?;
+        billing_tasks::tasks::register(&mut registry, billing, cli.billing.outbox()?);
+        if cli.queues.is_empty() {
+            queues.push(cli.billing.billing_queue.clone());
+        }
+    }
+    if queues.is_empty() {
+        anyhow::bail!("WORKER_TASKS: no task set chosen (diag, billing)");
+    }
 
     let concurrency = usize::from(cli.concurrency);
     let config = WorkerConfig {
         hostname: cli.hostname.replace("%h", &task_core::hostname()),
-        queues: cli.queues,
+        queues,
         concurrency,
         prefetch: cli
             .prefetch

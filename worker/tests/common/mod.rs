@@ -56,6 +56,7 @@ impl WorkerProcess {
         cmd.env("BROKER_URL", amqp_url())
             .env("RESULT_BACKEND", redis_url())
             .env("WORKER_QUEUES", queue)
+            .env("WORKER_TASKS", "diag")
             .env("RUST_LOG", "info")
             .env("LOG_FORMAT", "json")
             .stdout(Stdio::null())

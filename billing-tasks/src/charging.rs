@@ -1,0 +1,946 @@
+//! Exactly-once money movement.
+//!
+//! Task delivery is at least once, so the effects must be exactly once. The rules:
+//! - **One row per gateway attempt.** A payment row's id is the `X-Request-ID` of its gateway call;
+//!   the `InvoiceId` is the invoice's id, so `payments/find` shows the invoice's latest operation.
+//! - **Claim before calling.** An attempt moves `created → processing` (recording `sent_at`) in a
+//!   transaction that holds its row lock, *before* the call. A second worker delivered the same task
+//!   finds it `processing` and waits out the lease instead of calling; the database allows at most
+//!   one attempt in flight per invoice, so two workers can never charge one invoice at once.
+//! - **Unknown outcomes are looked up, never guessed.** A timeout, a reset connection or a 5xx
+//!   leaves the attempt `processing`. The next run replays a token charge with the same
+//!   `X-Request-ID` while the gateway still remembers it (an hour), and otherwise asks
+//!   `payments/find` by invoice; only when the gateway has no record of the attempt after a generous
+//!   delay does the attempt fail, and only then may a new attempt be made.
+//! - **A cryptogram is used once.** It is taken out of the ledger in the same transaction that
+//!   claims the attempt, and only ever lives in memory for that one call.
+//! - **Settling is idempotent.** The worker, a webhook and the reconciler may all learn the outcome;
+//!   [`settle`] applies it only while the attempt is unsettled, under the row lock.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::cloudpayments::{
+    self, ChargeOutcome, CryptogramCharge, DeclineClass, GatewayError, TokenCharge, TokenInitiator,
+    Transaction,
+};
+use crate::context::Billing;
+use crate::domain::{
+    Dunning, InvoiceStatus, PaymentStatus, Period, SubscriptionStatus, Transition,
+};
+use crate::error::{BillingError, Result};
+use crate::ledger::{self, Actor, topic};
+use crate::money::{Currency, Money};
+use crate::secret::Secret;
+
+/// How long the gateway replays an `X-Request-ID` (an hour), with a margin.
+const REPLAY_WINDOW: chrono::Duration = chrono::Duration::minutes(55);
+/// After this long without any record at the gateway, an unknown attempt is taken as never made.
+const GIVE_UP_UNKNOWN: chrono::Duration = chrono::Duration::minutes(10);
+/// Tries for a call the gateway certainly did not process (429, connection refused).
+const SEND_TRIES: u32 = 3;
+
+/// What a charge run achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The attempt reached this status (final, or `awaiting_3ds`).
+    Settled(PaymentStatus),
+    /// Someone else is on it, or the outcome is unknown: run again after this.
+    RetryAfter(Duration),
+}
+
+/// What the gateway said about one attempt.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Money moved.
+    Approved(Transaction),
+    /// The bank said no.
+    Declined(Transaction),
+    /// The bank wants 3-D Secure.
+    ThreeDs(cloudpayments::ThreeDsChallenge),
+    /// The request certainly did nothing and never will (refused as invalid, or no record of it).
+    NotProcessed(String),
+    /// The gateway turned the call away for now (rate limit, unreachable): nothing was processed,
+    /// and the same request may be sent again.
+    Refused(String),
+    /// It may or may not have been processed.
+    Unknown(String),
+}
+
+impl From<std::result::Result<ChargeOutcome, GatewayError>> for Outcome {
+    fn from(r: std::result::Result<ChargeOutcome, GatewayError>) -> Self {
+        match r {
+            Ok(ChargeOutcome::Approved(t)) => Outcome::Approved(t),
+            Ok(ChargeOutcome::Declined(t)) => Outcome::Declined(t),
+            Ok(ChargeOutcome::ThreeDs(c)) => Outcome::ThreeDs(c),
+            Err(e) if e.outcome_unknown() => Outcome::Unknown(e.to_string()),
+            Err(e) if e.is_retryable() => Outcome::Refused(e.to_string()),
+            Err(e) => Outcome::NotProcessed(e.to_string()),
+        }
+    }
+}
+
+/// An attempt as the charging code needs it.
+struct Attempt {
+    id: Uuid,
+    invoice_id: Uuid,
+    payer_id: Uuid,
+    status: PaymentStatus,
+    method: String,
+    amount: Money,
+    sent_at: Option<DateTime<Utc>>,
+    gateway_transaction_id: Option<i64>,
+    cryptogram: Option<String>,
+    pa_res: Option<String>,
+    ip_address: Option<String>,
+    cardholder_name: Option<String>,
+    token: Option<String>,
+    email: Option<String>,
+}
+
+async fn lock_attempt(conn: &mut PgConnection, payment_id: Uuid) -> Result<Attempt> {
+    let r = sqlx::query!(
+        r#"SELECT p.id, p.invoice_id, i.payer_id, p.status, p.method, p.amount_minor, p.currency,
+                  p.sent_at, p.gateway_transaction_id, p.cryptogram, p.pa_res, p.ip_address,
+                  p.cardholder_name, pm.token AS "token?", py.email
+           FROM payment p
+           JOIN invoice i ON i.id = p.invoice_id
+           JOIN payer py ON py.id = i.payer_id
+           LEFT JOIN payment_method pm ON pm.id = p.payment_method_id AND pm.revoked_at IS NULL
+           WHERE p.id = $1
+           FOR UPDATE OF p"#,
+        payment_id
+    )
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or_else(|| BillingError::NotFound(format!("payment {payment_id}")))?;
+    Ok(Attempt {
+        id: r.id,
+        invoice_id: r.invoice_id,
+        payer_id: r.payer_id,
+        status: PaymentStatus::parse(&r.status)?,
+        method: r.method,
+        amount: Money::new(r.amount_minor, Currency::new(&r.currency)?)?,
+        sent_at: r.sent_at,
+        gateway_transaction_id: r.gateway_transaction_id,
+        cryptogram: r.cryptogram,
+        pa_res: r.pa_res,
+        ip_address: r.ip_address,
+        cardholder_name: r.cardholder_name,
+        token: r.token,
+        email: r.email,
+    })
+}
+
+/// What to send, taken out of the ledger when the attempt was claimed.
+enum Call {
+    Cryptogram(CryptogramCharge),
+    Token(TokenCharge),
+    Post3ds {
+        transaction_id: i64,
+        pa_res: Secret<String>,
+    },
+}
+
+fn token_call(a: &Attempt) -> Result<Call> {
+    let token = a
+        .token
+        .clone()
+        .ok_or_else(|| BillingError::precondition("the subscription has no usable card token"))?;
+    Ok(Call::Token(TokenCharge {
+        amount: a.amount,
+        token: Secret::new(token),
+        account_id: a.payer_id.to_string(),
+        invoice_id: a.invoice_id.to_string(),
+        description: Some("Online cinema subscription renewal".into()),
+        email: a.email.clone(),
+        ip_address: None,
+        initiator: TokenInitiator::ScheduledMerchant,
+    }))
+}
+
+async fn call_gateway(billing: &Billing, payment_id: Uuid, call: &Call) -> Outcome {
+    let request_id = payment_id.to_string();
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let result = match call {
+            Call::Cryptogram(c) => billing.gateway().charge_cryptogram(c, &request_id).await,
+            Call::Token(t) => billing.gateway().charge_token(t, &request_id).await,
+            Call::Post3ds {
+                transaction_id,
+                pa_res,
+            } => {
+                billing
+                    .gateway()
+                    .post3ds(
+                        *transaction_id,
+                        pa_res.expose(),
+                        &format!("{request_id}-3ds"),
+                    )
+                    .await
+            }
+        };
+        match &result {
+            Err(e) if e.is_retryable() && !e.outcome_unknown() && tries < SEND_TRIES => {
+                tracing::warn!(payment_id = %payment_id, error = %e, "gateway refused the call for now; trying again");
+                tokio::time::sleep(Duration::from_millis(500 * u64::from(tries))).await;
+            }
+            _ => return Outcome::from(result),
+        }
+    }
+}
+
+/// Runs one payment attempt: claims it, calls the gateway once, records the outcome.
+pub async fn charge_payment(billing: &Billing, payment_id: Uuid) -> Result<Step> {
+    let now = billing.now();
+    let mut tx = billing.db().begin().await?;
+    let attempt = lock_attempt(&mut tx, payment_id).await?;
+    let call = match attempt.status {
+        PaymentStatus::Created => {
+            let call = match attempt.method.as_str() {
+                "cryptogram" => {
+                    let Some(cryptogram) = attempt.cryptogram.clone() else {
+                        drop(tx);
+                        return settle(
+                            billing,
+                            payment_id,
+                            Outcome::NotProcessed("no cryptogram to charge".into()),
+                            Actor::Worker,
+                        )
+                        .await
+                        .map(Step::Settled);
+                    };
+                    Call::Cryptogram(CryptogramCharge {
+                        amount: attempt.amount,
+                        ip_address: attempt
+                            .ip_address
+                            .as_deref()
+                            .and_then(|ip| ip.parse().ok())
+                            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
+                        cryptogram: Secret::new(cryptogram),
+                        name: attempt.cardholder_name.clone(),
+                        invoice_id: attempt.invoice_id.to_string(),
+                        account_id: attempt.payer_id.to_string(),
+                        description: Some("Online cinema subscription".into()),
+                        email: attempt.email.clone(),
+                        save_card: true,
+                    })
+                }
+                _ => match token_call(&attempt) {
+                    Ok(call) => call,
+                    Err(e) => {
+                        drop(tx);
+                        return settle(
+                            billing,
+                            payment_id,
+                            Outcome::NotProcessed(e.to_string()),
+                            Actor::Worker,
+                        )
+                        .await
+                        .map(Step::Settled);
+                    }
+                },
+            };
+            claim(&mut tx, &attempt, now).await?;
+            call
+        }
+        PaymentStatus::AwaitingThreeDs => {
+            match (attempt.pa_res.clone(), attempt.gateway_transaction_id) {
+                (Some(pa_res), Some(transaction_id)) => {
+                    claim(&mut tx, &attempt, now).await?;
+                    Call::Post3ds {
+                        transaction_id,
+                        pa_res: Secret::new(pa_res),
+                    }
+                }
+                _ => return Ok(Step::Settled(attempt.status)),
+            }
+        }
+        PaymentStatus::Processing => {
+            let lease_ends = attempt.sent_at.unwrap_or(now) + billing.policy().processing_lease;
+            tx.commit().await?;
+            if lease_ends > now {
+                // Another run is (or was very recently) talking to the gateway about this attempt.
+                return Ok(Step::RetryAfter(
+                    (lease_ends - now).to_std().unwrap_or_default() + Duration::from_secs(1),
+                ));
+            }
+            return reconcile(billing, payment_id).await;
+        }
+        done => return Ok(Step::Settled(done)),
+    };
+    tx.commit().await?;
+
+    let outcome = call_gateway(billing, payment_id, &call).await;
+    if let Outcome::Unknown(why) = &outcome {
+        tracing::warn!(payment_id = %payment_id, why, "gateway outcome unknown; the attempt will be looked up");
+        // Token charges are replayed with the same X-Request-ID as soon as the lease allows.
+        return Ok(Step::RetryAfter(
+            billing
+                .policy()
+                .processing_lease
+                .to_std()
+                .unwrap_or_default(),
+        ));
+    }
+    let outcome = match (outcome, &call) {
+        // Nothing was processed and a token can be sent again: keep the attempt and retry.
+        (Outcome::Refused(_), Call::Token(_)) => {
+            return Ok(Step::RetryAfter(
+                billing
+                    .policy()
+                    .processing_lease
+                    .to_std()
+                    .unwrap_or_default(),
+            ));
+        }
+        // A cryptogram or 3-D Secure answer cannot be sent again: the customer pays again.
+        (Outcome::Refused(why), _) => Outcome::NotProcessed(why),
+        (outcome, _) => outcome,
+    };
+    settle(billing, payment_id, outcome, Actor::Worker)
+        .await
+        .map(Step::Settled)
+}
+
+/// Moves an attempt to `processing`, taking its cryptogram or 3-D Secure answer out of the ledger.
+async fn claim(conn: &mut PgConnection, attempt: &Attempt, now: DateTime<Utc>) -> Result<()> {
+    attempt.status.check(PaymentStatus::Processing, "payment")?;
+    sqlx::query!(
+        "UPDATE payment SET status = 'processing', sent_at = $2, cryptogram = NULL, pa_res = NULL, updated_at = $2
+         WHERE id = $1",
+        attempt.id,
+        now
+    )
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query!(
+        "UPDATE invoice SET status = 'paying', updated_at = $2 WHERE id = $1 AND status = 'open'",
+        attempt.invoice_id,
+        now
+    )
+    .execute(&mut *conn)
+    .await?;
+    ledger::record_transition(
+        conn,
+        "payment",
+        attempt.id,
+        Some(attempt.status.as_str()),
+        "processing",
+        Actor::Worker,
+        None,
+        now,
+    )
+    .await
+}
+
+/// Finds out what happened to an attempt whose outcome is unknown, and settles it when possible.
+pub async fn reconcile(billing: &Billing, payment_id: Uuid) -> Result<Step> {
+    let now = billing.now();
+    let attempt = {
+        let mut conn = billing.db().acquire().await?;
+        lock_attempt(&mut conn, payment_id).await?
+    };
+    if attempt.status != PaymentStatus::Processing {
+        return Ok(Step::Settled(attempt.status));
+    }
+    let sent_at = attempt.sent_at.unwrap_or(now);
+    let outcome = if attempt.method == "token" && now - sent_at < REPLAY_WINDOW {
+        // The gateway still remembers the X-Request-ID: the same request returns the first answer,
+        // and if the first never arrived, this is the one call.
+        match token_call(&attempt) {
+            Ok(call) => call_gateway(billing, payment_id, &call).await,
+            Err(e) => Outcome::NotProcessed(e.to_string()),
+        }
+    } else {
+        let earlier = sqlx::query_scalar!(
+            r#"SELECT gateway_transaction_id AS "id!" FROM payment
+               WHERE invoice_id = $1 AND id <> $2 AND gateway_transaction_id IS NOT NULL"#,
+            attempt.invoice_id,
+            attempt.id
+        )
+        .fetch_all(billing.db())
+        .await?;
+        match billing
+            .gateway()
+            .find(&attempt.invoice_id.to_string())
+            .await
+        {
+            Ok(Some(t)) if is_this_attempt(&t, &attempt, &earlier) => outcome_of(t),
+            Ok(_) if now - sent_at >= GIVE_UP_UNKNOWN => {
+                Outcome::NotProcessed("the gateway has no record of the attempt".into())
+            }
+            Ok(_) => Outcome::Unknown("no record at the gateway yet".into()),
+            Err(e) => Outcome::Unknown(format!("payments/find: {e}")),
+        }
+    };
+    match outcome {
+        Outcome::Unknown(why) => {
+            tracing::info!(payment_id = %payment_id, why, "attempt still unresolved");
+            Ok(Step::RetryAfter(Duration::from_secs(60)))
+        }
+        Outcome::Refused(_) if attempt.method == "token" && now - sent_at < REPLAY_WINDOW => {
+            Ok(Step::RetryAfter(Duration::from_secs(30)))
+        }
+        outcome => settle(billing, payment_id, outcome, Actor::Worker)
+            .await
+            .map(Step::Settled),
+    }
+}
+
+/// Whether the invoice's latest gateway operation is this attempt: it is, unless it is one of the
+/// invoice's earlier attempts (their transaction ids are in the ledger). Attempts of one invoice
+/// never overlap, so anything newer than the earlier ones is this one.
+fn is_this_attempt(t: &Transaction, a: &Attempt, earlier: &[i64]) -> bool {
+    a.gateway_transaction_id == Some(t.transaction_id) || !earlier.contains(&t.transaction_id)
+}
+
+/// The outcome a gateway transaction record stands for.
+pub fn outcome_of(t: Transaction) -> Outcome {
+    use cloudpayments::TransactionStatus as S;
+    match t.status {
+        S::Completed | S::Authorized => Outcome::Approved(t),
+        S::Declined | S::Cancelled => Outcome::Declined(t),
+        S::AwaitingAuthentication => Outcome::NotProcessed(
+            "a 3-D Secure challenge was lost; the customer must pay again".into(),
+        ),
+        _ => Outcome::Unknown(format!(
+            "transaction {} in status {:?}",
+            t.transaction_id, t.status
+        )),
+    }
+}
+
+/// Applies a gateway outcome to an attempt, its invoice and subscription, with history and outbox,
+/// in one transaction. Does nothing if the attempt is already settled.
+pub async fn settle(
+    billing: &Billing,
+    payment_id: Uuid,
+    outcome: Outcome,
+    actor: Actor<'_>,
+) -> Result<PaymentStatus> {
+    let now = billing.now();
+    let mut tx = billing.db().begin().await?;
+    let p = sqlx::query!(
+        r#"SELECT p.status, p.method, p.attempt, p.amount_minor, p.currency, p.invoice_id,
+                  i.kind, i.status AS invoice_status, i.subscription_id, i.payer_id,
+                  i.period_start, i.period_end, i.attempt_count
+           FROM payment p JOIN invoice i ON i.id = p.invoice_id
+           WHERE p.id = $1
+           FOR UPDATE OF p, i"#,
+        payment_id
+    )
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or_else(|| BillingError::NotFound(format!("payment {payment_id}")))?;
+    let status = PaymentStatus::parse(&p.status)?;
+    let invoice_status = InvoiceStatus::parse(&p.invoice_status)?;
+    let s = sqlx::query!(
+        r#"SELECT s.status, s.current_period_end, s.payment_method_id, t.role, t.period_unit, t.period_count
+           FROM subscription s JOIN tariff t ON t.id = s.tariff_id
+           WHERE s.id = $1 FOR UPDATE OF s"#,
+        p.subscription_id
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let sub_status = SubscriptionStatus::parse(&s.status)?;
+
+    let settled = match outcome {
+        Outcome::Unknown(_) => return Ok(status),
+        Outcome::Approved(t) => {
+            if !status.allows(PaymentStatus::Succeeded) {
+                if status != PaymentStatus::Succeeded {
+                    tracing::error!(payment_id = %payment_id, %status, "approval for an attempt already settled as {status}");
+                }
+                return Ok(status);
+            }
+            let method_id = match &t.token {
+                Some(token) => Some(save_card(&mut tx, p.payer_id, token, &t, now).await?),
+                None => None,
+            };
+            sqlx::query!(
+                "UPDATE payment SET status = 'succeeded', gateway_transaction_id = $2, reason_code = 0,
+                        reason = $3, card_holder_message = $4, completed_at = $5, updated_at = $5,
+                        acs_url = NULL, pa_req = NULL, payment_method_id = coalesce($6, payment_method_id)
+                 WHERE id = $1",
+                payment_id,
+                t.transaction_id,
+                t.reason.as_deref(),
+                t.card_holder_message.as_deref(),
+                now,
+                method_id
+            )
+            .execute(&mut *tx)
+            .await?;
+            ledger::record_transition(
+                &mut tx,
+                "payment",
+                payment_id,
+                Some(status.as_str()),
+                "succeeded",
+                actor,
+                None,
+                now,
+            )
+            .await?;
+
+            let late = invoice_status == InvoiceStatus::Paid
+                || invoice_status == InvoiceStatus::Void
+                || matches!(
+                    sub_status,
+                    SubscriptionStatus::Expired | SubscriptionStatus::Abandoned
+                );
+            if late {
+                // Money moved for something no longer payable: give it back and tell accounting.
+                tracing::error!(payment_id = %payment_id, "late or duplicate payment; refunding it in full");
+                request_system_refund(&mut tx, payment_id, p.amount_minor, &p.currency, now)
+                    .await?;
+            } else {
+                let period = Period::from_parts(&s.period_unit, s.period_count)?;
+                let (start, end) = if p.kind == "initial" {
+                    (now, period.end_from(now))
+                } else {
+                    (p.period_start, p.period_end)
+                };
+                invoice_status.check(InvoiceStatus::Paid, "invoice")?;
+                sqlx::query!(
+                    "UPDATE invoice SET status = 'paid', paid_at = $2, period_start = $3, period_end = $4,
+                            attempt_count = greatest(attempt_count, $5), next_attempt_at = NULL, updated_at = $2
+                     WHERE id = $1",
+                    p.invoice_id,
+                    now,
+                    start,
+                    end,
+                    p.attempt
+                )
+                .execute(&mut *tx)
+                .await?;
+                ledger::record_transition(
+                    &mut tx,
+                    "invoice",
+                    p.invoice_id,
+                    Some(invoice_status.as_str()),
+                    "paid",
+                    actor,
+                    None,
+                    now,
+                )
+                .await?;
+                if sub_status != SubscriptionStatus::Active {
+                    sub_status.check(SubscriptionStatus::Active, "subscription")?;
+                }
+                sqlx::query!(
+                    "UPDATE subscription SET status = 'active', current_period_start = $2, current_period_end = $3,
+                            grace_until = NULL, payment_method_id = coalesce($4, payment_method_id), updated_at = $5
+                     WHERE id = $1",
+                    p.subscription_id,
+                    start,
+                    end,
+                    method_id,
+                    now
+                )
+                .execute(&mut *tx)
+                .await?;
+                if sub_status != SubscriptionStatus::Active {
+                    ledger::record_transition(
+                        &mut tx,
+                        "subscription",
+                        p.subscription_id,
+                        Some(sub_status.as_str()),
+                        "active",
+                        actor,
+                        None,
+                        now,
+                    )
+                    .await?;
+                }
+                ledger::enqueue_outbox(
+                    &mut tx,
+                    topic::AUTH_GRANT,
+                    &format!("auth.grant:{}:{}", p.subscription_id, end.timestamp()),
+                    json!({"user_id": p.payer_id, "role": s.role, "until": end, "subscription_id": p.subscription_id}),
+                    now,
+                )
+                .await?;
+                ledger::enqueue_outbox(
+                    &mut tx,
+                    topic::PAYMENT_SUCCEEDED,
+                    &format!("notify.payment_succeeded:{payment_id}"),
+                    json!({"user_id": p.payer_id, "payment_id": payment_id, "amount_minor": p.amount_minor,
+                           "currency": p.currency, "paid_until": end}),
+                    now,
+                )
+                .await?;
+            }
+            PaymentStatus::Succeeded
+        }
+        Outcome::ThreeDs(c) if p.method == "cryptogram" => {
+            status.check(PaymentStatus::AwaitingThreeDs, "payment")?;
+            sqlx::query!(
+                "UPDATE payment SET status = 'awaiting_3ds', gateway_transaction_id = $2, acs_url = $3, pa_req = $4, updated_at = $5
+                 WHERE id = $1",
+                payment_id,
+                c.transaction_id,
+                c.acs_url,
+                c.pa_req,
+                now
+            )
+            .execute(&mut *tx)
+            .await?;
+            ledger::record_transition(
+                &mut tx,
+                "payment",
+                payment_id,
+                Some(status.as_str()),
+                "awaiting_3ds",
+                actor,
+                None,
+                now,
+            )
+            .await?;
+            PaymentStatus::AwaitingThreeDs
+        }
+        outcome => {
+            // A decline (a 3-D Secure demand on a token charge counts as one: the customer must act),
+            // or an attempt the gateway never processed.
+            let (to, txn_id, code, reason, holder_message, class) = match outcome {
+                Outcome::Declined(t) => {
+                    let class = t.reason_code.class();
+                    (
+                        PaymentStatus::Declined,
+                        Some(t.transaction_id),
+                        Some(t.reason_code.get()),
+                        t.reason,
+                        t.card_holder_message,
+                        class,
+                    )
+                }
+                Outcome::ThreeDs(c) => (
+                    PaymentStatus::Declined,
+                    Some(c.transaction_id),
+                    None,
+                    Some("3-D Secure required for a recurring charge".to_owned()),
+                    None,
+                    DeclineClass::NeedsCustomer,
+                ),
+                Outcome::NotProcessed(why) | Outcome::Refused(why) => (
+                    PaymentStatus::Failed,
+                    None,
+                    None,
+                    Some(why),
+                    None,
+                    DeclineClass::Other,
+                ),
+                Outcome::Approved(_) | Outcome::Unknown(_) => unreachable!("handled above"),
+            };
+            if !status.allows(to) {
+                return Ok(status);
+            }
+            sqlx::query!(
+                "UPDATE payment SET status = $2, gateway_transaction_id = coalesce($3, gateway_transaction_id),
+                        reason_code = $4, reason = $5, card_holder_message = $6, completed_at = $7, updated_at = $7,
+                        cryptogram = NULL, pa_res = NULL
+                 WHERE id = $1",
+                payment_id,
+                to.as_str(),
+                txn_id,
+                code,
+                reason.as_deref(),
+                holder_message.as_deref(),
+                now
+            )
+            .execute(&mut *tx)
+            .await?;
+            ledger::record_transition(
+                &mut tx,
+                "payment",
+                payment_id,
+                Some(status.as_str()),
+                to.as_str(),
+                actor,
+                reason.as_deref(),
+                now,
+            )
+            .await?;
+            let card_attempts = if to == PaymentStatus::Declined {
+                p.attempt.max(p.attempt_count)
+            } else {
+                p.attempt_count
+            };
+            let next = if p.kind == "initial" {
+                // The customer retries with a new card entry; the invoice stays open for that.
+                Some(InvoiceStatus::Open)
+            } else {
+                after_renewal_failure(
+                    &mut tx,
+                    billing,
+                    &p.subscription_id,
+                    sub_status,
+                    s.current_period_end,
+                    class,
+                    to,
+                    card_attempts,
+                    actor,
+                    now,
+                )
+                .await?
+            };
+            if let Some(next) = next.filter(|n| *n != invoice_status) {
+                invoice_status.check(next, "invoice")?;
+                ledger::record_transition(
+                    &mut tx,
+                    "invoice",
+                    p.invoice_id,
+                    Some(invoice_status.as_str()),
+                    next.as_str(),
+                    actor,
+                    reason.as_deref(),
+                    now,
+                )
+                .await?;
+            }
+            let next_attempt_at = match (p.kind.as_str(), next) {
+                ("renewal", Some(InvoiceStatus::Open)) => Some(next_attempt(
+                    billing,
+                    class,
+                    to,
+                    card_attempts,
+                    s.current_period_end,
+                    now,
+                )),
+                _ => None,
+            };
+            sqlx::query!(
+                "UPDATE invoice SET status = coalesce($2, status), attempt_count = $3, next_attempt_at = $4, updated_at = $5
+                 WHERE id = $1",
+                p.invoice_id,
+                next.map(|n| n.as_str()),
+                card_attempts,
+                next_attempt_at,
+                now
+            )
+            .execute(&mut *tx)
+            .await?;
+            ledger::enqueue_outbox(
+                &mut tx,
+                topic::PAYMENT_FAILED,
+                &format!("notify.payment_failed:{payment_id}"),
+                json!({"user_id": p.payer_id, "payment_id": payment_id, "reason": reason, "reason_code": code,
+                       "card_holder_message": holder_message, "next_attempt_at": next_attempt_at}),
+                now,
+            )
+            .await?;
+            to
+        }
+    };
+    tx.commit().await?;
+    Ok(settled)
+}
+
+fn next_attempt(
+    billing: &Billing,
+    class: DeclineClass,
+    to: PaymentStatus,
+    card_attempts: i32,
+    period_end: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> DateTime<Utc> {
+    if to == PaymentStatus::Failed {
+        // Nothing reached the card: try again soon.
+        return now + chrono::Duration::minutes(10);
+    }
+    let grace_until = period_end.unwrap_or(now) + billing.policy().grace;
+    match billing
+        .policy()
+        .dunning(class, card_attempts.max(1) as u32, now, grace_until)
+    {
+        Dunning::RetryAt(t) => t,
+        Dunning::GiveUp => now,
+    }
+}
+
+/// After a renewal attempt failed: the invoice's next status, and the subscription's past-due or
+/// expiry when due.
+#[allow(clippy::too_many_arguments)]
+async fn after_renewal_failure(
+    conn: &mut PgConnection,
+    billing: &Billing,
+    subscription_id: &Uuid,
+    sub_status: SubscriptionStatus,
+    period_end: Option<DateTime<Utc>>,
+    class: DeclineClass,
+    to: PaymentStatus,
+    card_attempts: i32,
+    actor: Actor<'_>,
+    now: DateTime<Utc>,
+) -> Result<Option<InvoiceStatus>> {
+    let period_end = period_end.unwrap_or(now);
+    let grace_until = period_end + billing.policy().grace;
+    let give_up = to == PaymentStatus::Declined
+        && billing
+            .policy()
+            .dunning(class, card_attempts.max(1) as u32, now, grace_until)
+            == Dunning::GiveUp;
+    let past_end = now >= period_end;
+    match (sub_status, give_up, past_end) {
+        (SubscriptionStatus::Active | SubscriptionStatus::PastDue, true, true) => {
+            expire(
+                conn,
+                *subscription_id,
+                sub_status,
+                actor,
+                "renewal failed",
+                now,
+            )
+            .await?;
+        }
+        (SubscriptionStatus::Active, false, true) => {
+            sqlx::query!(
+                "UPDATE subscription SET status = 'past_due', grace_until = $2, updated_at = $3 WHERE id = $1",
+                subscription_id,
+                grace_until,
+                now
+            )
+            .execute(&mut *conn)
+            .await?;
+            ledger::record_transition(
+                conn,
+                "subscription",
+                *subscription_id,
+                Some("active"),
+                "past_due",
+                actor,
+                Some("renewal declined"),
+                now,
+            )
+            .await?;
+        }
+        _ => {}
+    }
+    Ok(Some(if give_up {
+        InvoiceStatus::Failed
+    } else {
+        InvoiceStatus::Open
+    }))
+}
+
+/// Ends a subscription: status `expired`, role revoked and the user told, through the outbox.
+pub async fn expire(
+    conn: &mut PgConnection,
+    subscription_id: Uuid,
+    from: SubscriptionStatus,
+    actor: Actor<'_>,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    from.check(SubscriptionStatus::Expired, "subscription")?;
+    let s = sqlx::query!(
+        r#"UPDATE subscription s SET status = 'expired', grace_until = NULL, updated_at = $2
+           FROM tariff t WHERE s.id = $1 AND t.id = s.tariff_id
+           RETURNING s.payer_id, t.role"#,
+        subscription_id,
+        now
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    sqlx::query!(
+        "UPDATE invoice SET status = 'void', next_attempt_at = NULL, updated_at = $2
+         WHERE subscription_id = $1 AND status = 'open'",
+        subscription_id,
+        now
+    )
+    .execute(&mut *conn)
+    .await?;
+    ledger::record_transition(
+        conn,
+        "subscription",
+        subscription_id,
+        Some(from.as_str()),
+        "expired",
+        actor,
+        Some(reason),
+        now,
+    )
+    .await?;
+    ledger::enqueue_outbox(
+        conn,
+        topic::AUTH_REVOKE,
+        &format!("auth.revoke:{subscription_id}"),
+        json!({"user_id": s.payer_id, "role": s.role, "subscription_id": subscription_id, "reason": reason}),
+        now,
+    )
+    .await?;
+    ledger::enqueue_outbox(
+        conn,
+        topic::SUBSCRIPTION_EXPIRED,
+        &format!("notify.subscription_expired:{subscription_id}"),
+        json!({"user_id": s.payer_id, "subscription_id": subscription_id, "reason": reason}),
+        now,
+    )
+    .await
+}
+
+async fn save_card(
+    conn: &mut PgConnection,
+    payer_id: Uuid,
+    token: &Secret<String>,
+    t: &Transaction,
+    now: DateTime<Utc>,
+) -> Result<Uuid> {
+    let mask = t.card.mask();
+    let id = sqlx::query_scalar!(
+        "INSERT INTO payment_method (id, payer_id, token, card_mask, card_type, card_exp, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (token) DO UPDATE SET revoked_at = NULL
+         RETURNING id",
+        Uuid::now_v7(),
+        payer_id,
+        token.expose(),
+        mask,
+        t.card.card_type.as_deref(),
+        t.card.exp_date.as_deref().filter(|e| e.len() == 5),
+        now
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(id)
+}
+
+/// Queues a full refund of a payment that should not have happened (late or duplicate), and tells
+/// accounting. The refund task does the gateway call.
+async fn request_system_refund(
+    conn: &mut PgConnection,
+    payment_id: Uuid,
+    amount_minor: i64,
+    currency: &str,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let key = format!("system-refund:{payment_id}");
+    sqlx::query!(
+        "INSERT INTO refund (id, payment_id, amount_minor, currency, reason, requested_by, status, idempotency_key, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, 'payment for something no longer payable', 'system', 'requested', $5, $6, $6)
+         ON CONFLICT (idempotency_key) DO NOTHING",
+        Uuid::now_v7(),
+        payment_id,
+        amount_minor,
+        currency,
+        key,
+        now
+    )
+    .execute(&mut *conn)
+    .await?;
+    ledger::enqueue_outbox(
+        conn,
+        topic::ACCOUNTING_ATTENTION,
+        &format!("accounting:late-payment:{payment_id}"),
+        json!({"payment_id": payment_id, "amount_minor": amount_minor, "currency": currency,
+               "issue": "payment for an invoice that was already paid or a subscription that had ended; refund queued"}),
+        now,
+    )
+    .await
+}

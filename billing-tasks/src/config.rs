@@ -1,0 +1,111 @@
+//! Billing settings shared by the `worker` and `billing-api` binaries (ARCHITECTURE.md §3.4):
+//! every one is a flag and an environment variable with the same meaning.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cloudpayments;
+use crate::context::Billing;
+use crate::domain::Policy;
+use crate::error::{BillingError, Result};
+use crate::outbox::{HttpTarget, OutboxTarget};
+use crate::secret::Secret;
+
+/// The ledger, the gateway and the outbox target.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BillingArgs {
+    /// PostgreSQL ledger; migrations are applied at start-up.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/billing"
+    )]
+    pub database_url: String,
+
+    /// Ledger connections per process.
+    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=512))]
+    pub database_pool_size: u32,
+
+    /// CloudPayments API base URL.
+    #[arg(long, env = "CLOUDPAYMENTS_URL", default_value = cloudpayments::config::DEFAULT_URL)]
+    pub cloudpayments_url: String,
+
+    /// CloudPayments terminal Public ID (required for billing).
+    #[arg(long, env = "CLOUDPAYMENTS_PUBLIC_ID")]
+    pub cloudpayments_public_id: Option<String>,
+
+    /// CloudPayments API secret (required for billing; set it in the environment, not on the
+    /// command line).
+    #[arg(long, env = "CLOUDPAYMENTS_API_SECRET", hide_env_values = true)]
+    pub cloudpayments_api_secret: Option<String>,
+
+    /// Seconds a gateway call may take before its outcome counts as unknown.
+    #[arg(long, env = "CLOUDPAYMENTS_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub cloudpayments_timeout: u64,
+
+    /// Queue the billing tasks are sent to (and consumed from, unless WORKER_QUEUES says otherwise).
+    #[arg(long, env = "BILLING_QUEUE", default_value = crate::tasks::QUEUE)]
+    pub billing_queue: String,
+
+    /// Seconds after which a gateway call whose outcome is unknown is looked up (replayed or
+    /// found by invoice); longer than CLOUDPAYMENTS_TIMEOUT.
+    #[arg(long, env = "BILLING_PROCESSING_LEASE", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3000))]
+    pub processing_lease: u64,
+
+    /// Where outbox messages (role grants and revocations, notifications) are POSTed as JSON.
+    /// Unset: they are recorded and kept pending.
+    #[arg(long, env = "OUTBOX_URL")]
+    pub outbox_url: Option<String>,
+}
+
+impl BillingArgs {
+    /// The gateway client these settings describe.
+    pub fn gateway(&self) -> Result<cloudpayments::Client> {
+        let public_id = self
+            .cloudpayments_public_id
+            .clone()
+            .ok_or_else(|| BillingError::invalid("CLOUDPAYMENTS_PUBLIC_ID is not set"))?;
+        let secret = self
+            .cloudpayments_api_secret
+            .clone()
+            .ok_or_else(|| BillingError::invalid("CLOUDPAYMENTS_API_SECRET is not set"))?;
+        let config =
+            cloudpayments::Config::new(&self.cloudpayments_url, public_id, Secret::new(secret))
+                .map_err(|e| BillingError::invalid(e.to_string()))?
+                .with_timeouts(
+                    Duration::from_secs(10),
+                    Duration::from_secs(self.cloudpayments_timeout),
+                );
+        cloudpayments::Client::new(config).map_err(|e| BillingError::invalid(e.to_string()))
+    }
+
+    /// The API secret webhooks are signed with.
+    pub fn api_secret(&self) -> Result<Secret<String>> {
+        self.cloudpayments_api_secret
+            .clone()
+            .map(Secret::new)
+            .ok_or_else(|| BillingError::invalid("CLOUDPAYMENTS_API_SECRET is not set"))
+    }
+
+    /// The outbox target, if one is configured.
+    pub fn outbox(&self) -> Result<Option<Arc<dyn OutboxTarget>>> {
+        Ok(match &self.outbox_url {
+            Some(url) => Some(Arc::new(HttpTarget::new(url)?)),
+            None => None,
+        })
+    }
+
+    /// Connects to the ledger (applying migrations) and builds the billing context.
+    pub async fn connect(&self, tasks: task_core::Client) -> Result<Billing> {
+        let gateway = self.gateway()?;
+        let db = crate::db::connect(&self.database_url, self.database_pool_size).await?;
+        let policy = Policy {
+            processing_lease: chrono::Duration::seconds(self.processing_lease as i64),
+            ..Policy::default()
+        };
+        Ok(
+            Billing::new(db, gateway, policy, task_core::Clock::system(), tasks)
+                .with_queue(&self.billing_queue),
+        )
+    }
+}

@@ -1,0 +1,355 @@
+//! Recurring payments: renewal invoices, their charges with the dunning ladder, and the end of
+//! subscriptions that were not renewed.
+//!
+//! A renewal invoice is created once per subscription and period (the database refuses a second),
+//! so running [`create_renewal_invoices`] twice, or on two workers, creates nothing twice. Each
+//! invoice is then charged by `billing.charge_invoice`, which makes at most one attempt at a time
+//! (see [`crate::charging`]).
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::charging::{self, Step};
+use crate::context::Billing;
+use crate::domain::{InvoiceStatus, Period, SubscriptionStatus, Transition};
+use crate::error::{BillingError, Result};
+use crate::ledger::{self, Actor};
+
+/// How long a freshly created renewal invoice waits for its charge task before the sweeper
+/// (`billing.retry_due_invoices`) enqueues it again.
+const SWEEP_AFTER: chrono::Duration = chrono::Duration::hours(1);
+
+/// Creates the renewal invoices of active, auto-renewing subscriptions whose period ends within the
+/// renewal lead time, and returns their ids (none for invoices that already existed).
+pub async fn create_renewal_invoices(billing: &Billing) -> Result<Vec<Uuid>> {
+    let now = billing.now();
+    let due = sqlx::query!(
+        r#"SELECT s.id, s.payer_id, s.current_period_end AS "period_end!", t.price_minor, t.currency,
+                  t.period_unit, t.period_count
+           FROM subscription s JOIN tariff t ON t.id = s.tariff_id
+           WHERE s.status = 'active' AND s.auto_renew AND s.current_period_end <= $1
+             AND NOT EXISTS (SELECT 1 FROM invoice i WHERE i.subscription_id = s.id AND i.period_start = s.current_period_end)"#,
+        now + billing.policy().renewal_lead
+    )
+    .fetch_all(billing.db())
+    .await?;
+    let mut created = Vec::with_capacity(due.len());
+    for chunk in due.chunks(5_000) {
+        let mut ids = Vec::with_capacity(chunk.len());
+        let (mut subs, mut payers, mut starts, mut ends, mut amounts, mut currencies) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        for s in chunk {
+            let period = Period::from_parts(&s.period_unit, s.period_count)?;
+            ids.push(Uuid::now_v7());
+            subs.push(s.id);
+            payers.push(s.payer_id);
+            starts.push(s.period_end);
+            ends.push(period.end_from(s.period_end));
+            amounts.push(s.price_minor);
+            currencies.push(s.currency.clone());
+        }
+        let inserted = sqlx::query_scalar!(
+            r#"INSERT INTO invoice (id, subscription_id, payer_id, kind, period_start, period_end, amount_minor,
+                                   currency, status, next_attempt_at, created_at, updated_at)
+               SELECT id, sub, payer, 'renewal', start, "end", amount, currency, 'open', $7, $8, $8
+               FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::timestamptz[], $5::timestamptz[], $6::bigint[], $9::text[])
+                    AS u(id, sub, payer, start, "end", amount, currency)
+               ON CONFLICT (subscription_id, period_start) DO NOTHING
+               RETURNING id"#,
+            &ids,
+            &subs,
+            &payers,
+            &starts,
+            &ends,
+            &amounts,
+            now + SWEEP_AFTER,
+            now,
+            &currencies,
+        )
+        .fetch_all(billing.db())
+        .await?;
+        created.extend(inserted);
+    }
+    Ok(created)
+}
+
+/// Renewal invoices whose next attempt is due, for the sweeper to enqueue.
+pub async fn due_invoices(billing: &Billing, limit: i64) -> Result<Vec<Uuid>> {
+    Ok(sqlx::query_scalar!(
+        "SELECT i.id FROM invoice i
+         WHERE i.kind = 'renewal' AND i.status = 'open' AND i.next_attempt_at <= $1
+           AND NOT EXISTS (SELECT 1 FROM payment p WHERE p.invoice_id = i.id AND p.status IN ('created', 'processing', 'awaiting_3ds'))
+         ORDER BY i.next_attempt_at LIMIT $2",
+        billing.now(),
+        limit
+    )
+    .fetch_all(billing.db())
+    .await?)
+}
+
+/// What a charge run did to an invoice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvoiceRun {
+    /// Nothing to charge: the invoice is in this state.
+    Finished(InvoiceStatus),
+    /// The next attempt is not due yet.
+    NotDue(DateTime<Utc>),
+    /// An attempt ran (or is waited for).
+    Attempt(Step),
+}
+
+/// Charges a renewal invoice: continues its attempt in flight, or starts the next one when due.
+pub async fn charge_invoice(billing: &Billing, invoice_id: Uuid) -> Result<InvoiceRun> {
+    let now = billing.now();
+    let mut tx = billing.db().begin().await?;
+    let inv = sqlx::query!(
+        r#"SELECT i.status, i.kind, i.next_attempt_at, i.amount_minor, i.currency, i.subscription_id,
+                  s.status AS sub_status, s.auto_renew, s.payment_method_id,
+                  (SELECT count(*) FROM payment p WHERE p.invoice_id = i.id) AS "attempts!",
+                  (SELECT p.id FROM payment p WHERE p.invoice_id = i.id
+                     AND p.status IN ('created', 'processing', 'awaiting_3ds')) AS in_flight
+           FROM invoice i JOIN subscription s ON s.id = i.subscription_id
+           WHERE i.id = $1 FOR UPDATE OF i"#,
+        invoice_id
+    )
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or_else(|| BillingError::NotFound(format!("invoice {invoice_id}")))?;
+    let status = InvoiceStatus::parse(&inv.status)?;
+    if let Some(payment_id) = inv.in_flight {
+        tx.commit().await?;
+        return charging::charge_payment(billing, payment_id)
+            .await
+            .map(InvoiceRun::Attempt);
+    }
+    if inv.kind != "renewal" || !matches!(status, InvoiceStatus::Open) {
+        return Ok(InvoiceRun::Finished(status));
+    }
+    let sub_status = SubscriptionStatus::parse(&inv.sub_status)?;
+    if !inv.auto_renew
+        || !matches!(
+            sub_status,
+            SubscriptionStatus::Active | SubscriptionStatus::PastDue
+        )
+    {
+        status.check(InvoiceStatus::Void, "invoice")?;
+        sqlx::query!("UPDATE invoice SET status = 'void', next_attempt_at = NULL, updated_at = $2 WHERE id = $1", invoice_id, now)
+            .execute(&mut *tx)
+            .await?;
+        ledger::record_transition(
+            &mut tx,
+            "invoice",
+            invoice_id,
+            Some(status.as_str()),
+            "void",
+            Actor::Worker,
+            Some("subscription no longer renews"),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        return Ok(InvoiceRun::Finished(InvoiceStatus::Void));
+    }
+    if inv.attempts > 0
+        && let Some(at) = inv.next_attempt_at.filter(|at| *at > now)
+    {
+        return Ok(InvoiceRun::NotDue(at));
+    }
+    let Some(method_id) = inv.payment_method_id else {
+        status.check(InvoiceStatus::Failed, "invoice")?;
+        sqlx::query!("UPDATE invoice SET status = 'failed', next_attempt_at = NULL, updated_at = $2 WHERE id = $1", invoice_id, now)
+            .execute(&mut *tx)
+            .await?;
+        ledger::record_transition(
+            &mut tx,
+            "invoice",
+            invoice_id,
+            Some(status.as_str()),
+            "failed",
+            Actor::Worker,
+            Some("no saved card"),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        return Ok(InvoiceRun::Finished(InvoiceStatus::Failed));
+    };
+    let attempt = i32::try_from(inv.attempts).unwrap_or(i32::MAX - 1) + 1;
+    let payment_id = Uuid::now_v7();
+    sqlx::query!(
+        "INSERT INTO payment (id, invoice_id, attempt, method, status, amount_minor, currency, idempotency_key,
+                              payment_method_id, created_at, updated_at)
+         VALUES ($1, $2, $3, 'token', 'created', $4, $5, $6, $7, $8, $8)",
+        payment_id,
+        invoice_id,
+        attempt,
+        inv.amount_minor,
+        inv.currency,
+        format!("renewal:{invoice_id}:{attempt}"),
+        method_id,
+        now
+    )
+    .execute(&mut *tx)
+    .await?;
+    ledger::record_transition(
+        &mut tx,
+        "payment",
+        payment_id,
+        None,
+        "created",
+        Actor::Worker,
+        None,
+        now,
+    )
+    .await?;
+    tx.commit().await?;
+    charging::charge_payment(billing, payment_id)
+        .await
+        .map(InvoiceRun::Attempt)
+}
+
+/// What [`expire_subscriptions`] changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExpiryReport {
+    /// Subscriptions that ended.
+    pub expired: u64,
+    /// Subscriptions that entered their grace period.
+    pub past_due: u64,
+    /// Pending subscriptions given up on.
+    pub abandoned: u64,
+}
+
+/// Ends what is due to end: cancelled subscriptions at their period's end, renewals that failed,
+/// grace periods that ran out; moves unpaid renewals into their grace period; gives up on
+/// subscriptions whose first payment never completed.
+pub async fn expire_subscriptions(billing: &Billing) -> Result<ExpiryReport> {
+    let now = billing.now();
+    let candidates = sqlx::query_scalar!(
+        "SELECT id FROM subscription
+         WHERE (status = 'active' AND current_period_end <= $1)
+            OR (status = 'past_due' AND grace_until <= $1)
+            OR (status = 'past_due' AND EXISTS (SELECT 1 FROM invoice i WHERE i.subscription_id = subscription.id
+                                                 AND i.kind = 'renewal' AND i.status = 'failed'
+                                                 AND i.period_start = subscription.current_period_end))
+            OR (status = 'pending' AND created_at <= $2)",
+        now,
+        now - chrono::Duration::days(1)
+    )
+    .fetch_all(billing.db())
+    .await?;
+    let mut report = ExpiryReport::default();
+    for id in candidates {
+        let mut tx = billing.db().begin().await?;
+        let s = sqlx::query!(
+            r#"SELECT s.status, s.auto_renew, s.current_period_end, s.grace_until, s.created_at,
+                      (SELECT i.status FROM invoice i WHERE i.subscription_id = s.id AND i.kind = 'renewal'
+                         AND i.period_start = s.current_period_end) AS renewal_status,
+                      EXISTS (SELECT 1 FROM payment p JOIN invoice i ON i.id = p.invoice_id WHERE i.subscription_id = s.id
+                              AND p.status IN ('created', 'processing', 'awaiting_3ds')) AS "in_flight!"
+               FROM subscription s WHERE s.id = $1 FOR UPDATE"#,
+            id
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let status = SubscriptionStatus::parse(&s.status)?;
+        let ended = s.current_period_end.is_some_and(|e| e <= now);
+        let renewal = s.renewal_status.as_deref();
+        match status {
+            SubscriptionStatus::Active if ended && !s.auto_renew => {
+                charging::expire(
+                    &mut tx,
+                    id,
+                    status,
+                    Actor::Worker,
+                    "cancelled; the paid period ended",
+                    now,
+                )
+                .await?;
+                report.expired += 1;
+            }
+            SubscriptionStatus::Active
+                if ended && matches!(renewal, None | Some("failed") | Some("void")) =>
+            {
+                charging::expire(&mut tx, id, status, Actor::Worker, "not renewed", now).await?;
+                report.expired += 1;
+            }
+            SubscriptionStatus::Active if ended => {
+                let grace_until = s.current_period_end.unwrap_or(now) + billing.policy().grace;
+                sqlx::query!(
+                    "UPDATE subscription SET status = 'past_due', grace_until = $2, updated_at = $3 WHERE id = $1",
+                    id,
+                    grace_until,
+                    now
+                )
+                .execute(&mut *tx)
+                .await?;
+                ledger::record_transition(
+                    &mut tx,
+                    "subscription",
+                    id,
+                    Some("active"),
+                    "past_due",
+                    Actor::Worker,
+                    Some("renewal not paid at period end"),
+                    now,
+                )
+                .await?;
+                report.past_due += 1;
+            }
+            SubscriptionStatus::PastDue
+                if s.grace_until.is_some_and(|g| g <= now) || renewal == Some("failed") =>
+            {
+                charging::expire(
+                    &mut tx,
+                    id,
+                    status,
+                    Actor::Worker,
+                    "renewal failed; grace period over",
+                    now,
+                )
+                .await?;
+                report.expired += 1;
+            }
+            SubscriptionStatus::Pending
+                if s.created_at <= now - chrono::Duration::days(1) && !s.in_flight =>
+            {
+                status.check(SubscriptionStatus::Abandoned, "subscription")?;
+                sqlx::query!(
+                    "UPDATE subscription SET status = 'abandoned', updated_at = $2 WHERE id = $1",
+                    id,
+                    now
+                )
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query!(
+                    "UPDATE invoice SET status = 'void', updated_at = $2 WHERE subscription_id = $1 AND status = 'open'",
+                    id,
+                    now
+                )
+                .execute(&mut *tx)
+                .await?;
+                ledger::record_transition(
+                    &mut tx,
+                    "subscription",
+                    id,
+                    Some("pending"),
+                    "abandoned",
+                    Actor::Worker,
+                    Some("first payment never completed"),
+                    now,
+                )
+                .await?;
+                report.abandoned += 1;
+            }
+            _ => {}
+        }
+        tx.commit().await?;
+    }
+    Ok(report)
+}

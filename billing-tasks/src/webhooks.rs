@@ -1,0 +1,375 @@
+//! The CloudPayments webhook receiver (axum): `POST /webhooks/cloudpayments/{check,pay,fail,
+//! confirm,refund,recurrent,cancel}`.
+//!
+//! The `Content-HMAC` header is verified against the raw body before anything is parsed; a missing
+//! or wrong signature gets 401 and changes nothing. Each notification is recorded once per
+//! (type, transaction) in `gateway_event`; a repeat (the gateway re-delivers until it hears
+//! `{"code":0}`) is answered `{"code":0}` without being applied again. Applying a Pay, Fail or
+//! Refund goes through the same idempotent settling code as the worker, so the two can race
+//! harmlessly.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::{Map, Value, json};
+use uuid::Uuid;
+
+use crate::charging::{self, Outcome};
+use crate::cloudpayments::webhook::{
+    self, Notification, NotificationKind, PaymentDetails, WebhookAnswer,
+};
+use crate::cloudpayments::{ReasonCode, Transaction, TransactionStatus};
+use crate::context::Billing;
+use crate::error::Result;
+use crate::ledger::{self, Actor, topic};
+use crate::money::Money;
+use crate::refunds;
+use crate::secret::Secret;
+
+/// What the receiver needs.
+#[derive(Clone, Debug)]
+pub struct WebhookState {
+    billing: Billing,
+    api_secret: Secret<String>,
+}
+
+impl WebhookState {
+    /// The receiver's state: the billing context and the API secret notifications are signed with.
+    pub fn new(billing: Billing, api_secret: Secret<String>) -> Self {
+        WebhookState {
+            billing,
+            api_secret,
+        }
+    }
+}
+
+/// The receiver's routes.
+pub fn router(state: WebhookState) -> Router {
+    Router::new()
+        .route("/webhooks/cloudpayments/{kind}", post(receive))
+        .with_state(state)
+}
+
+fn answer(status: StatusCode, body: Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn receive(
+    State(state): State<WebhookState>,
+    Path(kind): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Ok(kind) = kind.parse::<NotificationKind>() else {
+        return answer(
+            StatusCode::NOT_FOUND,
+            json!({"error": "unknown notification type"}),
+        );
+    };
+    let signature = headers
+        .get(webhook::CONTENT_HMAC)
+        .and_then(|v| v.to_str().ok());
+    if !signature.is_some_and(|s| webhook::verify(&state.api_secret, &body, s)) {
+        tracing::warn!(%kind, "notification with a missing or wrong Content-HMAC refused");
+        return answer(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "missing or invalid Content-HMAC"}),
+        );
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let notification = match Notification::parse(kind, content_type, &body) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(%kind, error = %e, "unreadable notification");
+            return answer(StatusCode::BAD_REQUEST, json!({"error": e.to_string()}));
+        }
+    };
+    match handle(
+        &state.billing,
+        notification,
+        stored_payload(content_type, &body),
+    )
+    .await
+    {
+        Ok(a) => answer(StatusCode::OK, json!({"code": a.code()})),
+        Err(e) => {
+            // A non-zero answer or an error makes the gateway deliver again later.
+            tracing::error!(%kind, error = %e, "notification not applied; the gateway will retry");
+            answer(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": "temporarily unable to process"}),
+            )
+        }
+    }
+}
+
+/// The notification as stored for accounting: every field except the card token.
+fn stored_payload(content_type: Option<&str>, body: &[u8]) -> Value {
+    let mut map: Map<String, Value> =
+        if content_type.is_some_and(|c| c.contains("json")) || body.first() == Some(&b'{') {
+            serde_json::from_slice(body).unwrap_or_default()
+        } else {
+            serde_urlencoded::from_bytes::<Vec<(String, String)>>(body)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect()
+        };
+    map.retain(|k, _| !k.eq_ignore_ascii_case("token"));
+    Value::Object(map)
+}
+
+/// Records a notification once; `false` if this (type, transaction) was seen before.
+async fn record(
+    billing: &Billing,
+    kind: &str,
+    transaction_id: Option<i64>,
+    invoice_id: Option<&str>,
+    payload: &Value,
+) -> Result<Option<i64>> {
+    let id = sqlx::query_scalar!(
+        "INSERT INTO gateway_event (kind, gateway_transaction_id, invoice_id, payload, received_at)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (kind, gateway_transaction_id) WHERE gateway_transaction_id IS NOT NULL AND kind <> 'check' DO NOTHING
+         RETURNING id",
+        kind,
+        transaction_id,
+        invoice_id,
+        payload,
+        billing.now()
+    )
+    .fetch_optional(billing.db())
+    .await?;
+    Ok(id)
+}
+
+async fn processed(billing: &Billing, event_id: i64, outcome: &str) -> Result<()> {
+    sqlx::query!(
+        "UPDATE gateway_event SET processed_at = $2, outcome = $3 WHERE id = $1",
+        event_id,
+        billing.now(),
+        outcome
+    )
+    .execute(billing.db())
+    .await?;
+    Ok(())
+}
+
+/// Applies a verified notification and returns the answer for the gateway.
+pub async fn handle(
+    billing: &Billing,
+    notification: Notification,
+    payload: Value,
+) -> Result<WebhookAnswer> {
+    let kind = notification_kind(&notification);
+    let txn = notification.transaction_id();
+    let invoice = match &notification {
+        Notification::Check(c) => c.payment.invoice_id.clone(),
+        Notification::Pay(p) => p.payment.invoice_id.clone(),
+        Notification::Fail(f) => f.payment.invoice_id.clone(),
+        Notification::Refund(r) => r.invoice_id.clone(),
+        _ => None,
+    };
+    let Some(event_id) = record(billing, kind, txn, invoice.as_deref(), &payload).await? else {
+        tracing::info!(kind, transaction_id = ?txn, "repeated notification; already applied");
+        return Ok(WebhookAnswer::Ok);
+    };
+    let (answer, outcome) = match notification {
+        Notification::Check(c) => {
+            let a = check(billing, &c.payment).await?;
+            (a, format!("answered {}", a.code()))
+        }
+        Notification::Pay(p) => {
+            let t = transaction(
+                &p.payment,
+                TransactionStatus::Completed,
+                ReasonCode(0),
+                None,
+                p.token.clone(),
+            );
+            (
+                WebhookAnswer::Ok,
+                apply_payment(billing, &p.payment, Outcome::Approved(t)).await?,
+            )
+        }
+        Notification::Fail(f) => {
+            let t = transaction(
+                &f.payment,
+                TransactionStatus::Declined,
+                f.reason_code,
+                f.reason.clone(),
+                None,
+            );
+            (
+                WebhookAnswer::Ok,
+                apply_payment(billing, &f.payment, Outcome::Declined(t)).await?,
+            )
+        }
+        Notification::Refund(r) => (
+            WebhookAnswer::Ok,
+            apply_refund(
+                billing,
+                r.transaction_id,
+                r.payment_transaction_id,
+                r.amount,
+            )
+            .await?,
+        ),
+        _ => (WebhookAnswer::Ok, "recorded".to_owned()),
+    };
+    processed(billing, event_id, &outcome).await?;
+    Ok(answer)
+}
+
+fn notification_kind(n: &Notification) -> &'static str {
+    match n {
+        Notification::Check(_) => "check",
+        Notification::Pay(_) => "pay",
+        Notification::Fail(_) => "fail",
+        Notification::Confirm(_) => "confirm",
+        Notification::Refund(_) => "refund",
+        Notification::Recurrent(_) => "recurrent",
+        Notification::Cancel(_) => "cancel",
+    }
+}
+
+fn transaction(
+    p: &PaymentDetails,
+    status: TransactionStatus,
+    code: ReasonCode,
+    reason: Option<String>,
+    token: Option<Secret<String>>,
+) -> Transaction {
+    Transaction {
+        transaction_id: p.transaction_id,
+        amount: p.amount,
+        invoice_id: p.invoice_id.clone(),
+        account_id: p.account_id.clone(),
+        email: p.email.clone(),
+        description: p.description.clone(),
+        status,
+        reason_code: code,
+        reason,
+        card_holder_message: None,
+        card: p.card.clone(),
+        token,
+        auth_code: None,
+        test_mode: p.test_mode,
+        refunded: false,
+        original_transaction_id: None,
+        created_at: p.date_time,
+    }
+}
+
+/// Check: may this payment proceed? Only for an open invoice of ours, its payer and its amount.
+async fn check(billing: &Billing, p: &PaymentDetails) -> Result<WebhookAnswer> {
+    let Some(invoice_id) = p
+        .invoice_id
+        .as_deref()
+        .and_then(|i| Uuid::parse_str(i).ok())
+    else {
+        return Ok(WebhookAnswer::InvalidInvoiceId);
+    };
+    let Some(inv) = sqlx::query!(
+        "SELECT status, amount_minor, currency, payer_id FROM invoice WHERE id = $1",
+        invoice_id
+    )
+    .fetch_optional(billing.db())
+    .await?
+    else {
+        return Ok(WebhookAnswer::InvalidInvoiceId);
+    };
+    if p.account_id.as_deref() != Some(inv.payer_id.to_string().as_str()) {
+        return Ok(WebhookAnswer::InvalidAccountId);
+    }
+    if p.amount.minor != inv.amount_minor || p.amount.currency.code() != inv.currency {
+        return Ok(WebhookAnswer::InvalidAmount);
+    }
+    if !matches!(inv.status.as_str(), "open" | "paying") {
+        return Ok(WebhookAnswer::Rejected);
+    }
+    Ok(WebhookAnswer::Ok)
+}
+
+/// Pay or Fail: the attempt this notification is about, settled with it.
+async fn apply_payment(billing: &Billing, p: &PaymentDetails, outcome: Outcome) -> Result<String> {
+    let invoice_id = p
+        .invoice_id
+        .as_deref()
+        .and_then(|i| Uuid::parse_str(i).ok());
+    let payment = sqlx::query_scalar!(
+        "SELECT id FROM payment
+         WHERE gateway_transaction_id = $1
+            OR (invoice_id = $2 AND gateway_transaction_id IS NULL AND status IN ('processing', 'failed', 'expired'))
+         ORDER BY (gateway_transaction_id = $1) DESC NULLS LAST, attempt DESC LIMIT 1",
+        p.transaction_id,
+        invoice_id
+    )
+    .fetch_optional(billing.db())
+    .await?;
+    let Some(payment_id) = payment else {
+        tracing::error!(transaction_id = p.transaction_id, invoice = ?p.invoice_id, "notification for a payment billing does not know");
+        let mut conn = billing.db().acquire().await?;
+        ledger::enqueue_outbox(
+            &mut conn,
+            topic::ACCOUNTING_ATTENTION,
+            &format!("accounting:unmatched:{}", p.transaction_id),
+            json!({"transaction_id": p.transaction_id, "invoice_id": p.invoice_id, "amount_minor": p.amount.minor,
+                   "currency": p.amount.currency, "issue": "gateway payment that matches no attempt in the ledger"}),
+            billing.now(),
+        )
+        .await?;
+        return Ok("unmatched".into());
+    };
+    let status = charging::settle(billing, payment_id, outcome, Actor::Webhook).await?;
+    Ok(format!("payment {payment_id} {status}"))
+}
+
+/// Refund: the refund it confirms, settled.
+async fn apply_refund(
+    billing: &Billing,
+    refund_txn: i64,
+    payment_txn: i64,
+    amount: Money,
+) -> Result<String> {
+    let refund = sqlx::query_scalar!(
+        "SELECT r.id FROM refund r JOIN payment p ON p.id = r.payment_id
+         WHERE r.gateway_transaction_id = $1
+            OR (p.gateway_transaction_id = $2 AND r.status IN ('requested', 'processing') AND r.amount_minor = $3)
+         ORDER BY (r.gateway_transaction_id = $1) DESC NULLS LAST, r.created_at LIMIT 1",
+        refund_txn,
+        payment_txn,
+        amount.minor
+    )
+    .fetch_optional(billing.db())
+    .await?;
+    match refund {
+        Some(id) => {
+            let status = refunds::settle(billing, id, refund_txn, Actor::Webhook).await?;
+            Ok(format!("refund {id} {status}"))
+        }
+        None => {
+            let mut conn = billing.db().acquire().await?;
+            ledger::enqueue_outbox(
+                &mut conn,
+                topic::ACCOUNTING_ATTENTION,
+                &format!("accounting:refund-unmatched:{refund_txn}"),
+                json!({"refund_transaction_id": refund_txn, "payment_transaction_id": payment_txn, "amount_minor": amount.minor,
+                       "issue": "a refund made outside billing (e.g. in the gateway's dashboard)"}),
+                billing.now(),
+            )
+            .await?;
+            Ok("unmatched refund".into())
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! No cryptogram survives its first use, and no secret (cryptogram, card token, 3-D Secure answer,
+//! API secret) appears in logs, task results, the outbox or stored gateway events.
+
+mod billing_support;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use billing_support::*;
+use billing_tasks::cloudpayments::fake;
+use billing_tasks::domain::PaymentStatus;
+use billing_tasks::refunds::{RefundRequest, Requester};
+use billing_tasks::secret::Secret;
+use billing_tasks::tasks::EnqueueRenewals;
+use uuid::Uuid;
+
+/// Every log line of this test process, at every level.
+fn captured() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = buf.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || Capture(writer.clone()))
+            .try_init();
+        buf
+    })
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_leave_their_wrappers() {
+    let logs = captured();
+    let env = Env::start().await;
+
+    // A 3-D Secure subscription, a renewal with the saved token, and a refund.
+    let user = Uuid::new_v4();
+    let request = env.start_request(user, CARD_3DS_OK);
+    let cryptogram = request.cryptogram.expose().clone();
+    let p = env.service.start_subscription(request).await.unwrap();
+    let p = env.settled(user, p.id).await;
+    let pa_res = fake::PA_RES_OK.to_owned();
+    env.service
+        .complete_3ds(
+            user,
+            p.id,
+            p.challenge.unwrap().transaction_id,
+            Secret::new(pa_res.clone()),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "3-D Secure to complete",
+        std::time::Duration::from_secs(20),
+        || async {
+            (env.service.get_payment(user, p.id).await.unwrap().status == PaymentStatus::Succeeded)
+                .then_some(())
+        },
+    )
+    .await;
+    let (_, _, end) = env.subscription_of(user).await;
+    env.clock.set(end.unwrap() - chrono::Duration::hours(2));
+    env.run::<EnqueueRenewals>(()).await;
+    let invoice = env.invoice_ids(user, "renewal").await[0];
+    eventually(
+        "the renewal",
+        std::time::Duration::from_secs(20),
+        || async { (env.invoice_status(invoice).await == "paid").then_some(()) },
+    )
+    .await;
+    let r = env
+        .service
+        .request_refund(RefundRequest {
+            payment_id: p.id,
+            reason: "duplicate account".into(),
+            requested_by: Requester::Staff("support-7".into()),
+            idempotency_key: Uuid::new_v4().to_string(),
+        })
+        .await
+        .unwrap();
+    eventually("the refund", std::time::Duration::from_secs(20), || async {
+        let s = sqlx::query_scalar::<_, String>("SELECT status FROM refund WHERE id = $1")
+            .bind(r.id)
+            .fetch_one(&env.db)
+            .await
+            .unwrap();
+        (s == "succeeded").then_some(())
+    })
+    .await;
+
+    let token = sqlx::query_scalar::<_, String>("SELECT token FROM payment_method")
+        .fetch_one(&env.db)
+        .await
+        .unwrap();
+    let basic = base64_basic(PUBLIC_ID, API_SECRET);
+    let secrets = [
+        ("cryptogram", cryptogram.as_str()),
+        ("card token", token.as_str()),
+        ("API secret", API_SECRET),
+        ("Basic auth", basic.as_str()),
+    ];
+
+    // The ledger keeps the token (to charge it) and nothing else secret.
+    assert_eq!(
+        env.scalar_i64(
+            "SELECT count(*) FROM payment WHERE cryptogram IS NOT NULL OR pa_res IS NOT NULL"
+        )
+        .await,
+        0
+    );
+    let mut stored = String::new();
+    for sql in [
+        "SELECT coalesce(string_agg(payload::text, ' '), '') FROM outbox",
+        "SELECT coalesce(string_agg(payload::text, ' '), '') FROM gateway_event",
+        "SELECT coalesce(string_agg(coalesce(reason, '') || ' ' || actor, ' '), '') FROM status_history",
+        "SELECT coalesce(string_agg(coalesce(reason, '') || coalesce(card_holder_message, ''), ' '), '') FROM payment",
+    ] {
+        stored.push_str(
+            &sqlx::query_scalar::<_, String>(sql)
+                .fetch_one(&env.db)
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(stored.contains("subscriber"), "the outbox was read");
+
+    // Task results in Redis, for every task this worker ran.
+    let redis = redis::Client::open(
+        std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into()),
+    )
+    .unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("celery-task-meta-*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut results = String::new();
+    for k in keys {
+        let v: Option<String> = redis::cmd("GET")
+            .arg(&k)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if let Some(v) = v.filter(|v| v.contains(&env.queue)) {
+            results.push_str(&v);
+        }
+    }
+    assert!(
+        results.contains("billing.charge_payment"),
+        "the results were read"
+    );
+
+    let log = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(log.contains("billing_tasks"), "the logs were captured");
+    for (what, secret) in secrets {
+        assert!(!log.contains(secret), "the {what} appears in the logs");
+        assert!(
+            !results.contains(secret),
+            "the {what} appears in a task result"
+        );
+        assert!(
+            !stored.contains(secret),
+            "the {what} appears in the outbox, events or history"
+        );
+    }
+    assert!(
+        !log.contains(&pa_res) && !stored.contains(&pa_res),
+        "the 3-D Secure answer leaked"
+    );
+    env.stop().await;
+}
+
+fn base64_basic(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unused_cryptogram_is_wiped_when_the_payment_is_given_up() {
+    let env = Env::start_with(Options {
+        run_worker: false,
+        ..Options::default()
+    })
+    .await;
+    let user = Uuid::new_v4();
+    let p = env
+        .service
+        .start_subscription(env.start_request(user, CARD_OK))
+        .await
+        .unwrap();
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM payment WHERE cryptogram IS NOT NULL")
+            .await,
+        1,
+        "kept until its one use"
+    );
+    // Nothing ran it (the charge task was lost): after the policy's 15 minutes it is discarded.
+    env.clock.advance(chrono::Duration::minutes(16));
+    assert_eq!(
+        billing_tasks::reconcile::purge_cryptograms(&env.billing)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM payment WHERE cryptogram IS NOT NULL")
+            .await,
+        0
+    );
+    assert_eq!(
+        env.service.get_payment(user, p.id).await.unwrap().status,
+        PaymentStatus::Expired
+    );
+    env.stop().await;
+}

@@ -1,0 +1,179 @@
+//! The webhook receiver: signatures, answers to Check, deduplicated notifications.
+
+mod billing_support;
+
+use billing_support::*;
+use billing_tasks::cloudpayments::webhook;
+use billing_tasks::secret::Secret;
+use uuid::Uuid;
+
+async fn post(env: &Env, kind: &str, body: &str, hmac: Option<String>) -> (u16, String) {
+    let mut req = reqwest::Client::new()
+        .post(format!(
+            "http://{}/webhooks/cloudpayments/{kind}",
+            env.webhook_addr
+        ))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(body.to_owned());
+    if let Some(h) = hmac {
+        req = req.header("Content-HMAC", h);
+    }
+    let resp = req.send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+fn signed(body: &str) -> Option<String> {
+    Some(webhook::sign(
+        &Secret::new(API_SECRET.to_owned()),
+        body.as_bytes(),
+    ))
+}
+
+async fn ledger_fingerprint(env: &Env) -> Vec<i64> {
+    let mut v = Vec::new();
+    for sql in [
+        "SELECT count(*) FROM status_history",
+        "SELECT count(*) FROM gateway_event",
+        "SELECT count(*) FROM outbox",
+        "SELECT count(*) FROM payment WHERE status = 'succeeded'",
+        "SELECT count(*) FROM refund",
+    ] {
+        v.push(env.scalar_i64(sql).await);
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_or_missing_signature_is_refused_and_changes_nothing() {
+    let env = Env::start().await;
+    let user = Uuid::new_v4();
+    let p = env
+        .service
+        .start_subscription(env.start_request(user, CARD_3DS_OK))
+        .await
+        .unwrap();
+    let p = env.settled(user, p.id).await;
+    let invoice = env.invoice_ids(user, "initial").await[0];
+    let before = ledger_fingerprint(&env).await;
+    let body = format!(
+        "TransactionId={}&Amount=299.00&Currency=RUB&InvoiceId={invoice}&AccountId={user}&DateTime=2026-11-27+10%3a00%3a00&Status=Completed&TestMode=1",
+        p.challenge.unwrap().transaction_id
+    );
+    let (status, _) = post(&env, "pay", &body, None).await;
+    assert_eq!(status, 401);
+    let (status, _) = post(
+        &env,
+        "pay",
+        &body,
+        Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into()),
+    )
+    .await;
+    assert_eq!(status, 401);
+    // Signed with another secret.
+    let (status, _) = post(
+        &env,
+        "pay",
+        &body,
+        Some(webhook::sign(&Secret::new("other".into()), body.as_bytes())),
+    )
+    .await;
+    assert_eq!(status, 401);
+    // A valid signature over a different body.
+    let (status, _) = post(&env, "pay", &body.replace("299.00", "1.00"), signed(&body)).await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        ledger_fingerprint(&env).await,
+        before,
+        "nothing was written"
+    );
+    assert_eq!(
+        env.service.get_payment(user, p.id).await.unwrap().status,
+        billing_tasks::domain::PaymentStatus::AwaitingThreeDs
+    );
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_answers_by_invoice_account_and_amount() {
+    let env = Env::start().await;
+    let user = Uuid::new_v4();
+    let p = env
+        .service
+        .start_subscription(env.start_request(user, CARD_3DS_OK))
+        .await
+        .unwrap();
+    env.settled(user, p.id).await;
+    let invoice = env.invoice_ids(user, "initial").await[0];
+    let check = |invoice: String, account: String, amount: &str| {
+        format!(
+            "TransactionId=1&Amount={amount}&Currency=RUB&InvoiceId={invoice}&AccountId={account}&DateTime=2026-11-27+10%3a00%3a00&TestMode=1&Status=Completed"
+        )
+    };
+    let cases = [
+        (
+            check(invoice.to_string(), user.to_string(), "299.00"),
+            r#"{"code":0}"#,
+        ),
+        (
+            check(Uuid::new_v4().to_string(), user.to_string(), "299.00"),
+            r#"{"code":10}"#,
+        ),
+        (
+            check("not-ours".into(), user.to_string(), "299.00"),
+            r#"{"code":10}"#,
+        ),
+        (
+            check(invoice.to_string(), Uuid::new_v4().to_string(), "299.00"),
+            r#"{"code":11}"#,
+        ),
+        (
+            check(invoice.to_string(), user.to_string(), "1.00"),
+            r#"{"code":12}"#,
+        ),
+    ];
+    for (body, expected) in cases {
+        let (status, answer) = post(&env, "check", &body, signed(&body)).await;
+        assert_eq!((status, answer.as_str()), (200, expected), "{body}");
+    }
+    // Amounts that are not money at all are refused as unreadable.
+    for amount in ["-5.00", "1e400", "abc", "0.001"] {
+        let body = check(invoice.to_string(), user.to_string(), amount);
+        let (status, _) = post(&env, "check", &body, signed(&body)).await;
+        assert!(status == 400 || status == 200, "{amount}: {status}");
+        if status == 200 {
+            let (_, answer) = post(&env, "check", &body, signed(&body)).await;
+            assert_ne!(answer, r#"{"code":0}"#, "{amount} must not be accepted");
+        }
+    }
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_notification_is_acknowledged_and_not_applied_twice() {
+    let env = Env::start().await;
+    let user = Uuid::new_v4();
+    env.subscribe(user, CARD_OK).await;
+    let pay = eventually(
+        "the gateway's Pay notification",
+        std::time::Duration::from_secs(10),
+        || async {
+            env.fake.webhook_deliveries().into_iter().find(|d| {
+                d.url.ends_with("/pay")
+                    && d.result == billing_tasks::cloudpayments::fake::DeliveryResult::Accepted
+            })
+        },
+    )
+    .await;
+    let before = ledger_fingerprint(&env).await;
+    let body = pay.body.clone();
+    for _ in 0..3 {
+        let (status, answer) = post(&env, "pay", &body, signed(&body)).await;
+        assert_eq!((status, answer.as_str()), (200, r#"{"code":0}"#));
+    }
+    assert_eq!(
+        ledger_fingerprint(&env).await,
+        before,
+        "a replay changes nothing"
+    );
+    env.stop().await;
+}
