@@ -137,7 +137,7 @@ async fn lock_attempt(conn: &mut PgConnection, payment_id: Uuid) -> Result<Attem
 }
 
 /// What to send, taken out of the ledger when the attempt was claimed.
-enum Call {
+pub(crate) enum Call {
     Cryptogram(CryptogramCharge),
     Token(TokenCharge),
     Post3ds {
@@ -151,16 +151,33 @@ fn token_call(a: &Attempt) -> Result<Call> {
         .token
         .clone()
         .ok_or_else(|| BillingError::precondition("the subscription has no usable card token"))?;
-    Ok(Call::Token(TokenCharge {
-        amount: a.amount,
+    Ok(renewal_call(
+        a.amount,
+        token,
+        a.payer_id,
+        a.invoice_id,
+        a.email.clone(),
+    ))
+}
+
+/// A merchant-initiated, scheduled charge of a saved card for an invoice.
+pub(crate) fn renewal_call(
+    amount: Money,
+    token: String,
+    payer_id: Uuid,
+    invoice_id: Uuid,
+    email: Option<String>,
+) -> Call {
+    Call::Token(TokenCharge {
+        amount,
         token: Secret::new(token),
-        account_id: a.payer_id.to_string(),
-        invoice_id: a.invoice_id.to_string(),
+        account_id: payer_id.to_string(),
+        invoice_id: invoice_id.to_string(),
         description: Some("Online cinema subscription renewal".into()),
-        email: a.email.clone(),
+        email,
         ip_address: None,
         initiator: TokenInitiator::ScheduledMerchant,
-    }))
+    })
 }
 
 async fn call_gateway(billing: &Billing, payment_id: Uuid, call: &Call) -> Outcome {
@@ -275,7 +292,16 @@ pub async fn charge_payment(billing: &Billing, payment_id: Uuid) -> Result<Step>
         done => return Ok(Step::Settled(done)),
     };
     tx.commit().await?;
+    call_and_settle(billing, payment_id, call).await
+}
 
+/// Calls the gateway for a claimed attempt (once, plus immediate retries of calls it certainly
+/// did not process) and records the outcome.
+pub(crate) async fn call_and_settle(
+    billing: &Billing,
+    payment_id: Uuid,
+    call: Call,
+) -> Result<Step> {
     let outcome = call_gateway(billing, payment_id, &call).await;
     if let Outcome::Unknown(why) = &outcome {
         tracing::warn!(payment_id = %payment_id, why, "gateway outcome unknown; the attempt will be looked up");
@@ -312,16 +338,10 @@ pub async fn charge_payment(billing: &Billing, payment_id: Uuid) -> Result<Step>
 async fn claim(conn: &mut PgConnection, attempt: &Attempt, now: DateTime<Utc>) -> Result<()> {
     attempt.status.check(PaymentStatus::Processing, "payment")?;
     sqlx::query!(
-        "UPDATE payment SET status = 'processing', sent_at = $2, cryptogram = NULL, pa_res = NULL, updated_at = $2
-         WHERE id = $1",
+        "WITH p AS (UPDATE payment SET status = 'processing', sent_at = $2, cryptogram = NULL, pa_res = NULL, updated_at = $2
+                    WHERE id = $1 RETURNING invoice_id)
+         UPDATE invoice SET status = 'paying', updated_at = $2 FROM p WHERE invoice.id = p.invoice_id AND invoice.status = 'open'",
         attempt.id,
-        now
-    )
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query!(
-        "UPDATE invoice SET status = 'paying', updated_at = $2 WHERE id = $1 AND status = 'open'",
-        attempt.invoice_id,
         now
     )
     .execute(&mut *conn)
@@ -426,13 +446,18 @@ pub async fn settle(
 ) -> Result<PaymentStatus> {
     let now = billing.now();
     let mut tx = billing.db().begin().await?;
+    // One read, locking the attempt, its invoice and its subscription together.
     let p = sqlx::query!(
         r#"SELECT p.status, p.method, p.attempt, p.amount_minor, p.currency, p.invoice_id,
                   i.kind, i.status AS invoice_status, i.subscription_id, i.payer_id,
-                  i.period_start, i.period_end, i.attempt_count
-           FROM payment p JOIN invoice i ON i.id = p.invoice_id
+                  i.period_start, i.period_end, i.attempt_count,
+                  s.status AS sub_status, s.current_period_end, t.role, t.period_unit, t.period_count
+           FROM payment p
+           JOIN invoice i ON i.id = p.invoice_id
+           JOIN subscription s ON s.id = i.subscription_id
+           JOIN tariff t ON t.id = s.tariff_id
            WHERE p.id = $1
-           FOR UPDATE OF p, i"#,
+           FOR UPDATE OF p, i, s"#,
         payment_id
     )
     .fetch_optional(&mut *tx)
@@ -440,16 +465,9 @@ pub async fn settle(
     .ok_or_else(|| BillingError::NotFound(format!("payment {payment_id}")))?;
     let status = PaymentStatus::parse(&p.status)?;
     let invoice_status = InvoiceStatus::parse(&p.invoice_status)?;
-    let s = sqlx::query!(
-        r#"SELECT s.status, s.current_period_end, s.payment_method_id, t.role, t.period_unit, t.period_count
-           FROM subscription s JOIN tariff t ON t.id = s.tariff_id
-           WHERE s.id = $1 FOR UPDATE OF s"#,
-        p.subscription_id
-    )
-    .fetch_one(&mut *tx)
-    .await?;
-    let sub_status = SubscriptionStatus::parse(&s.status)?;
+    let sub_status = SubscriptionStatus::parse(&p.sub_status)?;
 
+    let mut pending = ledger::Pending::default();
     let settled = match outcome {
         Outcome::Unknown(_) => return Ok(status),
         Outcome::Approved(t) => {
@@ -463,32 +481,13 @@ pub async fn settle(
                 Some(token) => Some(save_card(&mut tx, p.payer_id, token, &t, now).await?),
                 None => None,
             };
-            sqlx::query!(
-                "UPDATE payment SET status = 'succeeded', gateway_transaction_id = $2, reason_code = 0,
-                        reason = $3, card_holder_message = $4, completed_at = $5, updated_at = $5,
-                        acs_url = NULL, pa_req = NULL, payment_method_id = coalesce($6, payment_method_id)
-                 WHERE id = $1",
-                payment_id,
-                t.transaction_id,
-                t.reason.as_deref(),
-                t.card_holder_message.as_deref(),
-                now,
-                method_id
-            )
-            .execute(&mut *tx)
-            .await?;
-            ledger::record_transition(
-                &mut tx,
+            pending.transition(
                 "payment",
                 payment_id,
                 Some(status.as_str()),
                 "succeeded",
-                actor,
                 None,
-                now,
-            )
-            .await?;
-
+            );
             let late = invoice_status == InvoiceStatus::Paid
                 || invoice_status == InvoiceStatus::Void
                 || matches!(
@@ -496,86 +495,88 @@ pub async fn settle(
                     SubscriptionStatus::Expired | SubscriptionStatus::Abandoned
                 );
             if late {
-                // Money moved for something no longer payable: give it back and tell accounting.
+                // Money moved for something no longer payable: record it, give it back, tell accounting.
                 tracing::error!(payment_id = %payment_id, "late or duplicate payment; refunding it in full");
+                sqlx::query!(
+                    "UPDATE payment SET status = 'succeeded', gateway_transaction_id = $2, reason_code = 0,
+                            reason = $3, card_holder_message = $4, completed_at = $5, updated_at = $5,
+                            acs_url = NULL, pa_req = NULL, payment_method_id = coalesce($6, payment_method_id)
+                     WHERE id = $1",
+                    payment_id,
+                    t.transaction_id,
+                    t.reason.as_deref(),
+                    t.card_holder_message.as_deref(),
+                    now,
+                    method_id
+                )
+                .execute(&mut *tx)
+                .await?;
                 request_system_refund(&mut tx, payment_id, p.amount_minor, &p.currency, now)
                     .await?;
             } else {
-                let period = Period::from_parts(&s.period_unit, s.period_count)?;
+                let period = Period::from_parts(&p.period_unit, p.period_count)?;
                 let (start, end) = if p.kind == "initial" {
                     (now, period.end_from(now))
                 } else {
                     (p.period_start, p.period_end)
                 };
                 invoice_status.check(InvoiceStatus::Paid, "invoice")?;
-                sqlx::query!(
-                    "UPDATE invoice SET status = 'paid', paid_at = $2, period_start = $3, period_end = $4,
-                            attempt_count = greatest(attempt_count, $5), next_attempt_at = NULL, updated_at = $2
-                     WHERE id = $1",
-                    p.invoice_id,
-                    now,
-                    start,
-                    end,
-                    p.attempt
-                )
-                .execute(&mut *tx)
-                .await?;
-                ledger::record_transition(
-                    &mut tx,
-                    "invoice",
-                    p.invoice_id,
-                    Some(invoice_status.as_str()),
-                    "paid",
-                    actor,
-                    None,
-                    now,
-                )
-                .await?;
                 if sub_status != SubscriptionStatus::Active {
                     sub_status.check(SubscriptionStatus::Active, "subscription")?;
-                }
-                sqlx::query!(
-                    "UPDATE subscription SET status = 'active', current_period_start = $2, current_period_end = $3,
-                            grace_until = NULL, payment_method_id = coalesce($4, payment_method_id), updated_at = $5
-                     WHERE id = $1",
-                    p.subscription_id,
-                    start,
-                    end,
-                    method_id,
-                    now
-                )
-                .execute(&mut *tx)
-                .await?;
-                if sub_status != SubscriptionStatus::Active {
-                    ledger::record_transition(
-                        &mut tx,
+                    pending.transition(
                         "subscription",
                         p.subscription_id,
                         Some(sub_status.as_str()),
                         "active",
-                        actor,
                         None,
-                        now,
-                    )
-                    .await?;
+                    );
                 }
-                ledger::enqueue_outbox(
-                    &mut tx,
-                    topic::AUTH_GRANT,
-                    &format!("auth.grant:{}:{}", p.subscription_id, end.timestamp()),
-                    json!({"user_id": p.payer_id, "role": s.role, "until": end, "subscription_id": p.subscription_id}),
+                pending.transition(
+                    "invoice",
+                    p.invoice_id,
+                    Some(invoice_status.as_str()),
+                    "paid",
+                    None,
+                );
+                // The attempt, its invoice and the subscription move together, in one statement.
+                sqlx::query!(
+                    "WITH pay AS (
+                         UPDATE payment SET status = 'succeeded', gateway_transaction_id = $2, reason_code = 0,
+                                reason = $3, card_holder_message = $4, completed_at = $5, updated_at = $5,
+                                acs_url = NULL, pa_req = NULL, payment_method_id = coalesce($6, payment_method_id)
+                         WHERE id = $1),
+                     inv AS (
+                         UPDATE invoice SET status = 'paid', paid_at = $5, period_start = $8, period_end = $9,
+                                attempt_count = greatest(attempt_count, $10), next_attempt_at = NULL, updated_at = $5
+                         WHERE id = $7)
+                     UPDATE subscription SET status = 'active', current_period_start = $8, current_period_end = $9,
+                            grace_until = NULL, payment_method_id = coalesce($6, payment_method_id), updated_at = $5
+                     WHERE id = $11",
+                    payment_id,
+                    t.transaction_id,
+                    t.reason.as_deref(),
+                    t.card_holder_message.as_deref(),
                     now,
+                    method_id,
+                    p.invoice_id,
+                    start,
+                    end,
+                    p.attempt,
+                    p.subscription_id
                 )
+                .execute(&mut *tx)
                 .await?;
-                ledger::enqueue_outbox(
-                    &mut tx,
+                pending.message(
+                    topic::AUTH_GRANT,
+                    format!("auth.grant:{}:{}", p.subscription_id, end.timestamp()),
+                    json!({"user_id": p.payer_id, "role": p.role, "until": end, "subscription_id": p.subscription_id}),
+                );
+                pending.message(
                     topic::PAYMENT_SUCCEEDED,
-                    &format!("notify.payment_succeeded:{payment_id}"),
+                    format!("notify.payment_succeeded:{payment_id}"),
                     json!({"user_id": p.payer_id, "payment_id": payment_id, "amount_minor": p.amount_minor,
                            "currency": p.currency, "paid_until": end}),
-                    now,
-                )
-                .await?;
+                );
             }
             PaymentStatus::Succeeded
         }
@@ -592,17 +593,13 @@ pub async fn settle(
             )
             .execute(&mut *tx)
             .await?;
-            ledger::record_transition(
-                &mut tx,
+            pending.transition(
                 "payment",
                 payment_id,
                 Some(status.as_str()),
                 "awaiting_3ds",
-                actor,
                 None,
-                now,
-            )
-            .await?;
+            );
             PaymentStatus::AwaitingThreeDs
         }
         outcome => {
@@ -656,17 +653,13 @@ pub async fn settle(
             )
             .execute(&mut *tx)
             .await?;
-            ledger::record_transition(
-                &mut tx,
+            pending.transition(
                 "payment",
                 payment_id,
                 Some(status.as_str()),
                 to.as_str(),
-                actor,
                 reason.as_deref(),
-                now,
-            )
-            .await?;
+            );
             let card_attempts = if to == PaymentStatus::Declined {
                 p.attempt.max(p.attempt_count)
             } else {
@@ -681,7 +674,7 @@ pub async fn settle(
                     billing,
                     &p.subscription_id,
                     sub_status,
-                    s.current_period_end,
+                    p.current_period_end,
                     class,
                     to,
                     card_attempts,
@@ -692,17 +685,13 @@ pub async fn settle(
             };
             if let Some(next) = next.filter(|n| *n != invoice_status) {
                 invoice_status.check(next, "invoice")?;
-                ledger::record_transition(
-                    &mut tx,
+                pending.transition(
                     "invoice",
                     p.invoice_id,
                     Some(invoice_status.as_str()),
                     next.as_str(),
-                    actor,
                     reason.as_deref(),
-                    now,
-                )
-                .await?;
+                );
             }
             let next_attempt_at = match (p.kind.as_str(), next) {
                 ("renewal", Some(InvoiceStatus::Open)) => Some(next_attempt(
@@ -710,7 +699,7 @@ pub async fn settle(
                     class,
                     to,
                     card_attempts,
-                    s.current_period_end,
+                    p.current_period_end,
                     now,
                 )),
                 _ => None,
@@ -726,18 +715,12 @@ pub async fn settle(
             )
             .execute(&mut *tx)
             .await?;
-            ledger::enqueue_outbox(
-                &mut tx,
-                topic::PAYMENT_FAILED,
-                &format!("notify.payment_failed:{payment_id}"),
-                json!({"user_id": p.payer_id, "payment_id": payment_id, "reason": reason, "reason_code": code,
-                       "card_holder_message": holder_message, "next_attempt_at": next_attempt_at}),
-                now,
-            )
-            .await?;
+            pending.message(topic::PAYMENT_FAILED, format!("notify.payment_failed:{payment_id}"), json!({"user_id": p.payer_id, "payment_id": payment_id, "reason": reason, "reason_code": code,
+                       "card_holder_message": holder_message, "next_attempt_at": next_attempt_at}));
             to
         }
     };
+    pending.write(&mut tx, actor, now).await?;
     tx.commit().await?;
     Ok(settled)
 }

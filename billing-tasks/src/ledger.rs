@@ -62,6 +62,84 @@ pub async fn record_transition(
     Ok(())
 }
 
+/// Writes that belong to one ledger transaction, collected and then inserted with one statement
+/// per table: a status change and the messages it causes commit together, in few round trips.
+#[derive(Debug, Default)]
+pub struct Pending {
+    entities: Vec<&'static str>,
+    ids: Vec<Uuid>,
+    from: Vec<Option<String>>,
+    to: Vec<String>,
+    reasons: Vec<Option<String>>,
+    topics: Vec<&'static str>,
+    keys: Vec<String>,
+    payloads: Vec<Value>,
+}
+
+impl Pending {
+    /// Notes a status change.
+    pub fn transition(
+        &mut self,
+        entity: &'static str,
+        id: Uuid,
+        from: Option<&str>,
+        to: &str,
+        reason: Option<&str>,
+    ) {
+        self.entities.push(entity);
+        self.ids.push(id);
+        self.from.push(from.map(str::to_owned));
+        self.to.push(to.to_owned());
+        self.reasons.push(reason.map(str::to_owned));
+    }
+
+    /// Notes an outbox message (once per `dedupe_key`).
+    pub fn message(&mut self, topic: &'static str, dedupe_key: String, payload: Value) {
+        self.topics.push(topic);
+        self.keys.push(dedupe_key);
+        self.payloads.push(payload);
+    }
+
+    /// Inserts everything noted, inside the caller's transaction, in one statement.
+    pub async fn write(
+        self,
+        conn: &mut PgConnection,
+        actor: Actor<'_>,
+        at: DateTime<Utc>,
+    ) -> Result<()> {
+        if self.ids.is_empty() && self.keys.is_empty() {
+            return Ok(());
+        }
+        let entities: Vec<String> = self.entities.iter().map(|e| (*e).to_owned()).collect();
+        let outbox_ids: Vec<Uuid> = self.keys.iter().map(|_| Uuid::now_v7()).collect();
+        let topics: Vec<String> = self.topics.iter().map(|t| (*t).to_owned()).collect();
+        sqlx::query!(
+            "WITH history AS (
+                 INSERT INTO status_history (entity, entity_id, from_status, to_status, actor, reason, at)
+                 SELECT entity, id, from_status, to_status, $6, reason, $7
+                 FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[]) AS u(entity, id, from_status, to_status, reason))
+             INSERT INTO outbox (id, topic, dedupe_key, payload, status, next_attempt_at, created_at)
+             SELECT id, topic, key, payload, 'pending', $7, $7
+             FROM UNNEST($8::uuid[], $9::text[], $10::text[], $11::jsonb[]) AS u(id, topic, key, payload)
+             ON CONFLICT (dedupe_key) DO NOTHING",
+            &entities,
+            &self.ids,
+            &self.from as &[Option<String>],
+            &self.to,
+            &self.reasons as &[Option<String>],
+            actor.label(),
+            at,
+            &outbox_ids,
+            &topics,
+            &self.keys,
+            &self.payloads
+        )
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+}
+
 /// Outbox topics: role changes for the auth service and notifications for the user.
 pub mod topic {
     /// Grant the tariff's role until the end of the paid period.

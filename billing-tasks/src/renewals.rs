@@ -14,6 +14,7 @@ use crate::context::Billing;
 use crate::domain::{InvoiceStatus, Period, SubscriptionStatus, Transition};
 use crate::error::{BillingError, Result};
 use crate::ledger::{self, Actor};
+use crate::money::{Currency, Money};
 
 /// How long a freshly created renewal invoice waits for its charge task before the sweeper
 /// (`billing.retry_due_invoices`) enqueues it again.
@@ -105,25 +106,28 @@ pub enum InvoiceRun {
 }
 
 /// Charges a renewal invoice: continues its attempt in flight, or starts the next one when due.
+///
+/// No lock is taken: the new attempt is inserted only while the invoice is still `open`, and the
+/// database allows one attempt in flight per invoice and one row per attempt number, so two runs
+/// of this task cannot both start an attempt; the loser finds the winner's attempt and waits.
 pub async fn charge_invoice(billing: &Billing, invoice_id: Uuid) -> Result<InvoiceRun> {
     let now = billing.now();
-    let mut tx = billing.db().begin().await?;
     let inv = sqlx::query!(
-        r#"SELECT i.status, i.kind, i.next_attempt_at, i.amount_minor, i.currency, i.subscription_id,
-                  s.status AS sub_status, s.auto_renew, s.payment_method_id,
+        r#"SELECT i.status, i.kind, i.next_attempt_at, i.amount_minor, i.currency, i.subscription_id, i.payer_id,
+                  s.status AS sub_status, s.auto_renew, s.payment_method_id, py.email,
+                  (SELECT pm.token FROM payment_method pm WHERE pm.id = s.payment_method_id AND pm.revoked_at IS NULL) AS token,
                   (SELECT count(*) FROM payment p WHERE p.invoice_id = i.id) AS "attempts!",
                   (SELECT p.id FROM payment p WHERE p.invoice_id = i.id
                      AND p.status IN ('created', 'processing', 'awaiting_3ds')) AS in_flight
-           FROM invoice i JOIN subscription s ON s.id = i.subscription_id
-           WHERE i.id = $1 FOR UPDATE OF i"#,
+           FROM invoice i JOIN subscription s ON s.id = i.subscription_id JOIN payer py ON py.id = i.payer_id
+           WHERE i.id = $1"#,
         invoice_id
     )
-    .fetch_optional(&mut *tx)
+    .fetch_optional(billing.db())
     .await?
     .ok_or_else(|| BillingError::NotFound(format!("invoice {invoice_id}")))?;
     let status = InvoiceStatus::parse(&inv.status)?;
     if let Some(payment_id) = inv.in_flight {
-        tx.commit().await?;
         return charging::charge_payment(billing, payment_id)
             .await
             .map(InvoiceRun::Attempt);
@@ -138,54 +142,37 @@ pub async fn charge_invoice(billing: &Billing, invoice_id: Uuid) -> Result<Invoi
             SubscriptionStatus::Active | SubscriptionStatus::PastDue
         )
     {
-        status.check(InvoiceStatus::Void, "invoice")?;
-        sqlx::query!("UPDATE invoice SET status = 'void', next_attempt_at = NULL, updated_at = $2 WHERE id = $1", invoice_id, now)
-            .execute(&mut *tx)
-            .await?;
-        ledger::record_transition(
-            &mut tx,
-            "invoice",
+        return close_invoice(
+            billing,
             invoice_id,
-            Some(status.as_str()),
-            "void",
-            Actor::Worker,
-            Some("subscription no longer renews"),
-            now,
+            InvoiceStatus::Void,
+            "subscription no longer renews",
         )
-        .await?;
-        tx.commit().await?;
-        return Ok(InvoiceRun::Finished(InvoiceStatus::Void));
+        .await;
     }
     if inv.attempts > 0
         && let Some(at) = inv.next_attempt_at.filter(|at| *at > now)
     {
         return Ok(InvoiceRun::NotDue(at));
     }
-    let Some(method_id) = inv.payment_method_id else {
-        status.check(InvoiceStatus::Failed, "invoice")?;
-        sqlx::query!("UPDATE invoice SET status = 'failed', next_attempt_at = NULL, updated_at = $2 WHERE id = $1", invoice_id, now)
-            .execute(&mut *tx)
-            .await?;
-        ledger::record_transition(
-            &mut tx,
-            "invoice",
-            invoice_id,
-            Some(status.as_str()),
-            "failed",
-            Actor::Worker,
-            Some("no saved card"),
-            now,
-        )
-        .await?;
-        tx.commit().await?;
-        return Ok(InvoiceRun::Finished(InvoiceStatus::Failed));
+    let (Some(method_id), Some(token)) = (inv.payment_method_id, inv.token) else {
+        return close_invoice(billing, invoice_id, InvoiceStatus::Failed, "no saved card").await;
     };
+    // The attempt is created already claimed (`processing`, with `sent_at`), with its history row,
+    // in one statement: nothing else can pick it up before this run calls the gateway. The invoice
+    // stays `open` while its attempt is in flight (the attempt is the lock).
     let attempt = i32::try_from(inv.attempts).unwrap_or(i32::MAX - 1) + 1;
     let payment_id = Uuid::now_v7();
-    sqlx::query!(
-        "INSERT INTO payment (id, invoice_id, attempt, method, status, amount_minor, currency, idempotency_key,
-                              payment_method_id, created_at, updated_at)
-         VALUES ($1, $2, $3, 'token', 'created', $4, $5, $6, $7, $8, $8)",
+    let amount = Money::new(inv.amount_minor, Currency::new(&inv.currency)?)?;
+    let inserted = sqlx::query!(
+        "WITH p AS (
+             INSERT INTO payment (id, invoice_id, attempt, method, status, amount_minor, currency, idempotency_key,
+                                  payment_method_id, sent_at, created_at, updated_at)
+             SELECT $1, $2, $3, 'token', 'processing', $4, $5, $6, $7, $8, $8, $8
+             WHERE EXISTS (SELECT 1 FROM invoice WHERE id = $2 AND status = 'open')
+             RETURNING id)
+         INSERT INTO status_history (entity, entity_id, from_status, to_status, actor, at)
+         SELECT 'payment', id, NULL, 'processing', 'worker', $8 FROM p",
         payment_id,
         invoice_id,
         attempt,
@@ -195,23 +182,60 @@ pub async fn charge_invoice(billing: &Billing, invoice_id: Uuid) -> Result<Invoi
         method_id,
         now
     )
-    .execute(&mut *tx)
-    .await?;
-    ledger::record_transition(
-        &mut tx,
-        "payment",
-        payment_id,
-        None,
-        "created",
-        Actor::Worker,
-        None,
-        now,
-    )
-    .await?;
-    tx.commit().await?;
-    charging::charge_payment(billing, payment_id)
+    .execute(billing.db())
+    .await;
+    match inserted {
+        Ok(r) if r.rows_affected() == 1 => {}
+        // The invoice stopped being open since it was read.
+        Ok(_) => return Ok(InvoiceRun::Finished(status)),
+        // Another run started an attempt first; it is in flight.
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            return Ok(InvoiceRun::Attempt(Step::RetryAfter(
+                std::time::Duration::from_secs(1),
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let call = charging::renewal_call(amount, token, inv.payer_id, invoice_id, inv.email);
+    charging::call_and_settle(billing, payment_id, call)
         .await
         .map(InvoiceRun::Attempt)
+}
+
+/// Ends an open renewal invoice without charging it (`void` or `failed`).
+async fn close_invoice(
+    billing: &Billing,
+    invoice_id: Uuid,
+    to: InvoiceStatus,
+    reason: &str,
+) -> Result<InvoiceRun> {
+    InvoiceStatus::Open.check(to, "invoice")?;
+    let now = billing.now();
+    let mut tx = billing.db().begin().await?;
+    let changed = sqlx::query!(
+        "UPDATE invoice SET status = $2, next_attempt_at = NULL, updated_at = $3 WHERE id = $1 AND status = 'open'",
+        invoice_id,
+        to.as_str(),
+        now
+    )
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if changed == 1 {
+        ledger::record_transition(
+            &mut tx,
+            "invoice",
+            invoice_id,
+            Some("open"),
+            to.as_str(),
+            Actor::Worker,
+            Some(reason),
+            now,
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(InvoiceRun::Finished(to))
 }
 
 /// What [`expire_subscriptions`] changed.

@@ -95,11 +95,11 @@ async fn timeouts_and_server_errors_during_a_renewal_run_never_charge_twice() {
 
     let path = Some("/payments/tokens/charge");
     for (fault, p) in [
-        (Fault::TimeoutAfterProcessing, 0.2),
-        (Fault::ServerErrorAfterProcessing(502), 0.15),
-        (Fault::ServerErrorBeforeProcessing(503), 0.1),
-        (Fault::TimeoutBeforeProcessing, 0.1),
-        (Fault::TooManyRequests { retry_after: None }, 0.1),
+        (Fault::TimeoutAfterProcessing, 0.15),
+        (Fault::ServerErrorAfterProcessing(502), 0.1),
+        (Fault::ServerErrorBeforeProcessing(503), 0.05),
+        (Fault::TimeoutBeforeProcessing, 0.05),
+        (Fault::TooManyRequests { retry_after: None }, 0.05),
     ] {
         env.fake.set_fault_probability(path, fault, p);
     }

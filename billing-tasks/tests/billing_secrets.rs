@@ -142,11 +142,17 @@ async fn secrets_never_leave_their_wrappers() {
     )
     .unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("celery-task-meta-*")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let keys: Vec<String> = {
+        let mut iter: redis::AsyncIter<'_, String> =
+            redis::AsyncCommands::scan_match(&mut conn, "celery-task-meta-*")
+                .await
+                .unwrap();
+        let mut keys = Vec::new();
+        while let Some(k) = iter.next_item().await {
+            keys.push(k.unwrap());
+        }
+        keys
+    };
     let mut results = String::new();
     for k in keys {
         let v: Option<String> = redis::cmd("GET")

@@ -154,7 +154,7 @@ fn invalid(field: &str) -> Refusal {
     format!("Invalid {field} value")
 }
 
-fn random_hex(n: usize) -> String {
+pub(crate) fn random_hex(n: usize) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     (0..n)
         .map(|_| char::from(HEX[fastrand::usize(..16)]))

@@ -270,6 +270,38 @@ impl FakeGateway {
         self.gw.idempotency.len()
     }
 
+    /// Issues a card token for a test card, as an approved card payment with `SaveCard` would,
+    /// bound to `public_id` and `account_id`: seeds subscribers for benchmarks and demos without
+    /// a card payment each. `None` for an unknown terminal or an expiry that is not `MM/YY`.
+    pub fn issue_token(
+        &self,
+        public_id: &str,
+        account_id: &str,
+        pan: &str,
+        exp: &str,
+    ) -> Option<String> {
+        if !self.gw.terminals.contains_key(public_id) || exp.len() != 5 || pan.len() < 10 {
+            return None;
+        }
+        let behaviour = cards::CardBehaviour::of(pan);
+        let token = format!("tk_{}", gateway::random_hex(29));
+        self.gw.ledger().add_token(
+            token.clone(),
+            ledger::TokenRecord {
+                public_id: public_id.to_owned(),
+                account_id: account_id.to_owned(),
+                card: ledger::CardSnapshot {
+                    first_six: pan[..6].to_owned(),
+                    last_four: pan[pan.len() - 4..].to_owned(),
+                    exp: exp.to_owned(),
+                    brand: behaviour.brand,
+                },
+                behaviour,
+            },
+        );
+        Some(token)
+    }
+
     /// Queues a fault for the next request (a [`Fault::Decline`]: the next payment call).
     pub fn push_fault(&self, fault: Fault) {
         self.gw.faults().push(Target::new(None), fault);
