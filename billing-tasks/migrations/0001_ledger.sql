@@ -103,7 +103,9 @@ CREATE TABLE payment (
     card_holder_message     text,
     payment_method_id       uuid REFERENCES payment_method (id),
     sent_at                 timestamptz,  -- the gateway call began (X-Request-ID replays last an hour)
+    lookup_until            timestamptz,  -- a run is looking up this attempt's unknown outcome until then
     completed_at            timestamptz,
+    duplicate               boolean NOT NULL DEFAULT false,  -- a success for something already paid or ended (refunded)
     created_at              timestamptz NOT NULL,
     updated_at              timestamptz NOT NULL,
     UNIQUE (invoice_id, attempt),
@@ -118,7 +120,7 @@ CREATE TABLE payment (
 -- At most one attempt in flight, and at most one success, per invoice.
 CREATE UNIQUE INDEX payment_one_in_flight_per_invoice ON payment (invoice_id)
     WHERE status IN ('created', 'processing', 'awaiting_3ds');
-CREATE UNIQUE INDEX payment_one_success_per_invoice ON payment (invoice_id) WHERE status = 'succeeded';
+CREATE UNIQUE INDEX payment_one_success_per_invoice ON payment (invoice_id) WHERE status = 'succeeded' AND NOT duplicate;
 CREATE INDEX payment_unsettled ON payment (status, sent_at) WHERE status IN ('created', 'processing', 'awaiting_3ds');
 
 CREATE TABLE refund (
@@ -132,6 +134,7 @@ CREATE TABLE refund (
     idempotency_key         text NOT NULL UNIQUE,
     gateway_transaction_id  bigint UNIQUE,
     failure                 text,
+    sent_at                 timestamptz,  -- the first gateway call (X-Request-ID replays last an hour)
     created_at              timestamptz NOT NULL,
     updated_at              timestamptz NOT NULL,
     CHECK (status <> 'succeeded' OR gateway_transaction_id IS NOT NULL)

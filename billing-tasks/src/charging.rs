@@ -362,13 +362,38 @@ async fn claim(conn: &mut PgConnection, attempt: &Attempt, now: DateTime<Utc>) -
 /// Finds out what happened to an attempt whose outcome is unknown, and settles it when possible.
 pub async fn reconcile(billing: &Billing, payment_id: Uuid) -> Result<Step> {
     let now = billing.now();
+    // One lookup at a time: the task's own retries and the periodic reconciler may both get here,
+    // and two concurrent replays of one X-Request-ID are not something to rely on the gateway for.
+    let lease = billing.policy().processing_lease;
     let attempt = {
-        let mut conn = billing.db().acquire().await?;
-        lock_attempt(&mut conn, payment_id).await?
+        let mut tx = billing.db().begin().await?;
+        let attempt = lock_attempt(&mut tx, payment_id).await?;
+        if attempt.status != PaymentStatus::Processing {
+            return Ok(Step::Settled(attempt.status));
+        }
+        let busy_until = sqlx::query_scalar!(
+            "SELECT lookup_until FROM payment WHERE id = $1 AND lookup_until > $2",
+            payment_id,
+            now
+        )
+        .fetch_optional(&mut *tx)
+        .await?
+        .flatten();
+        if let Some(until) = busy_until {
+            return Ok(Step::RetryAfter(
+                (until - now).to_std().unwrap_or_default() + Duration::from_secs(1),
+            ));
+        }
+        sqlx::query!(
+            "UPDATE payment SET lookup_until = $2 WHERE id = $1",
+            payment_id,
+            now + lease
+        )
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        attempt
     };
-    if attempt.status != PaymentStatus::Processing {
-        return Ok(Step::Settled(attempt.status));
-    }
     let sent_at = attempt.sent_at.unwrap_or(now);
     let outcome = if attempt.method == "token" && now - sent_at < REPLAY_WINDOW {
         // The gateway still remembers the X-Request-ID: the same request returns the first answer,
@@ -399,6 +424,20 @@ pub async fn reconcile(billing: &Billing, payment_id: Uuid) -> Result<Step> {
             Err(e) => Outcome::Unknown(format!("payments/find: {e}")),
         }
     };
+    let outcome = match outcome {
+        // Nothing settled it in all this time (a 3-D Secure challenge nobody answered, a payment
+        // stuck at the gateway): no money moved, and the customer or the dunning ladder tries again.
+        Outcome::Unknown(why)
+            if now - sent_at >= GIVE_UP_UNKNOWN
+                && !(attempt.method == "token" && now - sent_at < REPLAY_WINDOW) =>
+        {
+            Outcome::NotProcessed(format!(
+                "unresolved after {} minutes: {why}",
+                (now - sent_at).num_minutes()
+            ))
+        }
+        outcome => outcome,
+    };
     match outcome {
         Outcome::Unknown(why) => {
             tracing::info!(payment_id = %payment_id, why, "attempt still unresolved");
@@ -426,9 +465,12 @@ pub fn outcome_of(t: Transaction) -> Outcome {
     match t.status {
         S::Completed | S::Authorized => Outcome::Approved(t),
         S::Declined | S::Cancelled => Outcome::Declined(t),
-        S::AwaitingAuthentication => Outcome::NotProcessed(
-            "a 3-D Secure challenge was lost; the customer must pay again".into(),
-        ),
+        // Still being authenticated, or a challenge nobody will answer: the reconciler decides
+        // by how long it has been.
+        S::AwaitingAuthentication => Outcome::Unknown(format!(
+            "transaction {} awaits 3-D Secure",
+            t.transaction_id
+        )),
         _ => Outcome::Unknown(format!(
             "transaction {} in status {:?}",
             t.transaction_id, t.status
@@ -498,9 +540,9 @@ pub async fn settle(
                 // Money moved for something no longer payable: record it, give it back, tell accounting.
                 tracing::error!(payment_id = %payment_id, "late or duplicate payment; refunding it in full");
                 sqlx::query!(
-                    "UPDATE payment SET status = 'succeeded', gateway_transaction_id = $2, reason_code = 0,
+                    "UPDATE payment SET status = 'succeeded', duplicate = true, gateway_transaction_id = $2, reason_code = 0,
                             reason = $3, card_holder_message = $4, completed_at = $5, updated_at = $5,
-                            acs_url = NULL, pa_req = NULL, payment_method_id = coalesce($6, payment_method_id)
+                            acs_url = NULL, pa_req = NULL, pa_res = NULL, payment_method_id = coalesce($6, payment_method_id)
                      WHERE id = $1",
                     payment_id,
                     t.transaction_id,
@@ -543,15 +585,15 @@ pub async fn settle(
                     "WITH pay AS (
                          UPDATE payment SET status = 'succeeded', gateway_transaction_id = $2, reason_code = 0,
                                 reason = $3, card_holder_message = $4, completed_at = $5, updated_at = $5,
-                                acs_url = NULL, pa_req = NULL, payment_method_id = coalesce($6, payment_method_id)
+                                acs_url = NULL, pa_req = NULL, pa_res = NULL, payment_method_id = coalesce($6, payment_method_id)
                          WHERE id = $1),
                      inv AS (
                          UPDATE invoice SET status = 'paid', paid_at = $5, period_start = $8, period_end = $9,
-                                attempt_count = greatest(attempt_count, $10), next_attempt_at = NULL, updated_at = $5
+                                next_attempt_at = NULL, updated_at = $5
                          WHERE id = $7)
                      UPDATE subscription SET status = 'active', current_period_start = $8, current_period_end = $9,
                             grace_until = NULL, payment_method_id = coalesce($6, payment_method_id), updated_at = $5
-                     WHERE id = $11",
+                     WHERE id = $10",
                     payment_id,
                     t.transaction_id,
                     t.reason.as_deref(),
@@ -561,7 +603,6 @@ pub async fn settle(
                     p.invoice_id,
                     start,
                     end,
-                    p.attempt,
                     p.subscription_id
                 )
                 .execute(&mut *tx)
@@ -660,8 +701,16 @@ pub async fn settle(
                 to.as_str(),
                 reason.as_deref(),
             );
+            if !matches!(invoice_status, InvoiceStatus::Open | InvoiceStatus::Paying) {
+                // The invoice moved on while the attempt was out (voided when the subscription
+                // ended, or paid): record the attempt's outcome and nothing else.
+                pending.write(&mut tx, actor, now).await?;
+                tx.commit().await?;
+                return Ok(to);
+            }
+            // Dunning counts declines at the card, not calls that never reached it.
             let card_attempts = if to == PaymentStatus::Declined {
-                p.attempt.max(p.attempt_count)
+                p.attempt_count + 1
             } else {
                 p.attempt_count
             };

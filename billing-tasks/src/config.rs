@@ -97,6 +97,13 @@ impl BillingArgs {
 
     /// Connects to the ledger (applying migrations) and builds the billing context.
     pub async fn connect(&self, tasks: task_core::Client) -> Result<Billing> {
+        if self.processing_lease < self.cloudpayments_timeout + 10 {
+            // A lookup must never overlap the call it is looking up.
+            return Err(BillingError::invalid(format!(
+                "BILLING_PROCESSING_LEASE ({} s) must exceed CLOUDPAYMENTS_TIMEOUT ({} s) by at least 10 s",
+                self.processing_lease, self.cloudpayments_timeout
+            )));
+        }
         let gateway = self.gateway()?;
         let db = crate::db::connect(&self.database_url, self.database_pool_size).await?;
         let policy = Policy {

@@ -130,6 +130,8 @@ impl Transition for InvoiceStatus {
                 | (Paying, Failed)
                 | (Open, Paid)
                 | (Failed, Paid)
+                // Auto-renewal resumed for the period whose renewal was voided on cancel.
+                | (Void, Open)
         )
     }
 }
@@ -150,9 +152,11 @@ impl Transition for PaymentStatus {
                 | (AwaitingThreeDs, Expired)
                 | (AwaitingThreeDs, Succeeded)
                 | (AwaitingThreeDs, Declined)
-                // A late Pay notification for an attempt we had given up on: the money moved.
+                // A late Pay notification for an attempt we had given up on, or a backup acquirer
+                // approving what the first one declined: the money moved.
                 | (Failed, Succeeded)
                 | (Expired, Succeeded)
+                | (Declined, Succeeded)
         )
     }
 }
@@ -166,6 +170,8 @@ impl Transition for RefundStatus {
                 | (Processing, Succeeded)
                 | (Processing, Failed)
                 | (Requested, Failed)
+                // The gateway's Refund notification for a refund we had given up on.
+                | (Failed, Succeeded)
         )
     }
 }

@@ -4,7 +4,9 @@
 //! Rows are claimed with `FOR UPDATE SKIP LOCKED` and a short lease (so several workers share the
 //! work and a crashed one's rows come back), delivered outside any transaction, then marked
 //! delivered or rescheduled with exponential back-off; after [`MAX_ATTEMPTS`] a row is `dead` and
-//! waits for a person. A message carries its id, which the target uses to ignore a redelivery.
+//! waits for a person. A message carries its id, which the target uses to ignore a redelivery,
+//! and its `created_at`: a target applying role changes must ignore a grant older than the last
+//! revoke it applied for that subscription (deliveries retried with back-off can arrive late).
 
 use std::time::Duration;
 
@@ -20,7 +22,9 @@ use crate::error::{BillingError, Result};
 
 /// Attempts before a message is given up as dead.
 pub const MAX_ATTEMPTS: i32 = 25;
-const CLAIM_LEASE: chrono::Duration = chrono::Duration::seconds(60);
+/// Longer than the worst batch (500 messages, 16 at a time, 10 s each), so a claimed message is
+/// not claimed again while its first delivery is still under way.
+const CLAIM_LEASE: chrono::Duration = chrono::Duration::minutes(15);
 
 /// One outbox message.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -132,7 +136,7 @@ pub async fn deliver_due(
     let claimed = sqlx::query!(
         "UPDATE outbox SET next_attempt_at = $1
          WHERE id IN (SELECT id FROM outbox WHERE status = 'pending' AND next_attempt_at <= $2
-                      ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED)
+                      ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED)
          RETURNING id, topic, payload, created_at, attempts",
         now + CLAIM_LEASE,
         now,

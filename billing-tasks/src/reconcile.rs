@@ -39,9 +39,14 @@ pub async fn reconcile_payments(billing: &Billing) -> Result<(ReconcileReport, V
     .fetch_all(billing.db())
     .await?;
     for id in stale {
-        match charging::reconcile(billing, id).await? {
-            Step::Settled(_) => report.resolved += 1,
-            Step::RetryAfter(_) => report.unresolved += 1,
+        // One attempt's trouble must not stop the others.
+        match charging::reconcile(billing, id).await {
+            Ok(Step::Settled(_)) => report.resolved += 1,
+            Ok(Step::RetryAfter(_)) => report.unresolved += 1,
+            Err(e) => {
+                report.unresolved += 1;
+                tracing::error!(payment_id = %id, error = %e, "could not reconcile the attempt");
+            }
         }
     }
 
@@ -52,15 +57,19 @@ pub async fn reconcile_payments(billing: &Billing) -> Result<(ReconcileReport, V
     .fetch_all(billing.db())
     .await?;
     for id in challenges {
-        if expire_attempt(
+        match expire_attempt(
             billing,
             id,
             PaymentStatus::AwaitingThreeDs,
             "3-D Secure was not completed in time",
         )
-        .await?
+        .await
         {
-            report.expired_3ds += 1;
+            Ok(true) => report.expired_3ds += 1,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(payment_id = %id, error = %e, "could not expire the 3-D Secure challenge")
+            }
         }
     }
 
@@ -86,15 +95,19 @@ pub async fn purge_cryptograms(billing: &Billing) -> Result<u64> {
     .await?;
     let mut purged = 0;
     for id in stale {
-        if expire_attempt(
+        match expire_attempt(
             billing,
             id,
             PaymentStatus::Created,
             "not charged in time; the card data was discarded",
         )
-        .await?
+        .await
         {
-            purged += 1;
+            Ok(true) => purged += 1,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(payment_id = %id, error = %e, "could not expire the unused cryptogram")
+            }
         }
     }
     Ok(purged)

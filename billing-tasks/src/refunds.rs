@@ -178,6 +178,9 @@ pub async fn request(billing: &Billing, req: &RefundRequest) -> Result<RefundVie
     )
 }
 
+/// How long the gateway replays a request id (an hour), with a margin.
+const REPLAY_WINDOW: chrono::Duration = chrono::Duration::minutes(55);
+
 /// What a refund run achieved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefundRun {
@@ -185,14 +188,17 @@ pub enum RefundRun {
     Settled(RefundStatus),
     /// Try again after this.
     RetryAfter(Duration),
+    /// Its outcome can no longer be learnt by replaying; accounting has been told.
+    NeedsAttention,
 }
 
 /// Moves the money for a requested refund (or replays the call for one in progress).
 pub async fn execute(billing: &Billing, refund_id: Uuid) -> Result<RefundRun> {
     let now = billing.now();
+    let lease = billing.policy().processing_lease;
     let mut tx = billing.db().begin().await?;
     let r = sqlx::query!(
-        r#"SELECT r.status, r.amount_minor, r.currency, r.updated_at, p.gateway_transaction_id
+        r#"SELECT r.status, r.amount_minor, r.currency, r.updated_at, r.sent_at, p.gateway_transaction_id, r.payment_id
            FROM refund r JOIN payment p ON p.id = r.payment_id WHERE r.id = $1 FOR UPDATE OF r"#,
         refund_id
     )
@@ -202,38 +208,50 @@ pub async fn execute(billing: &Billing, refund_id: Uuid) -> Result<RefundRun> {
     let status = RefundStatus::parse(&r.status)?;
     match status {
         RefundStatus::Succeeded | RefundStatus::Failed => return Ok(RefundRun::Settled(status)),
-        RefundStatus::Requested => {
+        // Another run is calling the gateway for this refund right now (`updated_at` is its lease).
+        RefundStatus::Processing if r.updated_at + lease > now => {
+            return Ok(RefundRun::RetryAfter(
+                (r.updated_at + lease - now).to_std().unwrap_or_default() + Duration::from_secs(1),
+            ));
+        }
+        RefundStatus::Processing if r.sent_at.is_some_and(|t| now - t > REPLAY_WINDOW) => {
+            // The gateway no longer replays our request id, so a blind retry could refund twice;
+            // and the money may have gone back. It stays `processing` (still counted against the
+            // payment) until a Refund notification settles it or a person does.
+            let mut conn = billing.db().acquire().await?;
+            ledger::enqueue_outbox(
+                &mut conn,
+                topic::ACCOUNTING_ATTENTION,
+                &format!("accounting:refund-unknown:{refund_id}"),
+                json!({"refund_id": refund_id, "payment_id": r.payment_id, "amount_minor": r.amount_minor, "currency": r.currency,
+                       "issue": "refund outcome unknown past the gateway's idempotency window; check the gateway"}),
+                now,
+            )
+            .await?;
+            return Ok(RefundRun::NeedsAttention);
+        }
+        RefundStatus::Requested | RefundStatus::Processing => {
             sqlx::query!(
-                "UPDATE refund SET status = 'processing', updated_at = $2 WHERE id = $1",
+                "UPDATE refund SET status = 'processing', sent_at = coalesce(sent_at, $2), updated_at = $2 WHERE id = $1",
                 refund_id,
                 now
             )
             .execute(&mut *tx)
             .await?;
-            ledger::record_transition(
-                &mut tx,
-                "refund",
-                refund_id,
-                Some("requested"),
-                "processing",
-                Actor::Worker,
-                None,
-                now,
-            )
-            .await?;
+            if status == RefundStatus::Requested {
+                ledger::record_transition(
+                    &mut tx,
+                    "refund",
+                    refund_id,
+                    Some("requested"),
+                    "processing",
+                    Actor::Worker,
+                    None,
+                    now,
+                )
+                .await?;
+            }
         }
-        RefundStatus::Processing if now - r.updated_at > chrono::Duration::minutes(55) => {
-            // The gateway no longer replays our request id; a blind retry could refund twice.
-            drop(tx);
-            fail(
-                billing,
-                refund_id,
-                "outcome unknown past the gateway's idempotency window; check the gateway by hand",
-            )
-            .await?;
-            return Ok(RefundRun::Settled(RefundStatus::Failed));
-        }
-        RefundStatus::Processing => {}
     }
     tx.commit().await?;
     let txn = r.gateway_transaction_id.ok_or_else(|| {
@@ -310,7 +328,7 @@ pub async fn settle(
     let now = billing.now();
     let mut tx = billing.db().begin().await?;
     let r = sqlx::query!(
-        r#"SELECT r.status, r.amount_minor, r.currency, r.payment_id, i.subscription_id, i.period_end, i.payer_id
+        r#"SELECT r.status, r.amount_minor, r.currency, r.payment_id, p.duplicate, i.subscription_id, i.period_end, i.payer_id
            FROM refund r JOIN payment p ON p.id = r.payment_id JOIN invoice i ON i.id = p.invoice_id
            WHERE r.id = $1 FOR UPDATE OF r"#,
         refund_id
@@ -347,11 +365,14 @@ pub async fn settle(
     .fetch_one(&mut *tx)
     .await?;
     let sub_status = SubscriptionStatus::parse(&sub.status)?;
-    // Refunding the payment for the current period ends the subscription now.
-    if matches!(
-        sub_status,
-        SubscriptionStatus::Active | SubscriptionStatus::PastDue
-    ) && sub.current_period_end == Some(r.period_end)
+    // Refunding the payment for the current period ends the subscription now (not so for a
+    // duplicate payment: the period stays paid by the other one).
+    if !r.duplicate
+        && matches!(
+            sub_status,
+            SubscriptionStatus::Active | SubscriptionStatus::PastDue
+        )
+        && sub.current_period_end == Some(r.period_end)
     {
         crate::charging::expire(
             &mut tx,

@@ -169,7 +169,8 @@ pub async fn charge_invoice(billing: &Billing, invoice_id: Uuid) -> Result<Invoi
              INSERT INTO payment (id, invoice_id, attempt, method, status, amount_minor, currency, idempotency_key,
                                   payment_method_id, sent_at, created_at, updated_at)
              SELECT $1, $2, $3, 'token', 'processing', $4, $5, $6, $7, $8, $8, $8
-             WHERE EXISTS (SELECT 1 FROM invoice WHERE id = $2 AND status = 'open')
+             WHERE EXISTS (SELECT 1 FROM invoice i JOIN subscription s ON s.id = i.subscription_id
+                           WHERE i.id = $2 AND i.status = 'open' AND s.auto_renew AND s.status IN ('active', 'past_due'))
              RETURNING id)
          INSERT INTO status_history (entity, entity_id, from_status, to_status, actor, at)
          SELECT 'payment', id, NULL, 'processing', 'worker', $8 FROM p",
@@ -269,8 +270,23 @@ pub async fn expire_subscriptions(billing: &Billing) -> Result<ExpiryReport> {
     .await?;
     let mut report = ExpiryReport::default();
     for id in candidates {
-        let mut tx = billing.db().begin().await?;
-        let s = sqlx::query!(
+        // One subscription's trouble must not stop the others.
+        if let Err(e) = expire_one(billing, id, now, &mut report).await {
+            tracing::error!(subscription_id = %id, error = %e, "could not expire or move to past due");
+        }
+    }
+    Ok(report)
+}
+
+/// Applies the expiry rules to one subscription, under its row lock.
+async fn expire_one(
+    billing: &Billing,
+    id: Uuid,
+    now: DateTime<Utc>,
+    report: &mut ExpiryReport,
+) -> Result<()> {
+    let mut tx = billing.db().begin().await?;
+    let s = sqlx::query!(
             r#"SELECT s.status, s.auto_renew, s.current_period_end, s.grace_until, s.created_at,
                       (SELECT i.status FROM invoice i WHERE i.subscription_id = s.id AND i.kind = 'renewal'
                          AND i.period_start = s.current_period_end) AS renewal_status,
@@ -281,31 +297,35 @@ pub async fn expire_subscriptions(billing: &Billing) -> Result<ExpiryReport> {
         )
         .fetch_one(&mut *tx)
         .await?;
-        let status = SubscriptionStatus::parse(&s.status)?;
-        let ended = s.current_period_end.is_some_and(|e| e <= now);
-        let renewal = s.renewal_status.as_deref();
-        match status {
-            SubscriptionStatus::Active if ended && !s.auto_renew => {
-                charging::expire(
-                    &mut tx,
-                    id,
-                    status,
-                    Actor::Worker,
-                    "cancelled; the paid period ended",
-                    now,
-                )
-                .await?;
-                report.expired += 1;
-            }
-            SubscriptionStatus::Active
-                if ended && matches!(renewal, None | Some("failed") | Some("void")) =>
-            {
-                charging::expire(&mut tx, id, status, Actor::Worker, "not renewed", now).await?;
-                report.expired += 1;
-            }
-            SubscriptionStatus::Active if ended => {
-                let grace_until = s.current_period_end.unwrap_or(now) + billing.policy().grace;
-                sqlx::query!(
+    let status = SubscriptionStatus::parse(&s.status)?;
+    if s.in_flight {
+        // An attempt is out at the gateway: its outcome decides (the next run sees it).
+        return Ok(());
+    }
+    let ended = s.current_period_end.is_some_and(|e| e <= now);
+    let renewal = s.renewal_status.as_deref();
+    match status {
+        SubscriptionStatus::Active if ended && !s.auto_renew => {
+            charging::expire(
+                &mut tx,
+                id,
+                status,
+                Actor::Worker,
+                "cancelled; the paid period ended",
+                now,
+            )
+            .await?;
+            report.expired += 1;
+        }
+        SubscriptionStatus::Active
+            if ended && matches!(renewal, None | Some("failed") | Some("void")) =>
+        {
+            charging::expire(&mut tx, id, status, Actor::Worker, "not renewed", now).await?;
+            report.expired += 1;
+        }
+        SubscriptionStatus::Active if ended => {
+            let grace_until = s.current_period_end.unwrap_or(now) + billing.policy().grace;
+            sqlx::query!(
                     "UPDATE subscription SET status = 'past_due', grace_until = $2, updated_at = $3 WHERE id = $1",
                     id,
                     grace_until,
@@ -313,67 +333,64 @@ pub async fn expire_subscriptions(billing: &Billing) -> Result<ExpiryReport> {
                 )
                 .execute(&mut *tx)
                 .await?;
-                ledger::record_transition(
-                    &mut tx,
-                    "subscription",
-                    id,
-                    Some("active"),
-                    "past_due",
-                    Actor::Worker,
-                    Some("renewal not paid at period end"),
-                    now,
-                )
-                .await?;
-                report.past_due += 1;
-            }
-            SubscriptionStatus::PastDue
-                if s.grace_until.is_some_and(|g| g <= now) || renewal == Some("failed") =>
-            {
-                charging::expire(
-                    &mut tx,
-                    id,
-                    status,
-                    Actor::Worker,
-                    "renewal failed; grace period over",
-                    now,
-                )
-                .await?;
-                report.expired += 1;
-            }
-            SubscriptionStatus::Pending
-                if s.created_at <= now - chrono::Duration::days(1) && !s.in_flight =>
-            {
-                status.check(SubscriptionStatus::Abandoned, "subscription")?;
-                sqlx::query!(
-                    "UPDATE subscription SET status = 'abandoned', updated_at = $2 WHERE id = $1",
-                    id,
-                    now
-                )
-                .execute(&mut *tx)
-                .await?;
-                sqlx::query!(
+            ledger::record_transition(
+                &mut tx,
+                "subscription",
+                id,
+                Some("active"),
+                "past_due",
+                Actor::Worker,
+                Some("renewal not paid at period end"),
+                now,
+            )
+            .await?;
+            report.past_due += 1;
+        }
+        SubscriptionStatus::PastDue
+            if s.grace_until.is_some_and(|g| g <= now) || renewal == Some("failed") =>
+        {
+            charging::expire(
+                &mut tx,
+                id,
+                status,
+                Actor::Worker,
+                "renewal failed; grace period over",
+                now,
+            )
+            .await?;
+            report.expired += 1;
+        }
+        SubscriptionStatus::Pending if s.created_at <= now - chrono::Duration::days(1) => {
+            status.check(SubscriptionStatus::Abandoned, "subscription")?;
+            sqlx::query!(
+                "UPDATE subscription SET status = 'abandoned', updated_at = $2 WHERE id = $1",
+                id,
+                now
+            )
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query!(
                     "UPDATE invoice SET status = 'void', updated_at = $2 WHERE subscription_id = $1 AND status = 'open'",
                     id,
                     now
                 )
                 .execute(&mut *tx)
                 .await?;
-                ledger::record_transition(
-                    &mut tx,
-                    "subscription",
-                    id,
-                    Some("pending"),
-                    "abandoned",
-                    Actor::Worker,
-                    Some("first payment never completed"),
-                    now,
-                )
-                .await?;
-                report.abandoned += 1;
-            }
-            _ => {}
+            ledger::record_transition(
+                &mut tx,
+                "subscription",
+                id,
+                Some("pending"),
+                "abandoned",
+                Actor::Worker,
+                Some("first payment never completed"),
+                now,
+            )
+            .await?;
+            report.abandoned += 1;
         }
-        tx.commit().await?;
+        _ => {}
     }
-    Ok(report)
+    tx.commit().await?;
+    Ok(())
 }

@@ -641,7 +641,41 @@ impl BillingService {
             now,
         )
         .await?;
+        // A renewal voided when the user cancelled is wanted again: reopen it, due now.
+        let reopened = sqlx::query_scalar!(
+            "UPDATE invoice SET status = 'open', next_attempt_at = $3, updated_at = $3
+             WHERE subscription_id = $1 AND kind = 'renewal' AND status = 'void' AND period_start = $2
+             RETURNING id",
+            s.id,
+            s.current_period_end,
+            now
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(id) = reopened {
+            InvoiceStatus::Void.check(InvoiceStatus::Open, "invoice")?;
+            ledger::record_transition(
+                &mut tx,
+                "invoice",
+                id,
+                Some("void"),
+                "open",
+                Actor::User,
+                Some("auto-renewal resumed"),
+                now,
+            )
+            .await?;
+        }
         tx.commit().await?;
+        if let Some(invoice_id) = reopened
+            && let Err(e) = tasks::enqueue::<tasks::ChargeInvoice>(
+                &self.billing,
+                tasks::InvoiceArgs { invoice_id },
+            )
+            .await
+        {
+            tracing::error!(%invoice_id, error = %e, "could not enqueue the renewal; the sweeper will");
+        }
         self.get_subscription(user_id).await
     }
 

@@ -286,6 +286,7 @@ impl Task for Refund {
         {
             RefundRun::Settled(status) => Ok(status.to_string()),
             RefundRun::RetryAfter(d) => Err(TaskError::retry_after(d, "refund outcome pending")),
+            RefundRun::NeedsAttention => Ok("outcome unknown; accounting notified".to_owned()),
         }
     }
 }

@@ -129,7 +129,8 @@ fn stored_payload(content_type: Option<&str>, body: &[u8]) -> Value {
     Value::Object(map)
 }
 
-/// Records a notification once; `false` if this (type, transaction) was seen before.
+/// Records a notification once per (type, transaction). Returns the event to apply: a new one, or
+/// one recorded before but never applied (its first apply failed); `None` for one already applied.
 async fn record(
     billing: &Billing,
     kind: &str,
@@ -137,7 +138,7 @@ async fn record(
     invoice_id: Option<&str>,
     payload: &Value,
 ) -> Result<Option<i64>> {
-    let id = sqlx::query_scalar!(
+    let inserted = sqlx::query_scalar!(
         "INSERT INTO gateway_event (kind, gateway_transaction_id, invoice_id, payload, received_at)
          VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (kind, gateway_transaction_id) WHERE gateway_transaction_id IS NOT NULL AND kind <> 'check' DO NOTHING
@@ -150,7 +151,17 @@ async fn record(
     )
     .fetch_optional(billing.db())
     .await?;
-    Ok(id)
+    if inserted.is_some() {
+        return Ok(inserted);
+    }
+    // Applying is idempotent, so an event whose apply failed is simply applied again.
+    Ok(sqlx::query_scalar!(
+        "SELECT id FROM gateway_event WHERE kind = $1 AND gateway_transaction_id = $2 AND processed_at IS NULL",
+        kind,
+        transaction_id
+    )
+    .fetch_optional(billing.db())
+    .await?)
 }
 
 async fn processed(billing: &Billing, event_id: i64, outcome: &str) -> Result<()> {
@@ -197,9 +208,12 @@ pub async fn handle(
                 None,
                 p.token.clone(),
             );
+            let fallback = payload
+                .get("FallBackScenarioDeclinedTransactionId")
+                .and_then(text_i64);
             (
                 WebhookAnswer::Ok,
-                apply_payment(billing, &p.payment, Outcome::Approved(t)).await?,
+                apply_payment(billing, &p.payment, fallback, Outcome::Approved(t)).await?,
             )
         }
         Notification::Fail(f) => {
@@ -212,7 +226,7 @@ pub async fn handle(
             );
             (
                 WebhookAnswer::Ok,
-                apply_payment(billing, &f.payment, Outcome::Declined(t)).await?,
+                apply_payment(billing, &f.payment, None, Outcome::Declined(t)).await?,
             )
         }
         Notification::Refund(r) => (
@@ -301,31 +315,72 @@ async fn check(billing: &Billing, p: &PaymentDetails) -> Result<WebhookAnswer> {
     Ok(WebhookAnswer::Ok)
 }
 
+fn text_i64(v: &Value) -> Option<i64> {
+    v.as_i64()
+        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+}
+
 /// Pay or Fail: the attempt this notification is about, settled with it.
-async fn apply_payment(billing: &Billing, p: &PaymentDetails, outcome: Outcome) -> Result<String> {
+///
+/// The attempt is the one carrying the transaction id (or, for a backup acquirer's approval, the
+/// declined transaction it replaces); failing that, the invoice's only attempt that has no
+/// transaction id yet. Anything ambiguous goes to accounting rather than to a guess.
+async fn apply_payment(
+    billing: &Billing,
+    p: &PaymentDetails,
+    fallback_of: Option<i64>,
+    outcome: Outcome,
+) -> Result<String> {
     let invoice_id = p
         .invoice_id
         .as_deref()
         .and_then(|i| Uuid::parse_str(i).ok());
-    let payment = sqlx::query_scalar!(
-        "SELECT id FROM payment
-         WHERE gateway_transaction_id = $1
-            OR (invoice_id = $2 AND gateway_transaction_id IS NULL AND status IN ('processing', 'failed', 'expired'))
-         ORDER BY (gateway_transaction_id = $1) DESC NULLS LAST, attempt DESC LIMIT 1",
+    let exact = sqlx::query_scalar!(
+        "SELECT id FROM payment WHERE gateway_transaction_id = $1 OR gateway_transaction_id = $2 LIMIT 1",
         p.transaction_id,
-        invoice_id
+        fallback_of
     )
     .fetch_optional(billing.db())
     .await?;
+    let payment = match exact {
+        Some(id) => Some(id),
+        None => {
+            let candidates = sqlx::query!(
+                "SELECT id, status, sent_at FROM payment
+                 WHERE invoice_id = $1 AND gateway_transaction_id IS NULL AND status IN ('processing', 'failed', 'expired')",
+                invoice_id
+            )
+            .fetch_all(billing.db())
+            .await?;
+            match candidates.as_slice() {
+                [only] => {
+                    // The worker waiting for this very call has the authoritative answer (a Fail
+                    // may be followed by a backup acquirer's approval); leave it to the worker.
+                    let waiting = only.status == "processing"
+                        && only
+                            .sent_at
+                            .is_some_and(|t| t + billing.policy().processing_lease > billing.now());
+                    if waiting && matches!(outcome, Outcome::Declined(_)) {
+                        return Ok(format!(
+                            "left to the worker calling for payment {}",
+                            only.id
+                        ));
+                    }
+                    Some(only.id)
+                }
+                _ => None,
+            }
+        }
+    };
     let Some(payment_id) = payment else {
-        tracing::error!(transaction_id = p.transaction_id, invoice = ?p.invoice_id, "notification for a payment billing does not know");
+        tracing::error!(transaction_id = p.transaction_id, invoice = ?p.invoice_id, "notification for a payment billing cannot attribute");
         let mut conn = billing.db().acquire().await?;
         ledger::enqueue_outbox(
             &mut conn,
             topic::ACCOUNTING_ATTENTION,
             &format!("accounting:unmatched:{}", p.transaction_id),
             json!({"transaction_id": p.transaction_id, "invoice_id": p.invoice_id, "amount_minor": p.amount.minor,
-                   "currency": p.amount.currency, "issue": "gateway payment that matches no attempt in the ledger"}),
+                   "currency": p.amount.currency, "issue": "gateway payment that matches no single attempt in the ledger"}),
             billing.now(),
         )
         .await?;
@@ -345,7 +400,7 @@ async fn apply_refund(
     let refund = sqlx::query_scalar!(
         "SELECT r.id FROM refund r JOIN payment p ON p.id = r.payment_id
          WHERE r.gateway_transaction_id = $1
-            OR (p.gateway_transaction_id = $2 AND r.status IN ('requested', 'processing') AND r.amount_minor = $3)
+            OR (p.gateway_transaction_id = $2 AND r.status IN ('requested', 'processing', 'failed') AND r.amount_minor = $3)
          ORDER BY (r.gateway_transaction_id = $1) DESC NULLS LAST, r.created_at LIMIT 1",
         refund_txn,
         payment_txn,

@@ -34,8 +34,8 @@ fn billing_worker(queue: &str, db_url: &str, fake: &FakeGateway) -> common::Work
             ("CLOUDPAYMENTS_URL", &fake.url()),
             ("CLOUDPAYMENTS_PUBLIC_ID", PUBLIC_ID),
             ("CLOUDPAYMENTS_API_SECRET", SECRET),
-            ("CLOUDPAYMENTS_TIMEOUT", "3"),
-            ("BILLING_PROCESSING_LEASE", "2"),
+            ("CLOUDPAYMENTS_TIMEOUT", "2"),
+            ("BILLING_PROCESSING_LEASE", "12"),
         ],
     )
 }

@@ -56,6 +56,8 @@ struct Inner {
     link: tokio::sync::Mutex<Option<Arc<Link>>>,
     generations: AtomicU64,
     closed: AtomicBool,
+    /// Settling tasks of consumer channels, awaited on close so their last acks go out.
+    settlers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// One live connection and what has been set up on it.
@@ -115,6 +117,7 @@ impl AmqpBroker {
                 link: tokio::sync::Mutex::new(None),
                 generations: AtomicU64::new(0),
                 closed: AtomicBool::new(false),
+                settlers: Mutex::new(Vec::new()),
             }),
             retry_for: Duration::from_secs(60),
         };
@@ -128,11 +131,23 @@ impl AmqpBroker {
         self
     }
 
-    /// Closes the connection. Unacknowledged deliveries go back to their queues.
+    /// Closes the connection, after giving settled deliveries' acknowledgements a moment to go out.
+    /// Unacknowledged deliveries go back to their queues.
     pub async fn close(&self) {
         self.inner.closed.store(true, Ordering::SeqCst);
+        let settlers = std::mem::take(&mut *self.inner.settlers.lock().expect("settlers lock"));
+        let _ = tokio::time::timeout(
+            Duration::from_secs(3),
+            futures_util::future::join_all(settlers),
+        )
+        .await;
         if let Some(link) = self.inner.link.lock().await.take() {
-            let _ = link.connection.close(200, "closing".into()).await;
+            // A broker that does not answer must not keep the process from exiting.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                link.connection.close(200, "closing".into()),
+            )
+            .await;
         }
     }
 
@@ -645,42 +660,56 @@ async fn consume_session(
     }
     // Deliveries are settled through the settler, which keeps the channel open until the last one
     // is settled: closing it earlier would requeue messages whose tasks already ran.
-    let settler = Settler::start(ch.clone());
+    let (settler, settling) = Settler::start(ch.clone());
+    {
+        let mut settlers = broker.inner.settlers.lock().expect("settlers lock");
+        settlers.retain(|t| !t.is_finished());
+        settlers.push(settling);
+    }
     tracing::info!(queues = ?queues, prefetch, generation = link.generation, "consuming");
     let mut merged = futures_util::stream::select_all(streams);
     loop {
-        tokio::select! {
-            _ = stop.changed() => {
-                for tag in &tags {
-                    let _ = ch.basic_cancel(short(tag)?, BasicCancelOptions::default()).await;
-                }
-                // Give back what arrived before the cancel took effect.
-                while let Ok(Some((_, Ok(d)))) = tokio::time::timeout(Duration::from_millis(200), merged.next()).await {
-                    let _ = d.acker.reject(lapin::options::BasicRejectOptions { requeue: true }).await;
-                }
-                return Ok(SessionEnd::Stopped);
+        let item = tokio::select! {
+            _ = stop.changed() => None,
+            item = merged.next() => Some(item),
+        };
+        let delivery = match item {
+            None => break,
+            Some(Some((queue, Ok(d)))) => Delivery {
+                message: raw_message(&d),
+                queue,
+                redelivered: d.redelivered,
+                acker: Acker::Amqp(settler.acker(d.delivery_tag)),
+            },
+            Some(Some((_, Err(e)))) => {
+                tracing::warn!(error = %e, "consumer lost its channel");
+                return Ok(SessionEnd::Lost);
             }
-            item = merged.next() => match item {
-                Some((queue, Ok(d))) => {
-                    let delivery = Delivery {
-                        message: raw_message(&d),
-                        queue,
-                        redelivered: d.redelivered,
-                        acker: Acker::Amqp(settler.acker(d.delivery_tag)),
-                    };
-                    if tx.send(delivery).await.is_err() {
-                        return Ok(SessionEnd::Stopped);
-                    }
-                }
-                Some((_, Err(e))) => {
-                    tracing::warn!(error = %e, "consumer lost its channel");
-                    return Ok(SessionEnd::Lost);
-                }
-                None => {
-                    tracing::warn!("consumer stream ended (broker cancelled it or the connection closed)");
-                    return Ok(SessionEnd::Lost);
-                }
+            Some(None) => {
+                tracing::warn!(
+                    "consumer stream ended (broker cancelled it or the connection closed)"
+                );
+                return Ok(SessionEnd::Lost);
             }
+        };
+        // A closed receiver (the consumer was cancelled) drops the delivery, which requeues it.
+        if tx.send(delivery).await.is_err() {
+            break;
         }
     }
+    for tag in &tags {
+        let _ = ch
+            .basic_cancel(short(tag)?, BasicCancelOptions::default())
+            .await;
+    }
+    // Give back what arrived before the cancel took effect.
+    while let Ok(Some((_, Ok(d)))) =
+        tokio::time::timeout(Duration::from_millis(200), merged.next()).await
+    {
+        let _ = d
+            .acker
+            .reject(lapin::options::BasicRejectOptions { requeue: true })
+            .await;
+    }
+    Ok(SessionEnd::Stopped)
 }

@@ -85,12 +85,13 @@ pub(super) struct Settler {
 }
 
 impl Settler {
-    /// Starts the settling task for `channel`.
-    pub(super) fn start(channel: Channel) -> Self {
+    /// Starts the settling task for `channel`. The task ends, closing the channel, once this
+    /// handle and every acker are gone.
+    pub(super) fn start(channel: Channel) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let tracker = Arc::new(Mutex::new(Tracker::default()));
-        tokio::spawn(run(channel, rx, tracker.clone()));
-        Settler { tx, tracker }
+        let task = tokio::spawn(run(channel, rx, tracker.clone()));
+        (Settler { tx, tracker }, task)
     }
 
     /// Registers a delivery being handed over and returns its acker.
@@ -210,6 +211,8 @@ async fn run(
             }
         }
     }
+    // Every delivery is settled: nothing else needs this channel.
+    let _ = channel.close(200, "settled".into()).await;
 }
 
 #[cfg(test)]

@@ -141,10 +141,11 @@ impl Consumer {
     /// prefetched ones not yet handed over are given back to the broker.
     pub async fn cancel(&mut self) {
         let _ = self.stop.send(true);
+        // Closing first unblocks a consumer task waiting for room in the channel.
+        self.rx.close();
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
-        self.rx.close();
         while let Some(d) = self.rx.recv().await {
             let _ = d.reject(true).await;
         }

@@ -215,6 +215,12 @@ async fn run_task(
     };
     match stored {
         Ok(()) => settle(delivery, true).await,
+        // The next attempt is already published: requeueing this one would run the task twice,
+        // and a RETRY state is only informational.
+        Err(e) if meta.status == TaskState::Retry => {
+            tracing::warn!(error = %e, "could not store RETRY; the retry is scheduled anyway");
+            settle(delivery, true).await
+        }
         Err(e) => {
             tracing::error!(error = %e, "could not store the result; requeueing the message");
             settle(delivery, false).await
@@ -239,7 +245,10 @@ async fn execute(
 ) -> Outcome {
     let watched = ctx.soft.watched.clone();
     let start = tokio::time::Instant::now();
-    let mut handle = tokio::spawn(run(ctx).in_current_span());
+    // If this run is abandoned (shutdown deadline), the task is stopped with it rather than left
+    // running while its message is redelivered elsewhere.
+    let mut guard = AbortOnDrop(tokio::spawn(run(ctx).in_current_span()));
+    let handle = &mut guard.0;
     let joined = |r: std::result::Result<Result<Value, TaskError>, tokio::task::JoinError>| match r
     {
         Ok(r) => Outcome::Returned(r),
@@ -256,7 +265,7 @@ async fn execute(
     };
     if let Some(soft) = soft.filter(|s| hard.is_none_or(|h| *s < h)) {
         tokio::select! {
-            r = &mut handle => return joined(r),
+            r = &mut *handle => return joined(r),
             _ = tokio::time::sleep_until(start + soft) => {
                 if !watched.load(Ordering::SeqCst) {
                     handle.abort();
@@ -266,7 +275,7 @@ async fn execute(
         }
     }
     match hard {
-        Some(hard) => match tokio::time::timeout_at(start + hard, &mut handle).await {
+        Some(hard) => match tokio::time::timeout_at(start + hard, &mut *handle).await {
             Ok(r) => joined(r),
             Err(_) => {
                 handle.abort();
@@ -274,6 +283,15 @@ async fn execute(
             }
         },
         None => joined(handle.await),
+    }
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
