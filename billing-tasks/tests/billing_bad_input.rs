@@ -7,7 +7,8 @@ use billing_tasks::BillingError;
 use billing_tasks::refunds::{RefundRequest, Requester};
 use billing_tasks::secret::Secret;
 use billing_tasks::tasks::{
-    ChargeInvoice, ChargePayment, InvoiceArgs, PaymentArgs, Refund, RefundArgs,
+    BatchReport, ChargeInvoice, ChargeInvoices, ChargePayment, InvoiceArgs, InvoiceBatchArgs,
+    MAX_BATCH, PaymentArgs, Refund, RefundArgs,
 };
 use serde_json::json;
 use task_core::{Error, TaskState};
@@ -194,6 +195,35 @@ async fn unknown_ids_and_other_peoples_payments_are_not_found() {
             }
             other => panic!("expected billing.NotFound, got {other:?}"),
         }
+    }
+    // A renewal batch reports unknown invoices instead of retrying them, and refuses to be huge.
+    let report = env
+        .run::<ChargeInvoices>(InvoiceBatchArgs {
+            invoice_ids: vec![Uuid::new_v4(), Uuid::new_v4()],
+        })
+        .await;
+    assert_eq!(
+        report,
+        BatchReport {
+            rejected: 2,
+            ..Default::default()
+        }
+    );
+    let huge = env
+        .tasks
+        .task::<ChargeInvoices>(InvoiceBatchArgs {
+            invoice_ids: (0..=MAX_BATCH).map(|_| Uuid::new_v4()).collect(),
+        })
+        .queue(&env.queue)
+        .send()
+        .await
+        .unwrap();
+    match huge.get(std::time::Duration::from_secs(20)).await {
+        Err(Error::TaskFailed { exception, .. }) => {
+            assert_eq!(exception.exc_type, "InvalidArgument");
+            assert!(format!("{:?}", exception.exc_message).contains("at most 1000"));
+        }
+        other => panic!("expected billing.InvalidArgument, got {other:?}"),
     }
     // Arguments of the wrong shape are dead-lettered by the worker.
     let wrong = env

@@ -5,11 +5,13 @@
 //! ```sh
 //! cargo build --release -p worker && cargo build --release -p examples --example renewal_bench
 //! target/release/examples/renewal_bench                 # N = 100000
-//! target/release/examples/renewal_bench --subscriptions 10000 --concurrency 128
+//! target/release/examples/renewal_bench --subscriptions 10000 --concurrency 2
 //! ```
 //!
 //! It seeds N active subscribers with saved cards whose periods end within the renewal lead time,
-//! enqueues one `billing.enqueue_renewals`, and waits until every renewal invoice is paid. Then it
+//! enqueues one `billing.enqueue_renewals`, and waits until every renewal invoice is paid. The
+//! renewals travel as `billing.charge_invoices` batches; `--concurrency` is the worker's task
+//! concurrency, each batch charging up to `BATCH_PARALLELISM` invoices at once. Then it
 //! checks that every subscription was charged exactly once at the gateway and that the ledger
 //! agrees. Webhooks are off (no receiver runs), so the ledger learns outcomes from the calls only.
 
@@ -42,7 +44,7 @@ fn settings() -> anyhow::Result<Settings> {
     let mut s = Settings {
         subscriptions: 100_000,
         latency_ms: 50,
-        concurrency: 160,
+        concurrency: 4,
         pool: 16,
         database_admin: std::env::var("DATABASE_ADMIN_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into()),
@@ -168,8 +170,9 @@ async fn main() -> anyhow::Result<()> {
     let fake = FakeGateway::start(
         FakeConfig::default()
             .with_terminals(vec![
-                TerminalConfig::production(PUBLIC_ID, SECRET)
-                    .with_concurrency_limit(s.concurrency as usize + 64),
+                TerminalConfig::production(PUBLIC_ID, SECRET).with_concurrency_limit(
+                    s.concurrency as usize * billing_tasks::tasks::BATCH_PARALLELISM + 64,
+                ),
             ])
             .with_latency(Duration::from_millis(s.latency_ms)),
     )
@@ -280,6 +283,20 @@ async fn main() -> anyhow::Result<()> {
         twice
     );
     let ok = invoices.len() as i64 == n && twice == 0 && attempts == n && active == n;
+    let worker_log = std::fs::read_to_string(&log).unwrap_or_default();
+    let warnings = worker_log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .count();
+    if warnings > 0 {
+        println!(
+            "worker warnings/errors during the run: {warnings}; first: {}",
+            worker_log
+                .lines()
+                .find(|l| l.contains("WARN") || l.contains("ERROR"))
+                .unwrap_or("")
+        );
+    }
 
     let _ = worker.kill().await;
     client.broker().delete_queue(&queue).await?;

@@ -236,6 +236,11 @@ impl Env {
         }
         self.webhook_server.abort();
         let _ = self.tasks.broker().delete_queue(&self.queue).await;
+        let _ = self
+            .tasks
+            .broker()
+            .delete_queue(&task_core::broker::dead_letter_queue(&self.queue))
+            .await;
         self.db.close().await;
         self.fake.shutdown().await;
         drop_database(&self.db_name).await;
