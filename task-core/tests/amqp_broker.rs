@@ -186,3 +186,32 @@ async fn amqp_delays_are_kept_by_the_broker() {
     consumer.cancel().await;
     broker.delete_queue(&queue).await.unwrap();
 }
+
+/// Messages whose destination queue was deleted while they waited must not clog the delay
+/// levels for everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_delays_to_deleted_queues_do_not_block_others() {
+    let broker: AnyBroker = common::amqp().await.into();
+    let gone = common::unique_queue("delay-gone");
+    for n in 0..40 {
+        broker
+            .publish_delayed(&gone, &message(n), Duration::from_secs(1))
+            .await
+            .unwrap();
+    }
+    broker.delete_queue(&gone).await.unwrap();
+    let queue = common::unique_queue("delay-after");
+    broker
+        .publish_delayed(&queue, &message(99), Duration::from_secs(1))
+        .await
+        .unwrap();
+    let mut consumer = broker
+        .consume(std::slice::from_ref(&queue), 10)
+        .await
+        .unwrap();
+    let d = next(&mut consumer).await;
+    assert_eq!(d.message.body, message(99).body);
+    d.ack().await.unwrap();
+    consumer.cancel().await;
+    broker.delete_queue(&queue).await.unwrap();
+}

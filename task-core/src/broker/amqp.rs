@@ -350,6 +350,18 @@ impl AmqpBroker {
                     }
                 };
                 topic(DELIVER_EXCHANGE.to_owned()).await?;
+                let mut sink = FieldTable::default();
+                sink.insert("x-message-ttl".into(), AMQPValue::LongLongInt(0));
+                ch.queue_declare(short(delay::SINK_QUEUE)?, durable_queue(), sink)
+                    .await?;
+                ch.queue_bind(
+                    short(delay::SINK_QUEUE)?,
+                    short(DELIVER_EXCHANGE)?,
+                    short("#")?,
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
                 for level in 0..LEVELS {
                     topic(delay::level_name(level)).await?;
                 }

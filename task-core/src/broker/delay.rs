@@ -15,7 +15,7 @@
 //! whose bit is 0 passes straight to the next exchange. A delay of `d` seconds therefore waits
 //! exactly `d` seconds in total, and because every message in a level's queue has the same TTL,
 //! expiry happens in arrival order with no head-of-line blocking. The final exchange routes on the
-//! whole key: each destination queue is bound with one single-word wildcard per level and its own name and its own name, so a
+//! whole key: each destination queue is bound with one single-word wildcard per level and its own name, so a
 //! queue name containing dots can never match another queue's messages.
 //!
 //! Resolution is one second: the broker delay is the whole seconds of the wait, and the consumer
@@ -30,6 +30,12 @@ pub(super) const LEVELS: u32 = 22;
 
 /// The exchange that hands delayed messages to their destination queues.
 pub(super) const DELIVER_EXCHANGE: &str = "tq.delay.deliver";
+
+/// A queue bound to [`DELIVER_EXCHANGE`] with `#` that drops everything at once (TTL 0). Quorum
+/// queues dead-letter at least once: a message whose destination queue was deleted while it
+/// waited would be unroutable, retried for ever, and after 32 such messages the level's
+/// dead-letter worker would stop moving anything. With the sink every message is routed somewhere.
+pub(super) const SINK_QUEUE: &str = "tq.delay.sink";
 
 /// The largest delay the topology can express.
 pub(super) const MAX_DELAY: Duration = Duration::from_secs((1 << LEVELS) - 1);
