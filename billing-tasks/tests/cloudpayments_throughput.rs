@@ -1,11 +1,7 @@
-//! The fake is fast enough for the billing benchmark: token charges at 50 ms latency, many in
-//! flight, each charged exactly once.
-//!
-//! The full benchmark size (100,000 charges in under two minutes) is `#[ignore]`d; run it with
-//! `cargo test -p billing-tasks --release --test cloudpayments_throughput -- --ignored --nocapture`.
+//! The fake serves many token charges in flight at once, each charged exactly once. How fast it
+//! is at the benchmark's size is measured by `examples/renewal_bench` (a program, not a test).
 //! At 50 ms per request, 100,000 charges in 120 s need at least 42 in flight at once, so the
-//! terminal's cap must be raised above the production 30 (the benchmark should use the binary's
-//! `--concurrency-limit`).
+//! terminal's cap must be raised above the production 30 (`--concurrency-limit` on the binary).
 
 mod cloudpayments_support;
 
@@ -17,8 +13,8 @@ use billing_tasks::cloudpayments::ChargeOutcome;
 use billing_tasks::cloudpayments::fake::{FakeConfig, TerminalConfig};
 use cloudpayments_support::*;
 
-/// Runs `total` token charges with `in_flight` concurrent callers; returns the elapsed time.
-async fn run(total: usize, in_flight: usize) -> Duration {
+/// Runs `total` token charges with `in_flight` concurrent callers and checks each was charged once.
+async fn run(total: usize, in_flight: usize) {
     let terminal = TerminalConfig::production("pk_bench", "bench-secret")
         .with_concurrency_limit(in_flight + 16);
     let config = FakeConfig::default()
@@ -65,19 +61,9 @@ async fn run(total: usize, in_flight: usize) -> Duration {
         total as f64 / elapsed.as_secs_f64()
     );
     fake.shutdown().await;
-    elapsed
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_token_charges_in_parallel() {
-    let elapsed = run(3_000, 150).await;
-    // Ideal: 3,000 / 150 × 50 ms = 1 s. The bound is loose for debug builds on a busy machine.
-    assert!(elapsed < Duration::from_secs(30), "took {elapsed:?}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the full benchmark size; run in release with --ignored"]
-async fn hundred_thousand_token_charges_under_two_minutes() {
-    let elapsed = run(100_000, 200).await;
-    assert!(elapsed < Duration::from_secs(120), "took {elapsed:?}");
+    run(3_000, 150).await;
 }
