@@ -85,12 +85,27 @@ async fn bad_subscription_requests_change_nothing() {
     env.stop().await;
 }
 
+/// A snapshot once the ledger has stopped changing (what follows a payment may land just after
+/// it reads as succeeded), polling at most 5 s.
+async fn settled_snapshot(env: &Env) -> Vec<i64> {
+    let mut last = snapshot(env).await;
+    for _ in 0..20 {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        let now = snapshot(env).await;
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    panic!("the ledger kept changing: {last:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_ids_and_other_peoples_payments_are_not_found() {
     let env = Env::start().await;
     let (user, stranger) = (Uuid::new_v4(), Uuid::new_v4());
     let p = env.subscribe(user, CARD_OK).await;
-    let before = snapshot(&env).await;
+    let before = settled_snapshot(&env).await;
 
     assert!(matches!(
         env.service.get_payment(user, Uuid::new_v4()).await,
