@@ -12,6 +12,10 @@
 //! 3. Enqueue→start latency (p50/p99) at a paced rate of half the measured maximum.
 //! 4. The worker's peak RSS, during the run and with 1,000 tasks in flight.
 
+#[path = "common/mod.rs"]
+mod common;
+use common::worker_binary;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -74,22 +78,6 @@ fn settings() -> anyhow::Result<Settings> {
 }
 
 /// The `worker` binary next to this one (`target/release/worker`).
-fn worker_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let path = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .context("bench location")?
-        .join("worker");
-    if !path.exists() {
-        bail!(
-            "{} not found: run `cargo build --release -p worker` first",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
 struct WorkerProcess {
     child: tokio::process::Child,
     log: PathBuf,

@@ -15,7 +15,10 @@
 //! checks that every subscription was charged exactly once at the gateway and that the ledger
 //! agrees. Webhooks are off (no receiver runs), so the ledger learns outcomes from the calls only.
 
-use std::path::PathBuf;
+#[path = "common/mod.rs"]
+mod common;
+use common::worker_binary;
+
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -69,22 +72,6 @@ fn settings() -> anyhow::Result<Settings> {
         }
     }
     Ok(s)
-}
-
-fn worker_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let path = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .context("bench location")?
-        .join("worker");
-    if !path.exists() {
-        bail!(
-            "{} not found: run `cargo build --release -p worker` first",
-            path.display()
-        );
-    }
-    Ok(path)
 }
 
 fn rss_mb(pid: u32) -> f64 {
