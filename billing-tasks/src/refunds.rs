@@ -127,7 +127,9 @@ pub async fn request(billing: &Billing, req: &RefundRequest) -> Result<RefundVie
         billing
             .policy()
             .refund_amount(p.amount_minor, paid_at, p.period_start, p.period_end, now);
-    let amount = due.min(p.amount_minor - refunded);
+    // What is due is measured against the whole payment, so what was already paid back counts
+    // against it: two pro-rata requests together never return more than one would.
+    let amount = (due - refunded).min(p.amount_minor - refunded);
     if amount <= 0 {
         return Err(BillingError::precondition(
             "nothing left to refund for this payment",

@@ -475,3 +475,39 @@ async fn a_refund_after_the_window_is_pro_rata() {
     );
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pro_rata_refunds_never_exceed_what_is_due() {
+    let env = Env::start().await;
+    let user = Uuid::new_v4();
+    let p = env.subscribe(user, CARD_OK).await;
+    let s = env.service.get_subscription(user).await.unwrap();
+    let (start, end) = (
+        s.current_period_start.unwrap(),
+        s.current_period_end.unwrap(),
+    );
+    env.clock.set(start + (end - start) / 2);
+    let first = refund(&env, user, p.id).await;
+    assert!(first.amount.minor < 29_900, "pro rata: {}", first.amount);
+
+    // The subscription ended with the first refund; a second request with a new key, a little
+    // later, finds nothing left (what is due now is less than what was already paid back).
+    env.clock.advance(Duration::hours(1));
+    let err = env
+        .service
+        .request_refund(RefundRequest {
+            payment_id: p.id,
+            reason: "and again".into(),
+            requested_by: Requester::User(user),
+            idempotency_key: Uuid::new_v4().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("nothing left to refund"), "{err}");
+    assert_eq!(
+        env.scalar_i64("SELECT coalesce(sum(amount_minor), 0)::bigint FROM refund")
+            .await,
+        first.amount.minor
+    );
+    env.stop().await;
+}
