@@ -10,8 +10,10 @@
 //! - **Unknown outcomes are looked up, never guessed.** A timeout, a reset connection or a 5xx
 //!   leaves the attempt `processing`. The next run replays a token charge with the same
 //!   `X-Request-ID` while the gateway still remembers it (an hour), and otherwise asks
-//!   `payments/find` by invoice; only when the gateway has no record of the attempt after a generous
-//!   delay does the attempt fail, and only then may a new attempt be made.
+//!   `payments/find` by invoice; only when the gateway *answers* that it has no record of the
+//!   attempt after a generous delay does the attempt fail, and only then may a new attempt be made.
+//!   While the gateway gives no usable answer (5xx, timeouts, unparsable bodies) the attempt stays
+//!   `processing`, blocking new attempts for its invoice, and accounting is alerted.
 //! - **A cryptogram is used once.** It is taken out of the ledger in the same transaction that
 //!   claims the attempt, and only ever lives in memory for that one call.
 //! - **Settling is idempotent.** The worker, a webhook and the reconciler may all learn the outcome;
@@ -395,61 +397,123 @@ pub async fn reconcile(billing: &Billing, payment_id: Uuid) -> Result<Step> {
         attempt
     };
     let sent_at = attempt.sent_at.unwrap_or(now);
-    let outcome = if attempt.method == "token" && now - sent_at < REPLAY_WINDOW {
-        // The gateway still remembers the X-Request-ID: the same request returns the first answer,
-        // and if the first never arrived, this is the one call.
-        match token_call(&attempt) {
-            Ok(call) => call_gateway(billing, payment_id, &call).await,
-            Err(e) => Outcome::NotProcessed(e.to_string()),
-        }
+    let replayable = attempt.method == "token" && now - sent_at < REPLAY_WINDOW;
+    let learnt = if replayable {
+        replay(billing, &attempt).await
     } else {
-        let earlier = sqlx::query_scalar!(
-            r#"SELECT gateway_transaction_id AS "id!" FROM payment
-               WHERE invoice_id = $1 AND id <> $2 AND gateway_transaction_id IS NOT NULL"#,
-            attempt.invoice_id,
-            attempt.id
-        )
-        .fetch_all(billing.db())
-        .await?;
+        look_up(billing, &attempt).await?
+    };
+    match learnt {
+        Learnt::Answer(outcome) => settle(billing, payment_id, *outcome, Actor::Worker)
+            .await
+            .map(Step::Settled),
+        // The gateway answered, and has nothing final for the attempt after all this time (no
+        // record of it, or a 3-D Secure challenge nobody answered): no money moved, and the
+        // customer or the dunning ladder tries again.
+        Learnt::Pending(why) if !replayable && now - sent_at >= GIVE_UP_UNKNOWN => {
+            let why = format!(
+                "unresolved after {} minutes: {why}",
+                (now - sent_at).num_minutes()
+            );
+            settle(
+                billing,
+                payment_id,
+                Outcome::NotProcessed(why),
+                Actor::Worker,
+            )
+            .await
+            .map(Step::Settled)
+        }
+        Learnt::Pending(why) => {
+            tracing::info!(payment_id = %payment_id, why, "attempt still unresolved");
+            Ok(Step::RetryAfter(Duration::from_secs(if replayable {
+                30
+            } else {
+                60
+            })))
+        }
+        // No answer: the money may have moved, so the attempt stays `processing` (which blocks
+        // any new attempt for the invoice) until the gateway answers; people are told once it
+        // has been unresolved for long.
+        Learnt::NoAnswer(why) => {
+            if now - sent_at >= GIVE_UP_UNKNOWN {
+                alert_unresolved(billing, &attempt, &why, now).await?;
+            }
+            tracing::warn!(payment_id = %payment_id, why, "no answer from the gateway about the attempt");
+            Ok(Step::RetryAfter(Duration::from_secs(60)))
+        }
+    }
+}
+
+/// What a replay or a lookup learnt about an attempt.
+enum Learnt {
+    /// A final answer (or a certain "never processed"): settle it.
+    Answer(Box<Outcome>),
+    /// The gateway answered, but with nothing final about this attempt yet.
+    Pending(String),
+    /// The gateway gave no usable answer (5xx, timeout, unparsable, refused for now).
+    NoAnswer(String),
+}
+
+/// Replays a token charge with its own `X-Request-ID`: the gateway answers with the first
+/// call's result, or, if the first never arrived, this is the one call.
+async fn replay(billing: &Billing, attempt: &Attempt) -> Learnt {
+    let call = match token_call(attempt) {
+        Ok(call) => call,
+        Err(e) => return Learnt::Answer(Box::new(Outcome::NotProcessed(e.to_string()))),
+    };
+    match call_gateway(billing, attempt.id, &call).await {
+        Outcome::Unknown(why) | Outcome::Refused(why) => Learnt::NoAnswer(why),
+        outcome => Learnt::Answer(Box::new(outcome)),
+    }
+}
+
+/// Asks `payments/find` for the invoice's latest operation.
+async fn look_up(billing: &Billing, attempt: &Attempt) -> Result<Learnt> {
+    let earlier = sqlx::query_scalar!(
+        r#"SELECT gateway_transaction_id AS "id!" FROM payment
+           WHERE invoice_id = $1 AND id <> $2 AND gateway_transaction_id IS NOT NULL"#,
+        attempt.invoice_id,
+        attempt.id
+    )
+    .fetch_all(billing.db())
+    .await?;
+    Ok(
         match billing
             .gateway()
             .find(&attempt.invoice_id.to_string())
             .await
         {
-            Ok(Some(t)) if is_this_attempt(&t, &attempt, &earlier) => outcome_of(t),
-            Ok(_) if now - sent_at >= GIVE_UP_UNKNOWN => {
-                Outcome::NotProcessed("the gateway has no record of the attempt".into())
-            }
-            Ok(_) => Outcome::Unknown("no record at the gateway yet".into()),
-            Err(e) => Outcome::Unknown(format!("payments/find: {e}")),
-        }
-    };
-    let outcome = match outcome {
-        // Nothing settled it in all this time (a 3-D Secure challenge nobody answered, a payment
-        // stuck at the gateway): no money moved, and the customer or the dunning ladder tries again.
-        Outcome::Unknown(why)
-            if now - sent_at >= GIVE_UP_UNKNOWN
-                && !(attempt.method == "token" && now - sent_at < REPLAY_WINDOW) =>
-        {
-            Outcome::NotProcessed(format!(
-                "unresolved after {} minutes: {why}",
-                (now - sent_at).num_minutes()
-            ))
-        }
-        outcome => outcome,
-    };
-    match outcome {
-        Outcome::Unknown(why) => {
-            tracing::info!(payment_id = %payment_id, why, "attempt still unresolved");
-            Ok(Step::RetryAfter(Duration::from_secs(60)))
-        }
-        Outcome::Refused(_) if attempt.method == "token" && now - sent_at < REPLAY_WINDOW => {
-            Ok(Step::RetryAfter(Duration::from_secs(30)))
-        }
-        outcome => settle(billing, payment_id, outcome, Actor::Worker)
-            .await
-            .map(Step::Settled),
-    }
+            Ok(Some(t)) if is_this_attempt(&t, attempt, &earlier) => match outcome_of(t) {
+                Outcome::Unknown(why) => Learnt::Pending(why),
+                outcome => Learnt::Answer(Box::new(outcome)),
+            },
+            Ok(_) => Learnt::Pending("the gateway has no record of the attempt".into()),
+            Err(e) => Learnt::NoAnswer(format!("payments/find: {e}")),
+        },
+    )
+}
+
+/// Tells accounting (once per attempt) that an attempt's outcome cannot be learnt from the gateway.
+async fn alert_unresolved(
+    billing: &Billing,
+    attempt: &Attempt,
+    why: &str,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    tracing::error!(payment_id = %attempt.id, invoice_id = %attempt.invoice_id, why,
+        "the gateway has not answered about this attempt for long; it stays processing");
+    let mut conn = billing.db().acquire().await?;
+    ledger::enqueue_outbox(
+        &mut conn,
+        topic::ACCOUNTING_ATTENTION,
+        &format!("accounting:payment-unresolved:{}", attempt.id),
+        json!({"payment_id": attempt.id, "invoice_id": attempt.invoice_id,
+               "amount_minor": attempt.amount.minor, "currency": attempt.amount.currency.code(),
+               "issue": format!("outcome unknown and the gateway does not answer: {why}; no new attempt is made until it does")}),
+        now,
+    )
+    .await
 }
 
 /// Whether the invoice's latest gateway operation is this attempt: it is, unless it is one of the

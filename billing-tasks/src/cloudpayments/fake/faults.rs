@@ -23,6 +23,9 @@ pub enum Fault {
     ServerErrorBeforeProcessing(u16),
     /// Process, then answer with this 5xx status instead of the result.
     ServerErrorAfterProcessing(u16),
+    /// Answer HTTP 200 with a body that is not the gateway's JSON (a proxy's error page), without
+    /// processing.
+    UnparsableBeforeProcessing,
     /// Answer 429 without processing, with an optional `Retry-After`.
     TooManyRequests {
         /// The `Retry-After` header to send.

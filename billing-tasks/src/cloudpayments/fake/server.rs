@@ -186,6 +186,10 @@ async fn serve(state: AppState, request: Request) -> Response {
             pause(latency, &state.shutdown).await;
             return status_only(code);
         }
+        Some(Fault::UnparsableBeforeProcessing) => {
+            pause(latency, &state.shutdown).await;
+            return (StatusCode::OK, "<html><body>upstream error</body></html>").into_response();
+        }
         Some(Fault::TooManyRequests { retry_after }) => return too_many(retry_after),
         _ => {}
     }

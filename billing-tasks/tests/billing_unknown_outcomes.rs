@@ -1,0 +1,109 @@
+//! Attempts and refunds whose outcome the worker did not learn: they are settled only from an
+//! answer of the gateway, never guessed, and never sent twice while the first may still be running.
+
+mod billing_support;
+
+use billing_support::*;
+use billing_tasks::cloudpayments::fake::Fault;
+use billing_tasks::ledger::topic;
+use billing_tasks::tasks::{EnqueueRenewals, ReconcilePayments, RetryDueInvoices};
+use chrono::Duration;
+use uuid::Uuid;
+
+/// Moves the clock to just before the period ends and runs the renewal job.
+async fn renew(env: &Env, user: Uuid) -> Uuid {
+    let (_, _, end) = env.subscription_of(user).await;
+    env.clock.set(end.unwrap() - Duration::hours(12));
+    let out = env.run::<EnqueueRenewals>(()).await;
+    assert_eq!(out["invoices"], 1, "{out}");
+    *env.invoice_ids(user, "renewal")
+        .await
+        .last()
+        .expect("a renewal invoice")
+}
+
+async fn payment_statuses(env: &Env, invoice: Uuid) -> Vec<String> {
+    sqlx::query_scalar::<_, String>(
+        "SELECT status FROM payment WHERE invoice_id = $1 ORDER BY attempt",
+    )
+    .bind(invoice)
+    .fetch_all(&env.db)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_the_gateway_cannot_tell_about_stays_processing_and_is_not_charged_again() {
+    // Without notifications: only a lookup can settle the attempt.
+    let env = Env::start_with(Options {
+        webhooks: false,
+        ..Options::default()
+    })
+    .await;
+    let user = Uuid::new_v4();
+    env.subscribe(user, CARD_OK).await;
+    // The renewal is charged at the gateway but the answer is lost; from then on every replay
+    // answers 5xx and every lookup answers something that is not the gateway's JSON.
+    env.fake
+        .push_fault_for("/payments/tokens/charge", Fault::TimeoutAfterProcessing);
+    env.fake.set_fault_probability(
+        Some("/payments/tokens/charge"),
+        Fault::ServerErrorBeforeProcessing(503),
+        1.0,
+    );
+    env.fake.set_fault_probability(
+        Some("/payments/find"),
+        Fault::UnparsableBeforeProcessing,
+        1.0,
+    );
+    let invoice = renew(&env, user).await;
+    eventually(
+        "the gateway to charge",
+        std::time::Duration::from_secs(20),
+        || async { (env.fake.charges_for_invoice(&invoice.to_string()) == 1).then_some(()) },
+    )
+    .await;
+
+    // Long past the replay window and any give-up time, with no answer from the gateway.
+    env.clock.advance(Duration::minutes(90));
+    env.run::<ReconcilePayments>(()).await;
+    eventually(
+        "accounting to be told about the unresolved attempt",
+        std::time::Duration::from_secs(20),
+        || async { (!env.outbox(topic::ACCOUNTING_ATTENTION).await.is_empty()).then_some(()) },
+    )
+    .await;
+    assert_eq!(payment_statuses(&env, invoice).await, vec!["processing"]);
+
+    // The dunning ladder makes no new attempt while this one is unresolved.
+    env.clock.advance(Duration::hours(2));
+    assert_eq!(env.run::<RetryDueInvoices>(()).await["enqueued"], 0);
+    env.run::<ReconcilePayments>(()).await;
+    assert_eq!(payment_statuses(&env, invoice).await, vec!["processing"]);
+
+    // Once the gateway answers, the lookup finds the charge: paid once, settled by the worker.
+    env.fake.clear_faults();
+    env.run::<ReconcilePayments>(()).await;
+    eventually(
+        "the renewal to be paid",
+        std::time::Duration::from_secs(30),
+        || async { (env.invoice_status(invoice).await == "paid").then_some(()) },
+    )
+    .await;
+    assert_eq!(payment_statuses(&env, invoice).await, vec!["succeeded"]);
+    let settled_by = sqlx::query_scalar::<_, String>(
+        "SELECT h.actor FROM status_history h JOIN payment p ON p.id = h.entity_id
+         WHERE p.invoice_id = $1 AND h.to_status = 'succeeded'",
+    )
+    .bind(invoice)
+    .fetch_one(&env.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        settled_by, "worker",
+        "the lookup settled it, not a notification"
+    );
+    assert_eq!(env.fake.charges_for_invoice(&invoice.to_string()), 1);
+    env.assert_ledger_matches_gateway().await;
+    env.stop().await;
+}
