@@ -281,7 +281,7 @@ pub async fn charge_payment(billing: &Billing, payment_id: Uuid) -> Result<Step>
             }
         }
         PaymentStatus::Processing => {
-            let lease_ends = attempt.sent_at.unwrap_or(now) + billing.policy().processing_lease;
+            let lease_ends = attempt.sent_at.unwrap_or(now) + billing.policy().in_flight_horizon();
             tx.commit().await?;
             if lease_ends > now {
                 // Another run is (or was very recently) talking to the gateway about this attempt.
@@ -307,11 +307,12 @@ pub(crate) async fn call_and_settle(
     let outcome = call_gateway(billing, payment_id, &call).await;
     if let Outcome::Unknown(why) = &outcome {
         tracing::warn!(payment_id = %payment_id, why, "gateway outcome unknown; the attempt will be looked up");
-        // Token charges are replayed with the same X-Request-ID as soon as the lease allows.
+        // Token charges are replayed with the same X-Request-ID once the gateway is certainly
+        // done with this call.
         return Ok(Step::RetryAfter(
             billing
                 .policy()
-                .processing_lease
+                .in_flight_horizon()
                 .to_std()
                 .unwrap_or_default(),
         ));
@@ -366,13 +367,29 @@ pub async fn reconcile(billing: &Billing, payment_id: Uuid) -> Result<Step> {
     let now = billing.now();
     // One lookup at a time: the task's own retries and the periodic reconciler may both get here,
     // and two concurrent replays of one X-Request-ID are not something to rely on the gateway for.
-    let lease = billing.policy().processing_lease;
+    // Nor is a replay that overlaps the original call: nothing asks before the gateway is
+    // certainly done with the last call sent.
+    let horizon = billing.policy().in_flight_horizon();
     let attempt = {
         let mut tx = billing.db().begin().await?;
         let attempt = lock_attempt(&mut tx, payment_id).await?;
         if attempt.status != PaymentStatus::Processing {
             return Ok(Step::Settled(attempt.status));
         }
+        let quiet_from = attempt.sent_at.unwrap_or(now) + horizon;
+        if quiet_from > now {
+            return Ok(Step::RetryAfter(
+                (quiet_from - now).to_std().unwrap_or_default() + Duration::from_secs(1),
+            ));
+        }
+        let replays =
+            attempt.method == "token" && now - attempt.sent_at.unwrap_or(now) < REPLAY_WINDOW;
+        // A replay is a call of its own, in flight as long as the first; a lookup only a read.
+        let lease = if replays {
+            horizon
+        } else {
+            billing.policy().processing_lease
+        };
         let busy_until = sqlx::query_scalar!(
             "SELECT lookup_until FROM payment WHERE id = $1 AND lookup_until > $2",
             payment_id,

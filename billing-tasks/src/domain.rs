@@ -236,8 +236,14 @@ pub struct Policy {
     pub dunning_ladder: Vec<Duration>,
     /// Within this time of the payment, a refund is the full amount; later it is pro-rata.
     pub full_refund_window: Duration,
-    /// An attempt whose gateway outcome is unknown is looked up after this long.
+    /// An attempt whose gateway outcome is unknown is looked up after this long (but never before
+    /// [`Policy::gateway_max_processing`]).
     pub processing_lease: Duration,
+    /// How long the gateway may still be processing a call after it was sent: its documented
+    /// server-side time reaches 5 minutes, far past any client timeout, and whether it blocks a
+    /// duplicate of a request still in flight is not documented. No call is replayed or looked up
+    /// before this has passed since it was sent.
+    pub gateway_max_processing: Duration,
     /// A 3-D Secure challenge left unanswered this long expires.
     pub three_ds_timeout: Duration,
     /// An unpaid primary payment never sent to the gateway is given up after this long.
@@ -252,6 +258,7 @@ impl Default for Policy {
             dunning_ladder: vec![Duration::days(1), Duration::days(2)],
             full_refund_window: Duration::days(3),
             processing_lease: Duration::minutes(2),
+            gateway_max_processing: Duration::minutes(6),
             three_ds_timeout: Duration::hours(1),
             created_timeout: Duration::minutes(15),
         }
@@ -268,6 +275,12 @@ pub enum Dunning {
 }
 
 impl Policy {
+    /// How long after a call was sent nothing else may ask the gateway about it: the lease, and
+    /// at least the gateway's maximum processing time.
+    pub fn in_flight_horizon(&self) -> Duration {
+        self.processing_lease.max(self.gateway_max_processing)
+    }
+
     /// The next step after decline number `attempts` (1 = the first attempt failed) of class `class`.
     /// Never-retry codes and declines that need the customer stop at once; retry-later ones follow
     /// the ladder while the next attempt still falls within the grace period.

@@ -34,7 +34,7 @@ pub async fn reconcile_payments(billing: &Billing) -> Result<(ReconcileReport, V
 
     let stale = sqlx::query_scalar!(
         "SELECT id FROM payment WHERE status = 'processing' AND sent_at <= $1 ORDER BY sent_at LIMIT 1000",
-        now - policy.processing_lease
+        now - policy.in_flight_horizon()
     )
     .fetch_all(billing.db())
     .await?;

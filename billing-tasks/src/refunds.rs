@@ -197,7 +197,9 @@ pub enum RefundRun {
 /// Moves the money for a requested refund (or replays the call for one in progress).
 pub async fn execute(billing: &Billing, refund_id: Uuid) -> Result<RefundRun> {
     let now = billing.now();
-    let lease = billing.policy().processing_lease;
+    // A refund call may still be processed at the gateway long after the client gave up; it is
+    // replayed only once the gateway is certainly done with it.
+    let lease = billing.policy().in_flight_horizon();
     let mut tx = billing.db().begin().await?;
     let r = sqlx::query!(
         r#"SELECT r.status, r.amount_minor, r.currency, r.updated_at, r.sent_at, p.gateway_transaction_id, r.payment_id

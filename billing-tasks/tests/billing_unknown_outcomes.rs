@@ -4,7 +4,8 @@
 mod billing_support;
 
 use billing_support::*;
-use billing_tasks::cloudpayments::fake::Fault;
+use billing_tasks::cloudpayments::fake::{FakeConfig, Fault, TerminalConfig};
+use billing_tasks::domain::Policy;
 use billing_tasks::ledger::topic;
 use billing_tasks::tasks::{EnqueueRenewals, ReconcilePayments, RetryDueInvoices};
 use chrono::Duration;
@@ -104,6 +105,53 @@ async fn an_attempt_the_gateway_cannot_tell_about_stays_processing_and_is_not_ch
         "the lookup settled it, not a notification"
     );
     assert_eq!(env.fake.charges_for_invoice(&invoice.to_string()), 1);
+    env.assert_ledger_matches_gateway().await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_waits_until_the_gateway_is_done_with_the_first_call() {
+    // A gateway that processes a duplicate of a request still in flight again (whether the real
+    // one blocks it is not documented), and a first call that takes far longer than the client
+    // waits.
+    let env = Env::start_with(Options {
+        fake: FakeConfig::default()
+            .with_terminals(vec![TerminalConfig::production(PUBLIC_ID, API_SECRET)])
+            .with_hang(std::time::Duration::from_secs(3))
+            .with_in_flight_duplicates_let_through(),
+        policy: Policy {
+            processing_lease: Duration::seconds(2),
+            gateway_max_processing: Duration::seconds(10),
+            ..Policy::default()
+        },
+        webhooks: false,
+        ..Options::default()
+    })
+    .await;
+    let user = Uuid::new_v4();
+    env.subscribe(user, CARD_OK).await;
+    env.fake.push_fault_for(
+        "/payments/tokens/charge",
+        Fault::SlowProcessing(std::time::Duration::from_secs(6)),
+    );
+    let invoice = renew(&env, user).await;
+    eventually(
+        "the renewal to be paid",
+        std::time::Duration::from_secs(40),
+        || async { (env.invoice_status(invoice).await == "paid").then_some(()) },
+    )
+    .await;
+    eventually(
+        "the gateway to finish every call",
+        std::time::Duration::from_secs(20),
+        || async { (env.fake.in_flight(PUBLIC_ID) == 0).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        env.fake.charges_for_invoice(&invoice.to_string()),
+        1,
+        "the replay overlapped the first call"
+    );
     env.assert_ledger_matches_gateway().await;
     env.stop().await;
 }

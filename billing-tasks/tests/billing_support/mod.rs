@@ -120,6 +120,8 @@ impl Default for Options {
                 .with_hang(Duration::from_secs(3)),
             policy: Policy {
                 processing_lease: chrono::Duration::seconds(2),
+                // Past the fake's processing time plus its `hang`.
+                gateway_max_processing: chrono::Duration::seconds(4),
                 ..Policy::default()
             },
             run_worker: true,

@@ -153,6 +153,10 @@ pub struct FakeConfig {
     pub webhooks: WebhookConfig,
     /// The URL the 3-D Secure challenge points to; default: this fake's own `/acs` page.
     pub acs_url: Option<String>,
+    /// Whether a duplicate `X-Request-ID` arriving while the first request is still processed
+    /// waits for its answer (true, the default) or is processed again (undocumented at the real
+    /// gateway, so billing must never rely on the blocking).
+    pub block_in_flight_duplicates: bool,
 }
 
 impl Default for FakeConfig {
@@ -168,6 +172,7 @@ impl Default for FakeConfig {
             cap_retry_after: None,
             webhooks: WebhookConfig::default(),
             acs_url: None,
+            block_in_flight_duplicates: true,
         }
     }
 }
@@ -200,6 +205,12 @@ impl FakeConfig {
     /// Sets how long timeout faults hold a request.
     pub fn with_hang(mut self, hang: Duration) -> Self {
         self.hang = hang;
+        self
+    }
+
+    /// Processes a duplicate of a request still in flight again instead of making it wait.
+    pub fn with_in_flight_duplicates_let_through(mut self) -> Self {
+        self.block_in_flight_duplicates = false;
         self
     }
 

@@ -23,6 +23,9 @@ pub enum Fault {
     ServerErrorBeforeProcessing(u16),
     /// Process, then answer with this 5xx status instead of the result.
     ServerErrorAfterProcessing(u16),
+    /// Take this much longer to process (holding the request id's claim), then answer: the
+    /// gateway's documented server-side time can reach minutes, far beyond a client's timeout.
+    SlowProcessing(Duration),
     /// Answer HTTP 200 with a body that is not the gateway's JSON (a proxy's error page), without
     /// processing.
     UnparsableBeforeProcessing,

@@ -176,8 +176,10 @@ impl Gateway {
                 )
             })
             .collect();
+        let idempotency = IdempotencyCache::new(config.idempotency_ttl);
+        idempotency.set_block_in_flight(config.block_in_flight_duplicates);
         Gateway {
-            idempotency: IdempotencyCache::new(config.idempotency_ttl),
+            idempotency,
             config,
             terminals,
             ledger: Mutex::new(Ledger::default()),

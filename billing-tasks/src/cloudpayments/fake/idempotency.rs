@@ -5,11 +5,14 @@
 //! response at once. Every completed response is stored (accepted, declined, request error),
 //! whatever the body or endpoint of the repeat — the documented default. A claim that ends
 //! without a response (a fault before processing) releases the key, so waiters process it
-//! themselves. The lock is held only to look up or update the map, never across an await.
+//! themselves. Whether a duplicate of a request still in flight is blocked is not documented
+//! (§5); [`IdempotencyCache::set_block_in_flight`] turns the blocking off, so tests can show
+//! what happens if the real gateway processes such a duplicate again. The lock is held only to look up or update the map, never across an await.
 //! Expired entries are pruned on each claim, oldest first, so memory is bounded by one TTL's
 //! worth of responses.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -42,6 +45,7 @@ struct Inner {
 pub(crate) struct IdempotencyCache {
     inner: Mutex<Inner>,
     ttl: Duration,
+    block_in_flight: AtomicBool,
 }
 
 impl std::fmt::Debug for IdempotencyCache {
@@ -72,7 +76,14 @@ impl IdempotencyCache {
         IdempotencyCache {
             inner: Mutex::new(Inner::default()),
             ttl,
+            block_in_flight: AtomicBool::new(true),
         }
+    }
+
+    /// Whether a duplicate of a request still being processed waits for it (the default) or is
+    /// processed again.
+    pub(crate) fn set_block_in_flight(&self, block: bool) {
+        self.block_in_flight.store(block, Ordering::Release);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -90,6 +101,14 @@ impl IdempotencyCache {
                 self.prune(&mut inner, Instant::now());
                 match inner.map.get(&key) {
                     Some(Slot::Done(stored, _)) => return Claim::Replay(stored.clone()),
+                    Some(Slot::InFlight(_)) if !self.block_in_flight.load(Ordering::Acquire) => {
+                        // Processed again; the first one's waiters still get the first answer.
+                        return Claim::Process(Ticket {
+                            cache: self,
+                            key,
+                            tx: None,
+                        });
+                    }
                     Some(Slot::InFlight(rx)) => rx.clone(),
                     None => {
                         let (tx, rx) = watch::channel(None);
@@ -192,6 +211,21 @@ mod tests {
         assert!(matches!(cache.claim("pk", "a").await, Claim::Replay(r) if r.body[0] == 1));
         // Another terminal's key is separate.
         assert!(matches!(cache.claim("other", "a").await, Claim::Process(_)));
+    }
+
+    #[tokio::test]
+    async fn in_flight_duplicates_are_processed_again_when_not_blocked() {
+        let cache = IdempotencyCache::new(Duration::from_secs(60));
+        cache.set_block_in_flight(false);
+        let Claim::Process(first) = cache.claim("pk", "a").await else {
+            panic!()
+        };
+        let Claim::Process(second) = cache.claim("pk", "a").await else {
+            panic!("an in-flight duplicate is let through")
+        };
+        second.complete(response(2));
+        first.complete(response(1));
+        assert!(matches!(cache.claim("pk", "a").await, Claim::Replay(r) if r.body[0] == 1));
     }
 
     #[tokio::test]

@@ -265,6 +265,11 @@ impl FakeGateway {
             .map_or(0, |t| t.inflight.load(std::sync::atomic::Ordering::Acquire))
     }
 
+    /// Whether a duplicate of a request still in flight waits for it (true) or is processed again.
+    pub fn set_block_in_flight_duplicates(&self, block: bool) {
+        self.gw.idempotency.set_block_in_flight(block);
+    }
+
     /// Responses held for `X-Request-ID` replay (and claims in flight).
     pub fn idempotency_entries(&self) -> usize {
         self.gw.idempotency.len()

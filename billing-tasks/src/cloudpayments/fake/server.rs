@@ -197,6 +197,10 @@ async fn serve(state: AppState, request: Request) -> Response {
         Some(Fault::Decline(code)) => Some(code),
         _ => None,
     };
+    let processing = match fault {
+        Some(Fault::SlowProcessing(extra)) => latency + extra,
+        _ => latency,
+    };
     // The latency is the processing time, spent while holding the request id's claim, so a
     // duplicate arriving meanwhile waits for the first one's response instead of racing it.
     let stored = match &request.request_id {
@@ -212,7 +216,7 @@ async fn serve(state: AppState, request: Request) -> Response {
                 stored
             }
             Claim::Process(ticket) => {
-                if !pause(latency, &state.shutdown).await {
+                if !pause(processing, &state.shutdown).await {
                     // Dropping the ticket releases the id: nothing was processed.
                     return status_only(503);
                 }
@@ -220,7 +224,7 @@ async fn serve(state: AppState, request: Request) -> Response {
             }
         },
         None => {
-            if !pause(latency, &state.shutdown).await {
+            if !pause(processing, &state.shutdown).await {
                 return status_only(503);
             }
             Arc::new(process(gw, &request, forced).await)
