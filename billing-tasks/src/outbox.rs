@@ -4,9 +4,14 @@
 //! Rows are claimed with `FOR UPDATE SKIP LOCKED` and a short lease (so several workers share the
 //! work and a crashed one's rows come back), delivered outside any transaction, then marked
 //! delivered or rescheduled with exponential back-off; after [`MAX_ATTEMPTS`] a row is `dead` and
-//! waits for a person. A message carries its id, which the target uses to ignore a redelivery,
-//! and its `created_at`: a target applying role changes must ignore a grant older than the last
-//! revoke it applied for that subscription (deliveries retried with back-off can arrive late).
+//! waits for a person. A message carries its id, which the target uses to ignore a redelivery.
+//!
+//! Role messages (`auth.*`) are ordered per user: each carries `user_seq`, the next number of its
+//! user's stream (assigned by the ledger in commit order, see migration 0003), and a user's message
+//! is never sent while an earlier one of theirs is undelivered (a dead one stops the stream until a
+//! person resolves it). A retried revoke of an old subscription therefore cannot land after the
+//! grant of a new one; the target should still ignore a `user_seq` not above the last it applied
+//! for that user.
 
 use std::time::Duration;
 
@@ -39,6 +44,9 @@ pub struct OutboxMessage {
     pub created_at: DateTime<Utc>,
     /// Earlier delivery attempts.
     pub attempts: i32,
+    /// The message's place in its user's stream of role messages (`auth.*` only): increasing,
+    /// possibly with gaps.
+    pub user_seq: Option<i64>,
 }
 
 /// Where outbox messages go.
@@ -135,9 +143,11 @@ pub async fn deliver_due(
     let now = billing.now();
     let claimed = sqlx::query!(
         "UPDATE outbox SET next_attempt_at = $1
-         WHERE id IN (SELECT id FROM outbox WHERE status = 'pending' AND next_attempt_at <= $2
-                      ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED)
-         RETURNING id, topic, payload, created_at, attempts",
+         WHERE id IN (SELECT o.id FROM outbox o WHERE o.status = 'pending' AND o.next_attempt_at <= $2
+                        AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.user_id = o.user_id
+                                        AND e.user_seq < o.user_seq AND e.status <> 'delivered')
+                      ORDER BY o.created_at LIMIT $3 FOR UPDATE SKIP LOCKED)
+         RETURNING id, topic, payload, created_at, attempts, user_seq",
         now + CLAIM_LEASE,
         now,
         limit
@@ -152,6 +162,7 @@ pub async fn deliver_due(
             payload: r.payload,
             created_at: r.created_at,
             attempts: r.attempts,
+            user_seq: r.user_seq,
         })
         .collect();
     let mut results = Vec::with_capacity(messages.len());

@@ -130,3 +130,89 @@ async fn a_message_that_never_gets_through_ends_up_dead() {
     assert!(last_error.contains("503"), "{last_error}");
     env.stop().await;
 }
+
+/// A target that fails the first delivery of each `auth.revoke`, and records every message it
+/// accepted in order of arrival.
+async fn revoke_failing_target() -> (String, Arc<Mutex<Vec<Value>>>) {
+    let got: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let failed = Arc::new(Mutex::new(std::collections::HashSet::<String>::new()));
+    let app = {
+        let got = got.clone();
+        Router::new().route(
+            "/outbox",
+            post(move |body: axum::Json<Value>| {
+                let (got, failed) = (got.clone(), failed.clone());
+                async move {
+                    let id = body.0["id"].as_str().unwrap_or_default().to_owned();
+                    if body.0["topic"] == "auth.revoke" && failed.lock().unwrap().insert(id) {
+                        return StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    got.lock().unwrap().push(body.0);
+                    StatusCode::OK
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{addr}/outbox"), got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_revoke_never_lands_after_the_next_grant() {
+    let env = Env::start().await;
+    let user = Uuid::new_v4();
+    env.subscribe(user, CARD_OK).await;
+    // The first subscription ends (cancelled, period over) and the user subscribes again: a grant,
+    // a revoke and a new grant, in that order.
+    env.service.cancel(user, None).await.unwrap();
+    let (_, _, end) = env.subscription_of(user).await;
+    env.clock.set(end.unwrap() + chrono::Duration::minutes(1));
+    env.run::<billing_tasks::tasks::ExpireSubscriptions>(())
+        .await;
+    env.subscribe(user, CARD_OK).await;
+
+    let (url, got) = revoke_failing_target().await;
+    let target = HttpTarget::new(&url).unwrap();
+    for _ in 0..10 {
+        outbox::deliver_due(&env.billing, &target, 100)
+            .await
+            .unwrap();
+        if env
+            .scalar_i64("SELECT count(*) FROM outbox WHERE status <> 'delivered'")
+            .await
+            == 0
+        {
+            break;
+        }
+        env.clock.advance(chrono::Duration::minutes(1));
+    }
+    let roles: Vec<(String, i64)> = got
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|m| m["topic"].as_str().unwrap().starts_with("auth."))
+        .map(|m| {
+            (
+                m["topic"].as_str().unwrap().to_owned(),
+                m["user_seq"]
+                    .as_i64()
+                    .expect("a role message carries user_seq"),
+            )
+        })
+        .collect();
+    let topics: Vec<&str> = roles.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(
+        topics,
+        ["auth.grant", "auth.revoke", "auth.grant"],
+        "role messages arrive in the order they were written"
+    );
+    assert!(
+        roles.windows(2).all(|w| w[0].1 < w[1].1),
+        "user_seq increases: {roles:?}"
+    );
+    env.stop().await;
+}
