@@ -323,8 +323,13 @@ fn text_i64(v: &Value) -> Option<i64> {
 /// Pay or Fail: the attempt this notification is about, settled with it.
 ///
 /// The attempt is the one carrying the transaction id (or, for a backup acquirer's approval, the
-/// declined transaction it replaces); failing that, the invoice's only attempt that has no
-/// transaction id yet. Anything ambiguous goes to accounting rather than to a guess.
+/// declined transaction it replaces); failing that, the invoice's attempt in flight; failing that,
+/// its only attempt that has no transaction id. Anything ambiguous goes to accounting rather than
+/// to a guess.
+///
+/// The candidates are read in one statement that locks them, so a worker settling the attempt at
+/// the same moment is waited for and its result seen (it then carries the transaction id);
+/// separate unlocked reads could miss the attempt between them.
 async fn apply_payment(
     billing: &Billing,
     p: &PaymentDetails,
@@ -335,42 +340,43 @@ async fn apply_payment(
         .invoice_id
         .as_deref()
         .and_then(|i| Uuid::parse_str(i).ok());
-    let exact = sqlx::query_scalar!(
-        "SELECT id FROM payment WHERE gateway_transaction_id = $1 OR gateway_transaction_id = $2 LIMIT 1",
+    let candidates = sqlx::query!(
+        "SELECT id, status, sent_at, gateway_transaction_id FROM payment
+         WHERE gateway_transaction_id = $1 OR gateway_transaction_id = $2
+            OR (invoice_id = $3 AND gateway_transaction_id IS NULL AND status IN ('processing', 'failed', 'expired'))
+         ORDER BY attempt
+         FOR UPDATE",
         p.transaction_id,
-        fallback_of
+        fallback_of,
+        invoice_id
     )
-    .fetch_optional(billing.db())
+    .fetch_all(billing.db())
     .await?;
-    let payment = match exact {
-        Some(id) => Some(id),
-        None => {
-            let candidates = sqlx::query!(
-                "SELECT id, status, sent_at FROM payment
-                 WHERE invoice_id = $1 AND gateway_transaction_id IS NULL AND status IN ('processing', 'failed', 'expired')",
-                invoice_id
-            )
-            .fetch_all(billing.db())
-            .await?;
-            match candidates.as_slice() {
-                [only] => {
-                    // The worker waiting for this very call has the authoritative answer (a Fail
-                    // may be followed by a backup acquirer's approval); leave it to the worker.
-                    let waiting = only.status == "processing"
-                        && only
-                            .sent_at
-                            .is_some_and(|t| t + billing.policy().processing_lease > billing.now());
-                    if waiting && matches!(outcome, Outcome::Declined(_)) {
-                        return Ok(format!(
-                            "left to the worker calling for payment {}",
-                            only.id
-                        ));
-                    }
-                    Some(only.id)
-                }
-                _ => None,
+    let exact = candidates.iter().find(|c| {
+        c.gateway_transaction_id.is_some()
+            && (c.gateway_transaction_id == Some(p.transaction_id)
+                || c.gateway_transaction_id == fallback_of)
+    });
+    let unattributed: Vec<_> = candidates
+        .iter()
+        .filter(|c| c.gateway_transaction_id.is_none())
+        .collect();
+    let in_flight = unattributed.iter().find(|c| c.status == "processing");
+    let payment = match (exact, in_flight, unattributed.as_slice()) {
+        (Some(c), _, _) => Some(c.id),
+        (None, Some(c), _) => {
+            // The worker waiting for this very call has the authoritative answer (a Fail may be
+            // followed by a backup acquirer's approval); leave it to the worker.
+            let waiting = c
+                .sent_at
+                .is_some_and(|t| t + billing.policy().processing_lease > billing.now());
+            if waiting && matches!(outcome, Outcome::Declined(_)) {
+                return Ok(format!("left to the worker calling for payment {}", c.id));
             }
+            Some(c.id)
         }
+        (None, None, [only]) => Some(only.id),
+        _ => None,
     };
     let Some(payment_id) = payment else {
         tracing::error!(transaction_id = p.transaction_id, invoice = ?p.invoice_id, "notification for a payment billing cannot attribute");

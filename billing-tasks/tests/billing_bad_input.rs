@@ -85,19 +85,22 @@ async fn bad_subscription_requests_change_nothing() {
     env.stop().await;
 }
 
-/// A snapshot once the ledger has stopped changing (what follows a payment may land just after
-/// it reads as succeeded), polling at most 5 s.
-async fn settled_snapshot(env: &Env) -> Vec<i64> {
-    let mut last = snapshot(env).await;
-    for _ in 0..20 {
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-        let now = snapshot(env).await;
-        if now == last {
-            return now;
-        }
-        last = now;
-    }
-    panic!("the ledger kept changing: {last:?}");
+/// Waits (bounded) for the gateway's Pay notification of the payment: the one write that follows
+/// a payment reading as succeeded.
+async fn pay_notification_processed(env: &Env) {
+    eventually(
+        "the Pay notification",
+        std::time::Duration::from_secs(10),
+        || async {
+            (env.scalar_i64(
+                "SELECT count(*) FROM gateway_event WHERE kind = 'pay' AND processed_at IS NOT NULL",
+            )
+            .await
+                == 1)
+                .then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,7 +108,8 @@ async fn unknown_ids_and_other_peoples_payments_are_not_found() {
     let env = Env::start().await;
     let (user, stranger) = (Uuid::new_v4(), Uuid::new_v4());
     let p = env.subscribe(user, CARD_OK).await;
-    let before = settled_snapshot(&env).await;
+    pay_notification_processed(&env).await;
+    let before = snapshot(&env).await;
 
     assert!(matches!(
         env.service.get_payment(user, Uuid::new_v4()).await,

@@ -177,3 +177,72 @@ async fn a_replayed_notification_is_acknowledged_and_not_applied_twice() {
     );
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pay_notification_for_a_renewal_with_an_earlier_failed_attempt_settles_it() {
+    use billing_tasks::cloudpayments::fake::Fault;
+    use billing_tasks::ledger::topic;
+    use billing_tasks::tasks::{ChargeInvoice, InvoiceArgs};
+
+    let env = Env::start().await;
+    let user = Uuid::new_v4();
+    env.subscribe(user, CARD_OK).await;
+    let (_, _, end) = env.subscription_of(user).await;
+    env.clock.set(end.unwrap() - chrono::Duration::hours(12));
+    let invoice = billing_tasks::renewals::create_renewal_invoices(&env.billing)
+        .await
+        .unwrap()[0];
+    // An earlier attempt that never reached the gateway (no transaction id), due again now.
+    let earlier = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO payment (id, invoice_id, attempt, method, status, amount_minor, currency, idempotency_key, sent_at, completed_at, created_at, updated_at)
+         VALUES ($1, $2, 1, 'token', 'failed', 29900, 'RUB', $3, $4, $4, $4, $4)",
+    )
+    .bind(earlier)
+    .bind(invoice)
+    .bind(format!("renewal:{invoice}:1"))
+    .bind(env.clock.now())
+    .execute(&env.db)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE invoice SET next_attempt_at = $2 WHERE id = $1")
+        .bind(invoice)
+        .bind(env.clock.now())
+        .execute(&env.db)
+        .await
+        .unwrap();
+    // The second attempt's answer is lost; the gateway's Pay notification tells first.
+    env.fake
+        .push_fault_for("/payments/tokens/charge", Fault::TimeoutAfterProcessing);
+    env.tasks
+        .task::<ChargeInvoice>(InvoiceArgs {
+            invoice_id: invoice,
+        })
+        .queue(&env.queue)
+        .send()
+        .await
+        .unwrap();
+    let outcome = eventually(
+        "the Pay notification to be processed",
+        std::time::Duration::from_secs(20),
+        || async {
+            sqlx::query_scalar::<_, Option<String>>(
+                "SELECT outcome FROM gateway_event WHERE kind = 'pay' AND invoice_id = $1 AND processed_at IS NOT NULL",
+            )
+            .bind(invoice.to_string())
+            .fetch_optional(&env.db)
+            .await
+            .unwrap()
+            .flatten()
+        },
+    )
+    .await;
+    assert!(outcome.contains("succeeded"), "{outcome}");
+    assert!(
+        env.outbox(topic::ACCOUNTING_ATTENTION).await.is_empty(),
+        "no false unmatched-payment alert"
+    );
+    assert_eq!(env.invoice_status(invoice).await, "paid");
+    env.assert_ledger_matches_gateway().await;
+    env.stop().await;
+}
