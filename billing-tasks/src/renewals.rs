@@ -107,9 +107,11 @@ pub enum InvoiceRun {
 
 /// Charges a renewal invoice: continues its attempt in flight, or starts the next one when due.
 ///
-/// No lock is taken: the new attempt is inserted only while the invoice is still `open`, and the
-/// database allows one attempt in flight per invoice and one row per attempt number, so two runs
-/// of this task cannot both start an attempt; the loser finds the winner's attempt and waits.
+/// The new attempt is inserted only while the invoice is still `open`, and the database allows
+/// one attempt in flight per invoice and one row per attempt number, so two runs of this task
+/// cannot both start an attempt; the loser finds the winner's attempt and waits. The insert locks
+/// the subscription row, so it is serialised with a cancel or an expiry (which lock it too): one
+/// that commits first is seen, and one that comes later sees the attempt in flight.
 pub async fn charge_invoice(billing: &Billing, invoice_id: Uuid) -> Result<InvoiceRun> {
     let now = billing.now();
     let inv = sqlx::query!(
@@ -165,12 +167,14 @@ pub async fn charge_invoice(billing: &Billing, invoice_id: Uuid) -> Result<Invoi
     let payment_id = Uuid::now_v7();
     let amount = Money::new(inv.amount_minor, Currency::new(&inv.currency)?)?;
     let inserted = sqlx::query!(
-        "WITH p AS (
+        "WITH live AS (
+             SELECT s.id FROM subscription s JOIN invoice i ON i.subscription_id = s.id
+             WHERE i.id = $2 AND i.status = 'open' AND s.auto_renew AND s.status IN ('active', 'past_due')
+             FOR UPDATE OF s),
+         p AS (
              INSERT INTO payment (id, invoice_id, attempt, method, status, amount_minor, currency, idempotency_key,
                                   payment_method_id, sent_at, created_at, updated_at)
-             SELECT $1, $2, $3, 'token', 'processing', $4, $5, $6, $7, $8, $8, $8
-             WHERE EXISTS (SELECT 1 FROM invoice i JOIN subscription s ON s.id = i.subscription_id
-                           WHERE i.id = $2 AND i.status = 'open' AND s.auto_renew AND s.status IN ('active', 'past_due'))
+             SELECT $1, $2, $3, 'token', 'processing', $4, $5, $6, $7, $8, $8, $8 FROM live
              RETURNING id)
          INSERT INTO status_history (entity, entity_id, from_status, to_status, actor, at)
          SELECT 'payment', id, NULL, 'processing', 'worker', $8 FROM p",
@@ -286,13 +290,18 @@ async fn expire_one(
     report: &mut ExpiryReport,
 ) -> Result<()> {
     let mut tx = billing.db().begin().await?;
+    // The lock first, the rest in a later statement: a renewal attempt inserted (under this same
+    // lock) just before it was granted is then seen as in flight, not missed by an older snapshot.
+    sqlx::query!("SELECT id FROM subscription WHERE id = $1 FOR UPDATE", id)
+        .fetch_one(&mut *tx)
+        .await?;
     let s = sqlx::query!(
             r#"SELECT s.status, s.auto_renew, s.current_period_end, s.grace_until, s.created_at,
                       (SELECT i.status FROM invoice i WHERE i.subscription_id = s.id AND i.kind = 'renewal'
                          AND i.period_start = s.current_period_end) AS renewal_status,
                       EXISTS (SELECT 1 FROM payment p JOIN invoice i ON i.id = p.invoice_id WHERE i.subscription_id = s.id
                               AND p.status IN ('created', 'processing', 'awaiting_3ds')) AS "in_flight!"
-               FROM subscription s WHERE s.id = $1 FOR UPDATE"#,
+               FROM subscription s WHERE s.id = $1"#,
             id
         )
         .fetch_one(&mut *tx)

@@ -187,3 +187,84 @@ async fn resuming_after_a_cancel_brings_back_the_voided_renewal() {
     env.assert_ledger_matches_gateway().await;
     env.stop().await;
 }
+
+/// Starts a renewal charge while `change` (a cancel or an expiry, as its own transaction would
+/// write it) holds the subscription's row lock, lets the change commit, and returns how often the
+/// gateway charged the renewal.
+async fn charge_during(env: &Env, user: Uuid, change: &'static str) -> u32 {
+    let (_, _, end) = env.subscription_of(user).await;
+    env.clock.set(end.unwrap() - Duration::hours(12));
+    let invoice = billing_tasks::renewals::create_renewal_invoices(&env.billing)
+        .await
+        .unwrap()[0];
+    let mut tx = env.db.begin().await.unwrap();
+    sqlx::query("SELECT id FROM subscription WHERE payer_id = $1 FOR UPDATE")
+        .bind(user)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(change))
+        .bind(user)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let billing = env.billing.clone();
+    let run =
+        tokio::spawn(
+            async move { billing_tasks::renewals::charge_invoice(&billing, invoice).await },
+        );
+    // The charge either reached the gateway already or waits for the change to commit.
+    eventually(
+        "the charge to reach the gateway or wait for the lock",
+        std::time::Duration::from_secs(20),
+        || async {
+            let waiting = env
+                .scalar_i64(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .await;
+            (waiting > 0 || env.fake.requests("/payments/tokens/charge") > 0).then_some(())
+        },
+    )
+    .await;
+    tx.commit().await.unwrap();
+    run.await
+        .unwrap()
+        .expect("the charge run ends without an error");
+    env.fake.charges_for_invoice(&invoice.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_is_not_charged_once_the_user_cancelled() {
+    let env = Env::start().await;
+    let user = Uuid::new_v4();
+    env.subscribe(user, CARD_OK).await;
+    let charges = charge_during(
+        &env,
+        user,
+        "UPDATE subscription SET auto_renew = false, canceled_at = now() WHERE payer_id = $1",
+    )
+    .await;
+    assert_eq!(charges, 0, "the card was charged after the user cancelled");
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM payment WHERE status = 'processing'")
+            .await,
+        0
+    );
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_is_not_charged_once_the_subscription_expired() {
+    let env = Env::start().await;
+    let user = Uuid::new_v4();
+    env.subscribe(user, CARD_OK).await;
+    let charges = charge_during(
+        &env,
+        user,
+        "UPDATE subscription SET status = 'expired' WHERE payer_id = $1",
+    )
+    .await;
+    assert_eq!(charges, 0, "the card was charged after expiry");
+    env.stop().await;
+}
