@@ -96,6 +96,7 @@ impl WorkerProcess {
         ));
         let child = tokio::process::Command::new(worker_binary()?)
             .env("BROKER_URL", &s.broker)
+            .env("METRICS_BIND", "127.0.0.1:0")
             .env("RESULT_BACKEND", &s.backend)
             .env("WORKER_QUEUES", queue)
             .env("WORKER_TASKS", "diag")

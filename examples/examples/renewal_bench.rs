@@ -176,6 +176,7 @@ async fn main() -> anyhow::Result<()> {
     let log = std::env::temp_dir().join(format!("renewal-bench-worker-{run}.log"));
     let mut worker = tokio::process::Command::new(worker_binary()?)
         .env("BROKER_URL", &s.broker)
+        .env("METRICS_BIND", "127.0.0.1:0")
         .env("RESULT_BACKEND", &s.backend)
         .env("WORKER_TASKS", "billing")
         .env("BILLING_QUEUE", &queue)

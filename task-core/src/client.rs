@@ -47,6 +47,7 @@ struct ClientInner {
     default_queue: String,
     serializer: ContentType,
     origin: String,
+    sent_events: Option<crate::events::Events>,
 }
 
 impl std::fmt::Debug for Client {
@@ -69,6 +70,7 @@ impl Client {
                 default_queue: DEFAULT_QUEUE.to_owned(),
                 serializer: ContentType::Json,
                 origin: format!("gen{}@{}", std::process::id(), crate::hostname()),
+                sent_events: None,
             }),
         }
     }
@@ -87,6 +89,7 @@ impl Client {
             default_queue: self.inner.default_queue.clone(),
             serializer: self.inner.serializer,
             origin: self.inner.origin.clone(),
+            sent_events: self.inner.sent_events.clone(),
         };
         f(&mut inner);
         Client {
@@ -105,6 +108,56 @@ impl Client {
         self.with(|i| i.serializer = serializer)
     }
 
+    /// A client that sends a `task-sent` event for every task it publishes (Celery's
+    /// `task_send_sent_event`), as node `gen<pid>@<host>`. Events go to RabbitMQ's `celeryev`
+    /// exchange; with the in-memory broker there is nowhere to send them. Call inside a runtime.
+    pub fn with_sent_events(&self) -> Self {
+        let events = crate::events::Events::start(
+            crate::events::EventSink::for_broker(&self.inner.broker),
+            self.inner.origin.clone(),
+            true,
+        );
+        self.with(|i| i.sent_events = Some(events))
+    }
+
+    /// Revokes tasks everywhere: stored in the coordinator of the result backend's Redis (so
+    /// workers that start later or are disconnected now still discard them) and broadcast to the
+    /// workers that are up; with `terminate` a running one is stopped. Python's
+    /// `app.control.revoke` reaches the same workers, without the stored copy.
+    pub async fn revoke(&self, ids: &[String], terminate: bool, ttl: Duration) -> Result<()> {
+        match &self.inner.backend {
+            AnyBackend::Redis(redis) => {
+                let coordinator = crate::coord::Coordinator::from_backend(redis);
+                self.revoke_in(&coordinator, ids, terminate, ttl).await
+            }
+            AnyBackend::Memory(_) => {
+                self.revoke_in(&crate::coord::Coordinator::memory(), ids, terminate, ttl)
+                    .await
+            }
+        }
+    }
+
+    /// [`Client::revoke`] with the revoke stored in `coordinator` (one with another key prefix).
+    pub async fn revoke_in(
+        &self,
+        coordinator: &crate::coord::Coordinator,
+        ids: &[String],
+        terminate: bool,
+        ttl: Duration,
+    ) -> Result<()> {
+        coordinator.revoke(ids, ttl).await?;
+        if let AnyBroker::Amqp(amqp) = &self.inner.broker {
+            crate::control::cast(
+                amqp,
+                "revoke",
+                serde_json::json!({"task_id": ids, "terminate": terminate, "signal": "SIGTERM"}),
+                None,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     /// The broker.
     pub fn broker(&self) -> &AnyBroker {
         &self.inner.broker
@@ -120,6 +173,8 @@ impl Client {
         let options = T::options();
         let mut call = self.call_with(T::NAME, encode_args(&args), &options);
         call.options.queue = options.queue.clone();
+        call.sensitive = options.sensitive.clone();
+        call.fields = crate::task::field_names::<T::Args>();
         call
     }
 
@@ -151,6 +206,8 @@ impl Client {
                 ignore_result: options.ignore_result,
                 ..SendOptions::default()
             },
+            sensitive: Vec::new(),
+            fields: None,
             _output: PhantomData,
         }
     }
@@ -213,6 +270,8 @@ pub struct Call<'a, O> {
     name: String,
     args: std::result::Result<(Vec<Value>, Map<String, Value>), String>,
     options: SendOptions,
+    sensitive: Vec<String>,
+    fields: Option<&'static [&'static str]>,
     _output: PhantomData<fn() -> O>,
 }
 
@@ -303,8 +362,10 @@ impl<'a, O> Call<'a, O> {
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let mut m = TaskMessage::new(self.name.clone(), id);
         let h = &mut m.headers;
-        h.argsrepr = Some(repr(&Value::Array(args.clone())));
-        h.kwargsrepr = Some(repr(&Value::Object(kwargs.clone())));
+        let (shown_args, shown_kwargs) =
+            crate::redact::redact(&args, &kwargs, &self.sensitive, self.fields);
+        h.argsrepr = Some(crate::events::repr::args_repr(&shown_args));
+        h.kwargsrepr = Some(crate::events::repr::kwargs_repr(&shown_kwargs));
         h.origin = Some(self.client.inner.origin.clone());
         h.eta = self.options.eta;
         h.expires = self.options.expires;
@@ -334,22 +395,30 @@ impl<'a, O> Call<'a, O> {
             .as_deref()
             .unwrap_or(&self.client.inner.default_queue);
         self.client.publish(queue, &message).await?;
+        if let Some(events) = &self.client.inner.sent_events {
+            let h = &message.headers;
+            let mut f = Map::new();
+            f.insert("root_id".into(), serde_json::json!(h.root_id));
+            f.insert("parent_id".into(), serde_json::json!(h.parent_id));
+            f.insert("name".into(), h.task.clone().into());
+            f.insert("args".into(), serde_json::json!(h.argsrepr));
+            f.insert("kwargs".into(), serde_json::json!(h.kwargsrepr));
+            f.insert("retries".into(), serde_json::json!(h.retries));
+            f.insert(
+                "eta".into(),
+                serde_json::json!(h.eta.map(crate::protocol::format_datetime)),
+            );
+            f.insert(
+                "expires".into(),
+                serde_json::json!(h.expires.map(crate::protocol::format_datetime)),
+            );
+            f.insert("queue".into(), queue.into());
+            f.insert("exchange".into(), "".into());
+            f.insert("routing_key".into(), queue.into());
+            events.task("task-sent", &h.id, f);
+        }
         Ok(self.client.result(message.headers.id))
     }
-}
-
-/// Printable arguments, cut to 1024 characters like Celery's `argsrepr`.
-fn repr(v: &Value) -> String {
-    let mut s = v.to_string();
-    if s.len() > 1024 {
-        let mut cut = 1021;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-        s.push_str("...");
-    }
-    s
 }
 
 /// A handle on a task's result.

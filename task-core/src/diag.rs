@@ -1,6 +1,9 @@
 //! Diagnostic tasks, registered by every worker: `diag.add(x, y)`, `diag.echo(value)`,
-//! `diag.sleep(ms)` and `diag.fail(message)`. They check a deployment end to end (Python's
-//! `send_task('diag.add', (2, 3))` returns 5) and drive the benchmarks.
+//! `diag.sleep(ms)`, `diag.fail(message)`, `diag.flaky(fails)` (retried `fails` times, then
+//! succeeds) and `diag.limited(key, ms)` (at most one running per `key` across the cluster, at
+//! most 20 starts per second per key; returns when it started and ended). They check a deployment
+//! end to end (Python's `send_task('diag.add', (2, 3))` returns 5), show retries and flow
+//! control to an operator, and drive the benchmarks.
 
 use std::time::Duration;
 
@@ -17,6 +20,79 @@ pub fn register(registry: &mut Registry) -> &mut Registry {
         .register(Echo)
         .register(Sleep)
         .register(Fail)
+        .register(Flaky)
+        .register(Limited)
+}
+
+/// `diag.flaky(fails)`: asks to be retried (at once) until it has been retried `fails` times,
+/// then returns the number of retries.
+#[derive(Debug, Clone, Copy)]
+pub struct Flaky;
+
+/// Arguments of `diag.flaky`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlakyArgs {
+    /// Retries before it succeeds.
+    pub fails: u32,
+}
+
+impl Task for Flaky {
+    const NAME: &'static str = "diag.flaky";
+    type Args = FlakyArgs;
+    type Output = u32;
+
+    fn options() -> crate::TaskOptions {
+        crate::TaskOptions::default().max_retries(None)
+    }
+
+    async fn run(&self, ctx: TaskContext, a: FlakyArgs) -> Result<u32, TaskError> {
+        if ctx.retries < a.fails {
+            return Err(TaskError::retry_after(
+                Duration::ZERO,
+                format!("flaky: attempt {} of {}", ctx.retries + 1, a.fails + 1),
+            ));
+        }
+        Ok(ctx.retries)
+    }
+}
+
+/// `diag.limited(key, ms)`: sleeps `ms` under the cluster-wide limits of its `key` (one at a
+/// time, 20 starts per second) and returns `{"start": t0, "end": t1}` in Unix seconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Limited;
+
+/// Arguments of `diag.limited`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LimitedArgs {
+    /// The key the limits count against.
+    pub key: String,
+    /// Milliseconds to hold it.
+    pub ms: u64,
+}
+
+/// Starts per second per key of `diag.limited`.
+pub const LIMITED_RATE: f64 = 20.0;
+
+impl Task for Limited {
+    const NAME: &'static str = "diag.limited";
+    type Args = LimitedArgs;
+    type Output = Value;
+
+    fn options() -> crate::TaskOptions {
+        crate::TaskOptions::default().key_limit(
+            crate::task::KeyLimit::by_arg("key")
+                .concurrency(1)
+                .rate(crate::RateLimit {
+                    per_second: LIMITED_RATE,
+                }),
+        )
+    }
+
+    async fn run(&self, _ctx: TaskContext, a: LimitedArgs) -> Result<Value, TaskError> {
+        let start = crate::events::unix_now();
+        tokio::time::sleep(Duration::from_millis(a.ms)).await;
+        Ok(serde_json::json!({"start": start, "end": crate::events::unix_now()}))
+    }
 }
 
 /// `diag.add(x, y)`: integer addition (checked) or floating-point addition.

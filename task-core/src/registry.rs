@@ -15,6 +15,8 @@ pub(crate) type PreparedRun =
 /// A registered task, independent of its argument and result types.
 pub(crate) trait ErasedTask: Send + Sync {
     fn options(&self) -> &TaskOptions;
+    /// The argument struct's field names in order (`None` for tuples and plain values).
+    fn fields(&self) -> Option<&'static [&'static str]>;
     /// Decodes the arguments; an error is a reason for dead-lettering (wrong argument shape).
     fn prepare(&self, args: Vec<Value>, kwargs: Map<String, Value>) -> Result<PreparedRun, String>;
 }
@@ -27,6 +29,10 @@ struct Entry<T: Task> {
 impl<T: Task> ErasedTask for Entry<T> {
     fn options(&self) -> &TaskOptions {
         &self.options
+    }
+
+    fn fields(&self) -> Option<&'static [&'static str]> {
+        crate::task::field_names::<T::Args>()
     }
 
     fn prepare(&self, args: Vec<Value>, kwargs: Map<String, Value>) -> Result<PreparedRun, String> {

@@ -79,10 +79,67 @@ pub struct TaskOptions {
     pub priority: Option<u8>,
     /// Do not store results.
     pub ignore_result: bool,
-    /// At most this many starts per second on each worker.
+    /// At most this many starts per second, across every worker sharing the coordinator (per
+    /// worker without one). The `rate_limit` control command changes it at run time.
     pub rate_limit: Option<RateLimit>,
     /// Store STARTED when execution begins.
     pub track_started: bool,
+    /// Cluster-wide limits per key (a payer, a terminal): waited for before the task takes a
+    /// concurrency slot.
+    pub key_limits: Vec<KeyLimit>,
+    /// Argument names whose values never appear in events, inspect replies, stored results'
+    /// extended fields, logs or error reports (they print as `'***'`).
+    pub sensitive: Vec<String>,
+}
+
+/// Which key a [`KeyLimit`] counts against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitKey {
+    /// The value of the named argument (keyword, or positional by field order): one key per
+    /// distinct value, e.g. one per payer.
+    Arg(String),
+    /// One fixed key, e.g. a gateway terminal shared by several task types.
+    Fixed(String),
+}
+
+/// A cluster-wide limit on a task type per key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyLimit {
+    /// The key.
+    pub key: LimitKey,
+    /// At most this many starts per second per key.
+    pub rate: Option<RateLimit>,
+    /// At most this many running at once per key.
+    pub concurrency: Option<u32>,
+}
+
+impl KeyLimit {
+    /// A limit keyed by the value of argument `name`.
+    pub fn by_arg(name: impl Into<String>) -> Self {
+        KeyLimit {
+            key: LimitKey::Arg(name.into()),
+            rate: None,
+            concurrency: None,
+        }
+    }
+    /// A limit on one fixed key.
+    pub fn fixed(key: impl Into<String>) -> Self {
+        KeyLimit {
+            key: LimitKey::Fixed(key.into()),
+            rate: None,
+            concurrency: None,
+        }
+    }
+    /// Sets the rate per key.
+    pub fn rate(mut self, rate: RateLimit) -> Self {
+        self.rate = Some(rate);
+        self
+    }
+    /// Sets the concurrency per key.
+    pub fn concurrency(mut self, n: u32) -> Self {
+        self.concurrency = Some(n.max(1));
+        self
+    }
 }
 
 impl Default for TaskOptions {
@@ -98,6 +155,8 @@ impl Default for TaskOptions {
             ignore_result: false,
             rate_limit: None,
             track_started: false,
+            key_limits: Vec::new(),
+            sensitive: Vec::new(),
         }
     }
 }
@@ -139,9 +198,23 @@ impl TaskOptions {
         self.ignore_result = yes;
         self
     }
-    /// Sets the per-worker rate limit.
+    /// Sets the rate limit (cluster-wide with a coordinator).
     pub fn rate_limit(mut self, limit: RateLimit) -> Self {
         self.rate_limit = Some(limit);
+        self
+    }
+    /// Adds a cluster-wide limit per key.
+    pub fn key_limit(mut self, limit: KeyLimit) -> Self {
+        self.key_limits.push(limit);
+        self
+    }
+    /// Marks arguments as sensitive (see [`TaskOptions::sensitive`]).
+    pub fn sensitive<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.sensitive.extend(names.into_iter().map(Into::into));
         self
     }
     /// Stores STARTED when execution begins.
@@ -240,6 +313,7 @@ pub struct TaskContext {
     pub hostname: String,
     pub(crate) client: Client,
     pub(crate) soft: SoftLimit,
+    pub(crate) coordinator: Option<crate::coord::Coordinator>,
 }
 
 impl std::fmt::Debug for TaskContext {
@@ -262,6 +336,12 @@ pub(crate) struct SoftLimit {
 }
 
 impl TaskContext {
+    /// The cluster-wide coordinator the worker shares with its peers (Redis), for idempotency
+    /// keys, per-key locks and limits inside a task; `None` when the worker runs without one.
+    pub fn coordinator(&self) -> Option<&crate::coord::Coordinator> {
+        self.coordinator.as_ref()
+    }
+
     /// A client to send further tasks with (shares the worker's connections).
     pub fn client(&self) -> &Client {
         &self.client
@@ -345,7 +425,7 @@ pub fn encode_args<A: Serialize>(args: &A) -> Result<(Vec<Value>, Map<String, Va
 }
 
 /// The field names of a struct type, found by asking its `Deserialize` impl.
-fn field_names<A: DeserializeOwned>() -> Option<&'static [&'static str]> {
+pub(crate) fn field_names<A: DeserializeOwned>() -> Option<&'static [&'static str]> {
     use serde::de::{self, Visitor};
     struct Probe(Option<&'static [&'static str]>);
     #[derive(Debug)]

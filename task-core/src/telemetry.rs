@@ -170,7 +170,7 @@ pub fn in_task_scope<F: Future>(
     task_name: &str,
     task_id: &str,
     future: F,
-) -> impl Future<Output = F::Output> {
+) -> impl Future<Output = F::Output> + use<F> {
     #[cfg(feature = "sentry")]
     {
         sentry_report::in_task_scope(task_name, task_id, future)

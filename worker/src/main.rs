@@ -9,6 +9,8 @@ use std::time::Duration;
 use billing_tasks::config::BillingArgs;
 use clap::{Parser, ValueEnum};
 use task_core::cli::{ConnectionArgs, parse_or_exit};
+use task_core::coord::Coordinator;
+use task_core::health::ReadinessCheck;
 use task_core::{AnyBackend, AnyBroker, Client, Registry, Worker, WorkerConfig};
 
 /// Task sets a worker can run.
@@ -51,14 +53,32 @@ struct Cli {
     #[arg(long, env = "WORKER_PREFETCH", value_parser = clap::value_parser!(u16).range(1..))]
     prefetch: Option<u16>,
 
-    /// Node name shown to Celery tools; %h expands to the host name.
-    #[arg(
-        long,
-        short = 'n',
-        env = "WORKER_HOSTNAME",
-        default_value = "celery@%h"
-    )]
-    hostname: String,
+    /// Node name shown to Celery tools; %h expands to the host name. Default `celery@%h`, made
+    /// unique per process when another node already answers to it.
+    #[arg(long, short = 'n', env = "WORKER_HOSTNAME")]
+    hostname: Option<String>,
+
+    /// Send task events from the start (Celery's -E); `celery control enable_events` and Flower
+    /// turn them on at run time too.
+    #[arg(long = "events", short = 'E', env = "WORKER_SEND_TASK_EVENTS", action = clap::ArgAction::Set, default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    task_events: bool,
+
+    /// Where /metrics, /livez and /readyz are served (`off` to serve nothing).
+    #[arg(long, env = "METRICS_BIND", default_value = "127.0.0.1:9808")]
+    metrics_bind: String,
+
+    /// Seconds a revoke holds (at least the longest delay a message may wait).
+    #[arg(long, env = "WORKER_REVOKE_TTL", default_value_t = task_core::worker::DEFAULT_REVOKE_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    revoke_ttl: u64,
+
+    /// Prefix of the keys revokes and limits are shared under in the result backend's Redis
+    /// (several clusters can share one Redis with different prefixes).
+    #[arg(long, env = "COORDINATION_PREFIX", default_value = task_core::coord::DEFAULT_PREFIX)]
+    coordination_prefix: String,
+
+    /// Report task failures and panics to Sentry at this DSN.
+    #[arg(long, env = "SENTRY_DSN")]
+    sentry_dsn: Option<String>,
 
     /// Seconds running tasks get to finish after SIGTERM before their messages are given back.
     #[arg(long, env = "WORKER_SHUTDOWN_TIMEOUT", default_value_t = 30)]
@@ -73,9 +93,18 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli: Cli = parse_or_exit();
     task_core::telemetry::init(cli.connection.log_format);
+    let _sentry = task_core::telemetry::init_sentry(cli.sentry_dsn.as_deref());
     if let Some(q) = cli.queues.iter().find(|q| q.trim().is_empty()) {
         anyhow::bail!("WORKER_QUEUES: empty queue name in {q:?}");
     }
+    let metrics_listener = match cli.metrics_bind.as_str() {
+        "off" => None,
+        bind => Some(
+            tokio::net::TcpListener::bind(bind)
+                .await
+                .map_err(|e| anyhow::anyhow!("METRICS_BIND: cannot listen on {bind}: {e}"))?,
+        ),
+    };
 
     let broker = AnyBroker::connect(&cli.connection.broker_url).await?;
     let backend = AnyBackend::connect(&cli.connection.result_backend)
@@ -102,18 +131,64 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("WORKER_TASKS: no task set chosen (diag, billing)");
     }
 
+    let explicit = cli.hostname.is_some();
+    let mut hostname = cli
+        .hostname
+        .as_deref()
+        .unwrap_or("celery@%h")
+        .replace("%h", &task_core::hostname());
+    if let AnyBroker::Amqp(amqp) = &broker {
+        hostname = task_core::control::unique_hostname(
+            amqp,
+            &hostname,
+            explicit,
+            Duration::from_millis(500),
+        )
+        .await;
+    }
     let concurrency = usize::from(cli.concurrency);
     let config = WorkerConfig {
-        hostname: cli.hostname.replace("%h", &task_core::hostname()),
+        hostname,
         queues,
         concurrency,
         prefetch: cli
             .prefetch
             .unwrap_or_else(|| task_core::worker::default_prefetch(concurrency)),
         shutdown_timeout: Duration::from_secs(cli.shutdown_timeout),
+        task_events: cli.task_events,
+        revoke_ttl: Duration::from_secs(cli.revoke_ttl),
         ..WorkerConfig::default()
     };
-    let worker = Worker::new(config, registry, broker.clone(), backend);
+    let coordinator = match &backend {
+        AnyBackend::Redis(redis) => {
+            Coordinator::from_backend(redis).with_prefix(cli.coordination_prefix.clone())
+        }
+        AnyBackend::Memory(_) => Coordinator::memory(),
+    };
+    let worker = Worker::new(config, registry, broker.clone(), backend)
+        .with_coordinator(coordinator.clone());
+    if let Some(listener) = metrics_listener {
+        let checks = vec![
+            ReadinessCheck::new("broker", {
+                let broker = broker.clone();
+                move || {
+                    let broker = broker.clone();
+                    async move { broker.ping().await.map_err(|e| e.to_string()) }
+                }
+            }),
+            ReadinessCheck::new("backend", move || {
+                let coordinator = coordinator.clone();
+                async move { coordinator.ping().await.map_err(|e| e.to_string()) }
+            }),
+        ];
+        let app = task_core::health::app(worker.metrics(), checks);
+        tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /livez and /readyz");
+        tokio::spawn(async move {
+            if let Err(e) = task_core::health::serve(listener, app, std::future::pending()).await {
+                tracing::error!(error = %e, "the metrics endpoint stopped");
+            }
+        });
+    }
     tokio::select! {
         result = worker.run(task_core::shutdown::signal()) => { result?; }
         _ = async {

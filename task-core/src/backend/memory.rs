@@ -44,7 +44,7 @@ impl ResultBackend for MemoryBackend {
             let mut results = self.inner.results.lock().expect("memory backend lock");
             if results
                 .get(&meta.task_id)
-                .is_some_and(|m| m.status == TaskState::Success)
+                .is_some_and(|m| matches!(m.status, TaskState::Success | TaskState::Revoked))
             {
                 return Ok(StoreOutcome::KeptSuccess);
             }

@@ -243,13 +243,15 @@ mod opt_iso {
 pub enum StoreOutcome {
     /// The meta was written and published.
     Stored,
-    /// A SUCCESS was already stored, so nothing was written.
+    /// A SUCCESS or a REVOKED was already stored, so nothing was written.
     KeptSuccess,
 }
 
 /// Storage of task results.
 pub trait ResultBackend: Clone + Send + Sync + 'static {
-    /// Stores a state, unless a SUCCESS is already stored for that id, and announces it to waiters.
+    /// Stores a state, unless a SUCCESS or a REVOKED is already stored for that id (both are
+    /// final: a revoked task that runs anyway must not look as if it had been allowed to), and
+    /// announces it to waiters.
     fn store(&self, meta: &TaskMeta) -> impl Future<Output = Result<StoreOutcome>> + Send;
 
     /// The stored meta, or `None` (PENDING) when nothing is stored.

@@ -1,6 +1,6 @@
 //! The Redis result backend, byte-compatible with Celery's `RedisBackend`.
 //!
-//! A store is one Lua script: read the current meta, keep it if it is a SUCCESS, otherwise `SETEX`
+//! A store is one Lua script: read the current meta, keep it if it is a SUCCESS or a REVOKED, otherwise `SETEX`
 //! the new meta and `PUBLISH` it on the channel named like the key. Doing both in one script makes
 //! the write-once rule atomic between racing workers and costs one round trip per state.
 //!
@@ -23,7 +23,7 @@ const STORE_SCRIPT: &str = r#"
 local current = redis.call('GET', KEYS[1])
 if current then
   local ok, meta = pcall(cjson.decode, current)
-  if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then
+  if ok and type(meta) == 'table' and (meta['status'] == 'SUCCESS' or meta['status'] == 'REVOKED') then
     return 0
   end
 end

@@ -125,6 +125,41 @@ impl AmqpBroker {
         Ok(broker)
     }
 
+    /// Checks that the broker is reachable now (reconnecting if the connection was lost).
+    pub async fn ping(&self) -> Result<()> {
+        let link = self.link().await?;
+        if link.healthy() {
+            Ok(())
+        } else {
+            Err(Error::Broker(format!(
+                "{} is not connected",
+                self.inner.display
+            )))
+        }
+    }
+
+    /// The broker URL with its password masked.
+    pub fn display_url(&self) -> &str {
+        &self.inner.display
+    }
+
+    /// How many times the connection was re-established after the first one.
+    pub fn reconnects(&self) -> u64 {
+        self.inner
+            .generations
+            .load(Ordering::SeqCst)
+            .saturating_sub(1)
+    }
+
+    /// A new channel on the current connection (reconnecting first if it is down), for the
+    /// worker's own traffic beside tasks: events and remote control. The second value is the
+    /// connection's generation, so a caller can tell when its channel belongs to a lost link.
+    pub(crate) async fn open_channel(&self) -> Result<(Channel, u64)> {
+        let link = self.link().await?;
+        let channel = link.connection.create_channel().await?;
+        Ok((channel, link.generation))
+    }
+
     /// How long a publish keeps retrying through reconnects before it fails.
     pub fn with_retry_for(mut self, retry_for: Duration) -> Self {
         self.retry_for = retry_for;

@@ -182,6 +182,14 @@ impl AnyBroker {
         }
     }
 
+    /// Checks that the broker is reachable (always true for the in-memory broker).
+    pub async fn ping(&self) -> Result<()> {
+        match self {
+            AnyBroker::Amqp(b) => b.ping().await,
+            AnyBroker::Memory(_) => Ok(()),
+        }
+    }
+
     /// Closes connections (the in-memory broker has none).
     pub async fn close(&self) {
         if let AnyBroker::Amqp(b) = self {

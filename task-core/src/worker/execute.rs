@@ -1,16 +1,25 @@
 //! What happens to one delivery, from decoding to acknowledgement.
+//!
+//! Along the way the delivery is listed in the request registry (reserved, scheduled, active),
+//! reported as Celery events (received, started, succeeded/failed/retried/revoked/rejected) and
+//! counted in the metrics. Printable arguments are redacted once, here, and only the redacted
+//! copies go to events, inspect replies, stored extended fields, logs and error reports.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use tracing::Instrument;
 
 use super::State;
+use super::flow::{self, Admission};
+use super::requests::{Phase, RequestInfo, Tracked};
 use crate::backend::{ExceptionInfo, ResultBackend, TaskMeta, TaskState};
 use crate::broker::{Broker, Delivery};
 use crate::error::{Error, Result};
+use crate::events::repr;
+use crate::metrics::Outcome as Metric;
 use crate::protocol::{RawMessage, TaskMessage, format_datetime};
 use crate::registry::PreparedRun;
 use crate::task::{SoftLimit, TaskContext, TaskError};
@@ -21,6 +30,18 @@ enum Outcome {
     Panicked(String),
     SoftLimit(f64),
     HardLimit(f64),
+    Terminated,
+}
+
+/// A decoded message with what the worker shows of it.
+struct Request {
+    message: TaskMessage,
+    /// Arguments as stored with results (sensitive ones redacted).
+    args: Vec<Value>,
+    kwargs: Map<String, Value>,
+    args_repr: String,
+    kwargs_repr: String,
+    received: tokio::time::Instant,
 }
 
 /// Handles one delivery completely. Never panics; every path settles the delivery.
@@ -43,7 +64,38 @@ pub(super) async fn handle(state: Arc<State>, delivery: Delivery) {
         task = %message.headers.task,
         retries = message.headers.retries
     );
-    run_task(state, delivery, message, task)
+    let options = task.options();
+    let (args, kwargs) = crate::redact::redact(
+        &message.args,
+        &message.kwargs,
+        &options.sensitive,
+        task.fields(),
+    );
+    let (args_repr, kwargs_repr) = if options.sensitive.is_empty() {
+        (
+            message
+                .headers
+                .argsrepr
+                .clone()
+                .unwrap_or_else(|| repr::args_repr(&args)),
+            message
+                .headers
+                .kwargsrepr
+                .clone()
+                .unwrap_or_else(|| repr::kwargs_repr(&kwargs)),
+        )
+    } else {
+        (repr::args_repr(&args), repr::kwargs_repr(&kwargs))
+    };
+    let request = Request {
+        message,
+        args,
+        kwargs,
+        args_repr,
+        kwargs_repr,
+        received: tokio::time::Instant::now(),
+    };
+    run_task(state, delivery, request, task)
         .instrument(span)
         .await
 }
@@ -52,10 +104,25 @@ pub(super) async fn handle(state: Arc<State>, delivery: Delivery) {
 async fn run_task(
     state: Arc<State>,
     delivery: Delivery,
-    message: TaskMessage,
+    request: Request,
     task: Arc<dyn crate::registry::ErasedTask>,
 ) {
+    let message = &request.message;
     let id = message.headers.id.clone();
+    let name = message.headers.task.clone();
+    state.metrics.received(&name, &delivery.queue);
+    let tracked = state.requests.track(RequestInfo {
+        id: id.clone(),
+        name: name.clone(),
+        args: request.args_repr.clone(),
+        kwargs: request.kwargs_repr.clone(),
+        queue: delivery.queue.clone(),
+        priority: message.priority,
+        redelivered: delivery.redelivered,
+    });
+    state
+        .events
+        .task("task-received", &id, received_fields(&request));
 
     if delivery.redelivered
         && let Ok(Some(meta)) = state.backend().get(&id).await
@@ -65,8 +132,11 @@ async fn run_task(
         state.stats.duplicates.fetch_add(1, Ordering::Relaxed);
         return settle(delivery, true).await;
     }
-    if expired(&state, &message) {
-        return revoke_expired(&state, delivery, &message).await;
+    if state.revoked.contains(&id) {
+        return revoke(&state, delivery, &request, Revoked::ById).await;
+    }
+    if expired(&state, message) {
+        return revoke(&state, delivery, &request, Revoked::Expired).await;
     }
     if let Some(eta) = message.headers.eta {
         let wait = (eta - state.config.clock.now())
@@ -75,22 +145,25 @@ async fn run_task(
         if wait > state.config.eta_hold {
             return defer(&state, delivery, wait).await;
         }
-        if !wait.is_zero()
-            && wait_or_stop(&state, tokio::time::sleep(wait))
+        if !wait.is_zero() {
+            tracked.set(Phase::Scheduled(eta));
+            if wait_or_stop(&state, tokio::time::sleep(wait))
                 .await
                 .is_none()
-        {
-            return settle(delivery, false).await;
+            {
+                return settle(delivery, false).await;
+            }
+            tracked.set(Phase::Reserved);
+        }
+        if state.revoked.contains(&id) {
+            return revoke(&state, delivery, &request, Revoked::ById).await;
         }
     }
     let run = match task.prepare(message.args.clone(), message.kwargs.clone()) {
         Ok(run) => run,
         Err(reason) => {
-            let exc = ExceptionInfo::new(
-                "builtins",
-                "TypeError",
-                format!("{}: {reason}", message.headers.task),
-            );
+            let exc = ExceptionInfo::new("builtins", "TypeError", format!("{name}: {reason}"));
+            drop(tracked);
             return dead_letter(
                 &state,
                 delivery,
@@ -102,50 +175,55 @@ async fn run_task(
     };
     let options = task.options().clone();
 
+    let _permits = match flow::admit(&state, message, &options, task.fields()).await {
+        Admission::Go(permits) => permits,
+        Admission::Defer(wait) => return defer(&state, delivery, wait).await,
+        Admission::Stopped => return settle(delivery, false).await,
+    };
     let Some(Ok(_slot)) = wait_or_stop(&state, state.slots.clone().acquire_owned()).await else {
         return settle(delivery, false).await;
     };
-    if let Some(limit) = options.rate_limit {
-        let due = state.limiter.reserve(&message.headers.task, limit);
-        if wait_or_stop(&state, tokio::time::sleep_until(due))
-            .await
-            .is_none()
-        {
-            return settle(delivery, false).await;
-        }
+    if state.revoked.contains(&id) || tracked.is_terminated() {
+        return revoke(&state, delivery, &request, Revoked::ById).await;
     }
-    if expired(&state, &message) {
-        return revoke_expired(&state, delivery, &message).await;
+    if expired(&state, message) {
+        return revoke(&state, delivery, &request, Revoked::Expired).await;
     }
 
     let started = state.config.clock.now();
+    tracked.set(Phase::Active(crate::events::unix_now()));
+    state
+        .metrics
+        .queue_wait(&name, &delivery.queue, request.received.elapsed());
+    state.events.task("task-started", &id, Map::new());
     let ignore_result = message.headers.ignore_result || options.ignore_result;
     if options.track_started && !ignore_result {
         let meta = base_meta(
             &state,
-            &message,
+            &request,
             &delivery.queue,
             TaskState::Started,
-            json!({"pid": std::process::id(), "hostname": state.config.hostname}),
+            json!({"pid": std::process::id(), "hostname": state.hostname}),
         );
         if let Err(e) = state.backend().store(&meta).await {
             tracing::warn!(error = %e, "could not store STARTED");
         }
     }
 
+    let overrides = state.overrides(&name);
     let soft = message
         .headers
         .soft_time_limit
         .map(Duration::from_secs_f64)
-        .or(options.soft_time_limit);
+        .or(overrides.soft_time_limit.unwrap_or(options.soft_time_limit));
     let hard = message
         .headers
         .time_limit
         .map(Duration::from_secs_f64)
-        .or(options.time_limit);
+        .or(overrides.time_limit.unwrap_or(options.time_limit));
     let ctx = TaskContext {
         id: id.clone(),
-        name: message.headers.task.clone(),
+        name: name.clone(),
         retries: message.headers.retries,
         max_retries: options.max_retries,
         redelivered: delivery.redelivered,
@@ -154,58 +232,110 @@ async fn run_task(
         parent_id: message.headers.parent_id.clone(),
         eta: message.headers.eta,
         expires: message.headers.expires,
-        hostname: state.config.hostname.clone(),
+        hostname: state.hostname.clone(),
         client: state.client.clone(),
         soft: SoftLimit {
             deadline: soft.map(|s| tokio::time::Instant::now() + s),
             watched: Arc::default(),
         },
+        coordinator: Some(state.coordinator()),
     };
     tracing::debug!("started");
-    let outcome = execute(run, ctx, soft, hard).await;
+    let clock = tokio::time::Instant::now();
+    let outcome = execute(run, ctx, soft, hard, &tracked).await;
+    let runtime = clock.elapsed();
+    state.count_total(&name);
 
     let mut meta = match outcome {
         Outcome::Returned(Ok(value)) => {
             state.stats.succeeded.fetch_add(1, Ordering::Relaxed);
+            state
+                .metrics
+                .completed(&name, &delivery.queue, Metric::Success, Some(runtime));
             tracing::debug!("succeeded");
+            let mut fields = Map::new();
+            fields.insert("result".into(), repr::repr(&value).into());
+            fields.insert("runtime".into(), json!(runtime.as_secs_f64()));
+            state.events.task("task-succeeded", &id, fields);
             if ignore_result {
                 return settle(delivery, true).await;
             }
-            base_meta(&state, &message, &delivery.queue, TaskState::Success, value)
+            base_meta(&state, &request, &delivery.queue, TaskState::Success, value)
         }
         Outcome::Returned(Err(TaskError::Retry { reason, after })) => {
-            match retry(&state, &delivery, &message, &options, &reason, after).await {
-                Ok(Some(meta)) => meta,
-                Ok(None) => return settle(delivery, true).await,
+            match retry(&state, &delivery, &request, &options, &reason, after).await {
+                Ok(Some(meta)) => {
+                    let outcome = if meta.status == TaskState::Retry {
+                        Metric::Retry
+                    } else {
+                        Metric::Failure
+                    };
+                    state
+                        .metrics
+                        .completed(&name, &delivery.queue, outcome, Some(runtime));
+                    meta
+                }
+                Ok(None) => {
+                    state
+                        .metrics
+                        .completed(&name, &delivery.queue, Metric::Retry, Some(runtime));
+                    return settle(delivery, true).await;
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "could not schedule the retry; requeueing");
                     return settle(delivery, false).await;
                 }
             }
         }
-        Outcome::Returned(Err(e)) => failure(&state, &message, &delivery.queue, e.exception()),
-        Outcome::Panicked(msg) => failure(
-            &state,
-            &message,
-            &delivery.queue,
-            ExceptionInfo::new("builtins", "RuntimeError", format!("task panicked: {msg}")),
-        ),
-        Outcome::SoftLimit(secs) => failure(
-            &state,
-            &message,
-            &delivery.queue,
-            ExceptionInfo::new(
-                "celery.exceptions",
-                "SoftTimeLimitExceeded",
-                format!("soft time limit ({secs}s) exceeded"),
-            ),
-        ),
-        Outcome::HardLimit(secs) => failure(
-            &state,
-            &message,
-            &delivery.queue,
-            ExceptionInfo::new("celery.exceptions", "TimeLimitExceeded", format!("{secs}")),
-        ),
+        Outcome::Terminated => {
+            state
+                .metrics
+                .completed(&name, &delivery.queue, Metric::Revoked, Some(runtime));
+            return revoke(&state, delivery, &request, Revoked::Terminated).await;
+        }
+        Outcome::Returned(Err(e)) => {
+            state
+                .metrics
+                .completed(&name, &delivery.queue, Metric::Failure, Some(runtime));
+            failure(&state, &request, &delivery.queue, e.exception())
+        }
+        Outcome::Panicked(msg) => {
+            state
+                .metrics
+                .completed(&name, &delivery.queue, Metric::Failure, Some(runtime));
+            failure(
+                &state,
+                &request,
+                &delivery.queue,
+                ExceptionInfo::new("builtins", "RuntimeError", format!("task panicked: {msg}")),
+            )
+        }
+        Outcome::SoftLimit(secs) => {
+            state
+                .metrics
+                .completed(&name, &delivery.queue, Metric::Failure, Some(runtime));
+            failure(
+                &state,
+                &request,
+                &delivery.queue,
+                ExceptionInfo::new(
+                    "celery.exceptions",
+                    "SoftTimeLimitExceeded",
+                    format!("soft time limit ({secs}s) exceeded"),
+                ),
+            )
+        }
+        Outcome::HardLimit(secs) => {
+            state
+                .metrics
+                .completed(&name, &delivery.queue, Metric::Failure, Some(runtime));
+            failure(
+                &state,
+                &request,
+                &delivery.queue,
+                ExceptionInfo::new("celery.exceptions", "TimeLimitExceeded", format!("{secs}")),
+            )
+        }
     };
     meta.date_started = Some(started);
     let stored = if ignore_result && meta.status == TaskState::Success {
@@ -228,12 +358,72 @@ async fn run_task(
     }
 }
 
-fn failure(state: &State, message: &TaskMessage, queue: &str, exc: ExceptionInfo) -> TaskMeta {
+/// The fields of `task-received`, the only event Celery's state takes the name and arguments
+/// from.
+fn received_fields(request: &Request) -> Map<String, Value> {
+    let h = &request.message.headers;
+    let mut f = Map::new();
+    f.insert("name".into(), h.task.clone().into());
+    f.insert("args".into(), request.args_repr.clone().into());
+    f.insert("kwargs".into(), request.kwargs_repr.clone().into());
+    f.insert("root_id".into(), json!(h.root_id));
+    f.insert("parent_id".into(), json!(h.parent_id));
+    f.insert("retries".into(), json!(h.retries));
+    f.insert("eta".into(), json!(h.eta.map(format_datetime)));
+    f.insert("expires".into(), json!(h.expires.map(format_datetime)));
+    f
+}
+
+fn exception_fields(exc: &ExceptionInfo) -> Map<String, Value> {
+    let mut f = Map::new();
+    f.insert(
+        "exception".into(),
+        repr::exception_repr(&exc.exc_type, &exc.message()).into(),
+    );
+    f.insert(
+        "traceback".into(),
+        format!(
+            "Traceback (most recent call last):\n  (Rust task)\n{}.{}: {}",
+            exc.exc_module,
+            exc.exc_type,
+            exc.message()
+        )
+        .into(),
+    );
+    f
+}
+
+fn failure(state: &State, request: &Request, queue: &str, exc: ExceptionInfo) -> TaskMeta {
     state.stats.failed.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(exception = %exc, "failed");
-    let mut meta = base_meta(state, message, queue, TaskState::Failure, Value::Null);
+    let id = &request.message.headers.id;
+    let fields = exception_fields(&exc);
+    // A panic is reported by Sentry's panic hook already, inside the task's scope.
+    let panicked = exc.exc_type == "RuntimeError" && exc.message().starts_with("task panicked");
+    if !panicked {
+        report(
+            state,
+            request,
+            &exc,
+            fields.get("traceback").and_then(Value::as_str),
+        );
+    }
+    state.events.task("task-failed", id, fields);
+    let mut meta = base_meta(state, request, queue, TaskState::Failure, Value::Null);
     meta.result = serde_json::to_value(&exc).unwrap_or(Value::Null);
     meta
+}
+
+fn report(_state: &State, request: &Request, exc: &ExceptionInfo, traceback: Option<&str>) {
+    let id = &request.message.headers.id;
+    crate::telemetry::report_task_failure(
+        &request.message.headers.task,
+        id,
+        &format!("{} {}", request.args_repr, request.kwargs_repr),
+        &format!("{}.{}", exc.exc_module, exc.exc_type),
+        &exc.message(),
+        traceback,
+    );
 }
 
 /// Runs a prepared task under its time limits, on its own tokio task so a panic is caught.
@@ -242,13 +432,18 @@ async fn execute(
     ctx: TaskContext,
     soft: Option<Duration>,
     hard: Option<Duration>,
+    tracked: &Tracked,
 ) -> Outcome {
     let watched = ctx.soft.watched.clone();
+    let (name, id) = (ctx.name.clone(), ctx.id.clone());
     let start = tokio::time::Instant::now();
     // If this run is abandoned (shutdown deadline), the task is stopped with it rather than left
     // running while its message is redelivered elsewhere.
-    let mut guard = AbortOnDrop(tokio::spawn(run(ctx).in_current_span()));
+    let scoped = crate::telemetry::in_task_scope(&name, &id, run(ctx));
+    let mut guard = AbortOnDrop(tokio::spawn(scoped.in_current_span()));
     let handle = &mut guard.0;
+    let terminated = tracked.terminated();
+    tokio::pin!(terminated);
     let joined = |r: std::result::Result<Result<Value, TaskError>, tokio::task::JoinError>| match r
     {
         Ok(r) => Outcome::Returned(r),
@@ -266,6 +461,10 @@ async fn execute(
     if let Some(soft) = soft.filter(|s| hard.is_none_or(|h| *s < h)) {
         tokio::select! {
             r = &mut *handle => return joined(r),
+            _ = &mut terminated => {
+                handle.abort();
+                return Outcome::Terminated;
+            }
             _ = tokio::time::sleep_until(start + soft) => {
                 if !watched.load(Ordering::SeqCst) {
                     handle.abort();
@@ -274,15 +473,22 @@ async fn execute(
             }
         }
     }
-    match hard {
-        Some(hard) => match tokio::time::timeout_at(start + hard, &mut *handle).await {
-            Ok(r) => joined(r),
-            Err(_) => {
-                handle.abort();
-                Outcome::HardLimit(hard.as_secs_f64())
-            }
-        },
-        None => joined(handle.await),
+    let deadline = async {
+        match hard {
+            Some(hard) => tokio::time::sleep_until(start + hard).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = &mut *handle => joined(r),
+        _ = &mut terminated => {
+            handle.abort();
+            Outcome::Terminated
+        }
+        _ = deadline => {
+            handle.abort();
+            Outcome::HardLimit(hard.unwrap_or_default().as_secs_f64())
+        }
     }
 }
 
@@ -296,7 +502,10 @@ impl<T> Drop for AbortOnDrop<T> {
 }
 
 /// Waits for `fut` unless shutdown begins first (then `None`: the message is given back).
-async fn wait_or_stop<F: std::future::Future>(state: &State, fut: F) -> Option<F::Output> {
+pub(super) async fn wait_or_stop<F: std::future::Future>(
+    state: &State,
+    fut: F,
+) -> Option<F::Output> {
     let mut stopping = state.stopping.clone();
     if *stopping.borrow() {
         return None;
@@ -316,19 +525,20 @@ fn expired(state: &State, message: &TaskMessage) -> bool {
 
 fn base_meta(
     state: &State,
-    message: &TaskMessage,
+    request: &Request,
     queue: &str,
     status: TaskState,
     result: Value,
 ) -> TaskMeta {
+    let message = &request.message;
     let mut meta = TaskMeta::new(message.headers.id.clone(), status, result);
     meta.parent_id = message.headers.parent_id.clone();
     meta.group_id = message.headers.group.clone();
     if state.config.result_extended {
         meta.name = Some(message.headers.task.clone());
-        meta.args = Some(message.args.clone());
-        meta.kwargs = Some(message.kwargs.clone());
-        meta.worker = Some(state.config.hostname.clone());
+        meta.args = Some(request.args.clone());
+        meta.kwargs = Some(request.kwargs.clone());
+        meta.worker = Some(state.hostname.clone());
         meta.retries = Some(message.headers.retries);
         meta.queue = Some(queue.to_owned());
     }
@@ -365,13 +575,52 @@ async fn settle(delivery: Delivery, ack: bool) {
     }
 }
 
-async fn revoke_expired(state: &State, delivery: Delivery, message: &TaskMessage) {
+/// Why a task is stored as REVOKED.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Revoked {
+    /// Its id was revoked before it started.
+    ById,
+    /// Its `expires` passed.
+    Expired,
+    /// It was stopped while running (`revoke --terminate`).
+    Terminated,
+}
+
+async fn revoke(state: &State, delivery: Delivery, request: &Request, why: Revoked) {
+    let message = &request.message;
     state.stats.revoked.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(task_id = %message.headers.id, task = %message.headers.task, "expired; revoking");
-    let exc = ExceptionInfo::new("celery.exceptions", "TaskRevokedError", "expired");
+    if why != Revoked::Terminated {
+        state.metrics.completed(
+            &message.headers.task,
+            &delivery.queue,
+            Metric::Revoked,
+            None,
+        );
+    }
+    tracing::info!(reason = ?why, "revoked; not running it");
+    let text = match why {
+        Revoked::Expired => "expired",
+        Revoked::ById => "revoked",
+        Revoked::Terminated => "terminated",
+    };
+    let mut fields = Map::new();
+    fields.insert("terminated".into(), json!(why == Revoked::Terminated));
+    fields.insert(
+        "signum".into(),
+        if why == Revoked::Terminated {
+            json!(15)
+        } else {
+            Value::Null
+        },
+    );
+    fields.insert("expired".into(), json!(why == Revoked::Expired));
+    state
+        .events
+        .task("task-revoked", &message.headers.id, fields);
+    let exc = ExceptionInfo::new("celery.exceptions", "TaskRevokedError", text);
     let mut meta = base_meta(
         state,
-        message,
+        request,
         &delivery.queue,
         TaskState::Revoked,
         Value::Null,
@@ -383,7 +632,7 @@ async fn revoke_expired(state: &State, delivery: Delivery, message: &TaskMessage
     }
 }
 
-/// Hands a message whose ETA is far away back to the broker's delay queues.
+/// Hands a message back to the broker's delay queues to come back after `wait`.
 async fn defer(state: &State, delivery: Delivery, wait: Duration) {
     match state
         .broker()
@@ -395,7 +644,7 @@ async fn defer(state: &State, delivery: Delivery, wait: Duration) {
             settle(delivery, true).await
         }
         Err(e) => {
-            tracing::error!(error = %e, "could not defer a message with a future ETA; requeueing");
+            tracing::error!(error = %e, "could not defer a message; requeueing");
             settle(delivery, false).await
         }
     }
@@ -406,14 +655,14 @@ async fn defer(state: &State, delivery: Delivery, wait: Duration) {
 async fn retry(
     state: &State,
     delivery: &Delivery,
-    message: &TaskMessage,
+    request: &Request,
     options: &crate::TaskOptions,
     reason: &str,
     after: Option<Duration>,
 ) -> Result<Option<TaskMeta>> {
+    let message = &request.message;
     let retries = message.headers.retries;
     if options.max_retries.is_some_and(|max| retries >= max) {
-        state.stats.failed.fetch_add(1, Ordering::Relaxed);
         let exc = ExceptionInfo::new(
             "celery.exceptions",
             "MaxRetriesExceededError",
@@ -423,15 +672,7 @@ async fn retry(
             ),
         );
         tracing::warn!(task_id = %message.headers.id, %reason, "retries exhausted");
-        let mut meta = base_meta(
-            state,
-            message,
-            &delivery.queue,
-            TaskState::Failure,
-            Value::Null,
-        );
-        meta.result = serde_json::to_value(&exc).unwrap_or(Value::Null);
-        return Ok(Some(meta));
+        return Ok(Some(failure(state, request, &delivery.queue, exc)));
     }
     let wait = after.unwrap_or_else(|| options.backoff.delay(retries));
     let eta = state.config.clock.now() + chrono::Duration::from_std(wait).unwrap_or_default();
@@ -447,13 +688,16 @@ async fn retry(
         .map_err(|e| Error::Broker(format!("retry publish: {e}")))?;
     state.stats.retried.fetch_add(1, Ordering::Relaxed);
     tracing::info!(task_id = %message.headers.id, %reason, ?wait, retry = retries + 1, "retry scheduled");
+    let exc = ExceptionInfo::new("celery.exceptions", "Retry", reason.to_owned());
+    state
+        .events
+        .task("task-retried", &message.headers.id, exception_fields(&exc));
     if message.headers.ignore_result || options.ignore_result {
         return Ok(None);
     }
-    let exc = ExceptionInfo::new("celery.exceptions", "Retry", reason.to_owned());
     let mut meta = base_meta(
         state,
-        message,
+        request,
         &delivery.queue,
         TaskState::Retry,
         Value::Null,
@@ -465,7 +709,8 @@ async fn retry(
 /// Dead-letters bad input with a reason, records FAILURE when the id is known, logs once.
 async fn dead_letter(state: &State, delivery: Delivery, reason: &str, exc: ExceptionInfo) {
     let task_id = delivery.message.task_id().map(str::to_owned);
-    tracing::warn!(queue = %delivery.queue, task_id = ?task_id, task = ?delivery.message.task_name(), reason, "dead-lettering a message");
+    let task_name = delivery.message.task_name().unwrap_or("unknown").to_owned();
+    tracing::warn!(queue = %delivery.queue, task_id = ?task_id, task = %task_name, reason, "dead-lettering a message");
     if let Err(e) = state
         .broker()
         .dead_letter(&delivery.queue, &delivery.message, reason)
@@ -475,12 +720,18 @@ async fn dead_letter(state: &State, delivery: Delivery, reason: &str, exc: Excep
         return settle(delivery, false).await;
     }
     state.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    state
+        .metrics
+        .completed(&task_name, &delivery.queue, Metric::DeadLettered, None);
     if let Some(id) = task_id {
+        let mut fields = Map::new();
+        fields.insert("requeue".into(), json!(false));
+        state.events.task("task-rejected", &id, fields);
         let mut meta = TaskMeta::exception(id, TaskState::Failure, &exc);
         if let Some(name) = delivery.message.task_name() {
             meta.name = Some(name.to_owned());
         }
-        meta.worker = Some(state.config.hostname.clone());
+        meta.worker = Some(state.hostname.clone());
         meta.queue = Some(delivery.queue.clone());
         if let Err(e) = store(state, &meta).await {
             tracing::warn!(error = %e, "could not record the dead-lettered task's FAILURE");

@@ -11,25 +11,40 @@
 //! - **Bad input does not stop the worker.** Undecodable messages, unknown tasks and arguments of
 //!   the wrong shape go to the queue's dead-letter queue with a reason, are recorded as FAILURE when
 //!   their id is known, and are logged once.
-//! - **Graceful shutdown.** When `shutdown` resolves the worker stops consuming, gives back
-//!   messages it has not started, lets running tasks finish within
+//! - **Revokes hold.** A revoked id is kept in memory and, with a coordinator, in Redis (so it
+//!   survives restarts and reaches workers started later); it is checked when a message arrives,
+//!   when its ETA comes and just before it starts. `revoke --terminate` stops a running task.
+//! - **Limits do not take slots.** Rate and per-key limits are waited for before a message takes a
+//!   concurrency slot, so a limited task type never starves the others.
+//! - **Visible to Celery's tools.** With an AMQP broker the worker sends Celery events and answers
+//!   remote control (see [`crate::events`], [`crate::control`] and `control.rs` here).
+//! - **Graceful shutdown.** When `shutdown` resolves (or a remote `shutdown` arrives) the worker
+//!   stops consuming, gives back messages it has not started, lets running tasks finish within
 //!   [`WorkerConfig::shutdown_timeout`], and returns; anything still unacknowledged is redelivered.
 
+mod control;
 mod execute;
-mod rate_limit;
+mod flow;
+pub mod requests;
+mod revoked;
 
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::backend::AnyBackend;
-use crate::broker::{AnyBroker, Broker};
+use crate::backoff::RateLimit;
+use crate::broker::{AnyBroker, Broker, Consumer};
 use crate::client::{Client, DEFAULT_QUEUE};
+use crate::coord::Coordinator;
 use crate::error::Result;
+use crate::events::{EventSink, Events, LamportClock};
+use crate::metrics::WorkerMetrics;
 use crate::registry::Registry;
 
 /// Worker settings.
@@ -50,6 +65,10 @@ pub struct WorkerConfig {
     /// Store name, args, kwargs, worker, retries and queue with results (Celery's
     /// `result_extended`).
     pub result_extended: bool,
+    /// Send `task-*` events from the start (Celery's `-E`); `enable_events` turns them on later.
+    pub task_events: bool,
+    /// How long a revoke holds (at least the longest delay a message may wait).
+    pub revoke_ttl: Duration,
     /// Wall clock for ETAs and expiry (the system clock; tests inject one).
     pub clock: crate::Clock,
 }
@@ -65,10 +84,15 @@ impl Default for WorkerConfig {
             shutdown_timeout: Duration::from_secs(30),
             eta_hold: Duration::from_secs(1),
             result_extended: true,
+            task_events: false,
+            revoke_ttl: DEFAULT_REVOKE_TTL,
             clock: crate::Clock::system(),
         }
     }
 }
+
+/// Default life of a revoke: longer than the longest single delay hop (2²² s ≈ 48.5 days).
+pub const DEFAULT_REVOKE_TTL: Duration = Duration::from_secs(50 * 24 * 3600);
 
 /// Celery's default prefetch: four messages per concurrency slot.
 pub fn default_prefetch(concurrency: usize) -> u16 {
@@ -90,7 +114,7 @@ pub struct WorkerStats {
     pub retried: AtomicU64,
     /// Messages dead-lettered as bad input.
     pub dead_lettered: AtomicU64,
-    /// Messages discarded as expired.
+    /// Messages discarded as expired or revoked, and tasks terminated.
     pub revoked: AtomicU64,
     /// Messages handed back to the broker's delay queues.
     pub deferred: AtomicU64,
@@ -113,25 +137,65 @@ impl WorkerStats {
             ("duplicates", l(&self.duplicates)),
         ]
     }
+
+    /// Tasks that finished (Celery's `processed`).
+    pub fn processed(&self) -> u64 {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        l(&self.succeeded) + l(&self.failed) + l(&self.retried) + l(&self.revoked)
+    }
 }
 
 /// A worker: a registry of tasks, a broker to consume from and a backend to store results in.
 #[derive(Debug)]
 pub struct Worker {
     state: Arc<State>,
+    commands: mpsc::Receiver<Command>,
+}
+
+/// Changes to the consumer that remote control asks the run loop for.
+#[derive(Debug)]
+pub(crate) enum Command {
+    AddQueue(String),
+    CancelQueue(String),
+    SetPrefetch(u16),
+    Shutdown,
+}
+
+/// Limits changed at run time (`rate_limit`, `time_limit` control commands).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Overrides {
+    /// `Some(None)`: rate limit removed.
+    pub(crate) rate_limit: Option<Option<RateLimit>>,
+    pub(crate) soft_time_limit: Option<Option<Duration>>,
+    pub(crate) time_limit: Option<Option<Duration>>,
 }
 
 /// Shared by every in-flight message.
 #[derive(Debug)]
 pub(crate) struct State {
     pub(crate) config: WorkerConfig,
+    pub(crate) hostname: String,
     pub(crate) registry: Registry,
     pub(crate) client: Client,
     pub(crate) slots: Arc<Semaphore>,
-    pub(crate) limiter: rate_limit::Limiter,
+    pub(crate) concurrency: AtomicUsize,
+    pub(crate) prefetch: AtomicUsize,
     pub(crate) stats: Arc<WorkerStats>,
     pub(crate) stopping: watch::Receiver<bool>,
     stop_tx: watch::Sender<bool>,
+    pub(crate) events: Events,
+    pub(crate) requests: requests::Requests,
+    pub(crate) revoked: revoked::RevokedSet,
+    pub(crate) coordinator: Coordinator,
+    pub(crate) metrics: WorkerMetrics,
+    pub(crate) overrides: Mutex<HashMap<String, Overrides>>,
+    /// Rate limits set at run time anywhere in the cluster (the coordinator's copy).
+    pub(crate) shared_rates: Mutex<HashMap<String, RateLimit>>,
+    pub(crate) totals: Mutex<BTreeMap<String, u64>>,
+    pub(crate) queues: Mutex<Vec<String>>,
+    pub(crate) started: std::time::Instant,
+    pub(crate) commands: mpsc::Sender<Command>,
+    pub(crate) limit_waiters: AtomicUsize,
 }
 
 impl State {
@@ -141,30 +205,100 @@ impl State {
     pub(crate) fn backend(&self) -> &AnyBackend {
         self.client.backend()
     }
+    pub(crate) fn coordinator(&self) -> Coordinator {
+        self.coordinator.clone()
+    }
+    /// Run-time limits of `task`; a rate limit set anywhere in the cluster wins over one set
+    /// only here.
+    pub(crate) fn overrides(&self, task: &str) -> Overrides {
+        let mut o = self
+            .overrides
+            .lock()
+            .expect("overrides lock")
+            .get(task)
+            .cloned()
+            .unwrap_or_default();
+        if let Some(rate) = self.shared_rates.lock().expect("rates lock").get(task) {
+            o.rate_limit = Some(Some(*rate));
+        }
+        o
+    }
 }
 
 impl Worker {
-    /// A worker running `registry`'s tasks.
+    /// A worker running `registry`'s tasks. Call inside a tokio runtime: with an AMQP broker it
+    /// starts its event publisher.
     pub fn new(
         config: WorkerConfig,
         registry: Registry,
         broker: impl Into<AnyBroker>,
         backend: impl Into<AnyBackend>,
     ) -> Self {
+        let broker = broker.into();
+        let sink = EventSink::for_broker(&broker);
+        Self::with_events(config, registry, broker, backend, sink)
+    }
+
+    /// Like [`Worker::new`] with events sent to `sink`.
+    pub fn with_events(
+        config: WorkerConfig,
+        registry: Registry,
+        broker: impl Into<AnyBroker>,
+        backend: impl Into<AnyBackend>,
+        sink: EventSink,
+    ) -> Self {
         let (stop_tx, stopping) = watch::channel(false);
-        let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
+        let (commands, commands_rx) = mpsc::channel(64);
+        let concurrency = config.concurrency.max(1);
+        let slots = Arc::new(Semaphore::new(concurrency));
+        let clock = Arc::new(LamportClock::default());
+        let events = Events::with_clock(sink, config.hostname.clone(), config.task_events, clock);
+        let metrics = WorkerMetrics::new(&config.hostname);
+        metrics.set_concurrency(concurrency);
         Worker {
             state: Arc::new(State {
+                hostname: config.hostname.clone(),
                 client: Client::new(broker, backend),
                 registry,
                 slots,
-                limiter: rate_limit::Limiter::default(),
+                concurrency: AtomicUsize::new(concurrency),
+                prefetch: AtomicUsize::new(usize::from(config.prefetch.max(1))),
                 stats: Arc::default(),
                 stopping,
                 stop_tx,
+                events,
+                requests: requests::Requests::default(),
+                revoked: revoked::RevokedSet::default(),
+                coordinator: Coordinator::memory(),
+                metrics,
+                overrides: Mutex::default(),
+                shared_rates: Mutex::default(),
+                totals: Mutex::default(),
+                queues: Mutex::new(config.queues.clone()),
+                started: std::time::Instant::now(),
+                commands,
+                limit_waiters: AtomicUsize::new(0),
                 config,
             }),
+            commands: commands_rx,
         }
+    }
+
+    /// Shares revokes, rate limits and per-key limits with every worker using the same
+    /// coordinator (Redis), instead of keeping them in this process only.
+    pub fn with_coordinator(mut self, coordinator: Coordinator) -> Self {
+        Arc::get_mut(&mut self.state)
+            .expect("the worker is not running yet")
+            .coordinator = coordinator;
+        self
+    }
+
+    /// Records into `metrics` instead of a private set (so a `/metrics` endpoint can serve it).
+    pub fn with_metrics(mut self, metrics: WorkerMetrics) -> Self {
+        let state = Arc::get_mut(&mut self.state).expect("the worker is not running yet");
+        metrics.set_concurrency(state.config.concurrency.max(1));
+        state.metrics = metrics;
+        self
     }
 
     /// Live counters (shared with the running worker).
@@ -172,28 +306,113 @@ impl Worker {
         self.state.stats.clone()
     }
 
+    /// The worker's metrics.
+    pub fn metrics(&self) -> WorkerMetrics {
+        self.state.metrics.clone()
+    }
+
+    /// The worker's event dispatcher.
+    pub fn events(&self) -> Events {
+        self.state.events.clone()
+    }
+
     /// Consumes until `shutdown` resolves, then drains as described in the module docs.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<Arc<WorkerStats>> {
-        let state = self.state;
+        let Worker {
+            state,
+            commands: mut commands_rx,
+        } = self;
         let config = &state.config;
-        let mut consumer = state
-            .broker()
-            .consume(&config.queues, config.prefetch)
-            .await?;
+        state.revoked.load(&state).await;
+        state.apply_shared_rate_limits().await;
+        let mut queues = config.queues.clone();
+        let mut prefetch = config.prefetch.max(1);
+        let mut consumer: Option<Consumer> = Some(state.broker().consume(&queues, prefetch).await?);
         tracing::info!(
-            hostname = %config.hostname,
-            queues = ?config.queues,
+            hostname = %state.hostname,
+            queues = ?queues,
             concurrency = config.concurrency,
-            prefetch = config.prefetch,
+            prefetch,
             tasks = ?state.registry.names().collect::<Vec<_>>(),
             "worker ready"
         );
+        let (bg_stop, bg_stopped) = watch::channel(false);
+        let mut background = JoinSet::new();
+        background.spawn(heartbeat_loop(state.clone(), bg_stopped.clone()));
+        background.spawn(revoked::sync_loop(state.clone(), bg_stopped.clone()));
+        if let AnyBroker::Amqp(amqp) = state.broker() {
+            let handler: Arc<dyn crate::control::Handler> =
+                Arc::new(control::Commands(state.clone()));
+            let mut stopped = bg_stopped.clone();
+            background.spawn(crate::control::serve(
+                amqp.clone(),
+                state.hostname.clone(),
+                state.events.clock().clone(),
+                handler,
+                async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                },
+            ));
+        }
+        state.events.send(
+            "worker-online",
+            crate::events::worker_fields(0, state.stats.processed()),
+        );
+
         let mut in_flight = JoinSet::new();
+        let mut restart_at: Option<tokio::time::Instant> = None;
         tokio::pin!(shutdown);
         loop {
+            let next = async {
+                match consumer.as_mut() {
+                    Some(c) => c.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let restart = async {
+                match restart_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = &mut shutdown => break,
-                delivery = consumer.next() => match delivery {
+                command = commands_rx.recv() => {
+                    let Some(command) = command else { break };
+                    let changed = match command {
+                        Command::Shutdown => {
+                            tracing::info!("shutdown requested by remote control");
+                            break;
+                        }
+                        Command::AddQueue(q) if !queues.contains(&q) => { queues.push(q); true }
+                        Command::CancelQueue(q) if queues.contains(&q) => { queues.retain(|x| *x != q); true }
+                        Command::SetPrefetch(n) if n != prefetch => { prefetch = n; true }
+                        _ => false,
+                    };
+                    if changed {
+                        *state.queues.lock().expect("queues lock") = queues.clone();
+                        if let Some(mut c) = consumer.take() {
+                            c.cancel().await;
+                        }
+                        restart_at = Some(tokio::time::Instant::now());
+                    }
+                }
+                _ = restart => {
+                    restart_at = None;
+                    if !queues.is_empty() {
+                        match state.broker().consume(&queues, prefetch).await {
+                            Ok(c) => {
+                                tracing::info!(queues = ?queues, prefetch, "consumer restarted");
+                                consumer = Some(c);
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot restart the consumer; retrying in 1s");
+                                restart_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                            }
+                        }
+                    }
+                }
+                delivery = next => match delivery {
                     Some(d) => {
                         state.stats.received.fetch_add(1, Ordering::Relaxed);
                         in_flight.spawn(execute::handle(state.clone(), d));
@@ -208,7 +427,9 @@ impl Worker {
             "shutting down: no new messages; draining"
         );
         let _ = state.stop_tx.send(true);
-        consumer.cancel().await;
+        if let Some(mut c) = consumer.take() {
+            c.cancel().await;
+        }
         let drained = tokio::time::timeout(config.shutdown_timeout, async {
             while in_flight.join_next().await.is_some() {}
         })
@@ -221,7 +442,70 @@ impl Worker {
             );
             in_flight.shutdown().await;
         }
+        state.events.send(
+            "worker-offline",
+            crate::events::worker_fields(0, state.stats.processed()),
+        );
+        let _ = bg_stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(3), async {
+            while background.join_next().await.is_some() {}
+        })
+        .await;
+        background.shutdown().await;
+        state.events.close(Duration::from_secs(2)).await;
         tracing::info!(stats = ?state.stats.snapshot(), "worker stopped");
         Ok(state.stats.clone())
     }
+}
+
+impl State {
+    /// Takes the rate limits changed at run time on other workers (or before this one started).
+    pub(crate) async fn apply_shared_rate_limits(&self) {
+        match self.coordinator.rate_limits().await {
+            Ok(limits) => *self.shared_rates.lock().expect("rates lock") = limits,
+            Err(e) => tracing::debug!(error = %e, "cannot read shared rate limits"),
+        }
+    }
+
+    /// Counts a finished task for `stats.total`.
+    pub(crate) fn count_total(&self, task: &str) {
+        *self
+            .totals
+            .lock()
+            .expect("totals lock")
+            .entry(task.to_owned())
+            .or_default() += 1;
+    }
+}
+
+/// Sends `worker-heartbeat` every [`crate::events::HEARTBEAT_FREQ`] and refreshes the gauges.
+async fn heartbeat_loop(state: Arc<State>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(crate::events::HEARTBEAT_FREQ);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut dropped_seen = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        send_heartbeat(&state);
+        let dropped = state.events.dropped();
+        for _ in dropped_seen..dropped {
+            state.metrics.event_publish_failed();
+        }
+        dropped_seen = dropped;
+        if let AnyBroker::Amqp(b) = state.broker() {
+            state.metrics.set_broker_reconnects(b.reconnects());
+        }
+    }
+}
+
+pub(crate) fn send_heartbeat(state: &State) {
+    let active = state.requests.active_count();
+    state.metrics.set_active(active);
+    state.metrics.set_prefetched(state.requests.waiting_count());
+    state.events.send(
+        "worker-heartbeat",
+        crate::events::worker_fields(active, state.stats.processed()),
+    );
 }

@@ -59,6 +59,7 @@ impl WorkerProcess {
             .env("WORKER_TASKS", "diag")
             .env("RUST_LOG", "info")
             .env("LOG_FORMAT", "json")
+            .env("METRICS_BIND", "127.0.0.1:0")
             .stdout(Stdio::null())
             .stderr(Stdio::from(file))
             .kill_on_drop(true);

@@ -1,0 +1,403 @@
+//! Celery events: what a worker (and optionally a client) tells monitors about itself and its
+//! tasks, on the `celeryev` topic exchange, exactly as Celery's `EventDispatcher` sends them
+//! (reference `celery-protocol.md` §4.1–4.3), so Flower, `celery events` and our monitor read them.
+//!
+//! Invariants:
+//! - **Events never slow tasks down.** [`Events::send`] only puts the event on a bounded in-memory
+//!   queue; a background publisher sends it transient (delivery mode 1), unconfirmed, on a channel
+//!   of its own. When the queue is full or the broker is away the event is dropped and counted
+//!   ([`Events::dropped`]): events are a view, never a record the system depends on.
+//! - **Every event carries the common fields** `type`, `hostname`, `timestamp` (float Unix
+//!   seconds, UTC), `utcoffset` (0), `pid` and a Lamport `clock` shared with remote control.
+//! - **Task events follow the switch.** `task-*` events are sent only while task events are on
+//!   (worker flag, or the `enable_events`/`disable_events` control commands); worker events
+//!   (online, heartbeat, offline) always are.
+
+pub mod repr;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, ExchangeKind};
+use serde_json::{Map, Value, json};
+use tokio::sync::{broadcast, mpsc};
+
+use crate::broker::AmqpBroker;
+use crate::broker::field_table::{json_to_table, short};
+
+/// The events exchange.
+pub const EVENT_EXCHANGE: &str = "celeryev";
+/// How often a worker sends `worker-heartbeat` (Celery's default `freq`).
+pub const HEARTBEAT_FREQ: Duration = Duration::from_secs(2);
+/// Events waiting to be published before new ones are dropped.
+const QUEUE_CAPACITY: usize = 10_000;
+
+/// A Lamport clock, shared by events and remote control as in Celery's `app.clock`.
+#[derive(Debug, Default)]
+pub struct LamportClock(AtomicU64);
+
+impl LamportClock {
+    /// Ticks for a local event and returns the new value.
+    pub fn forward(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Moves past a value seen in a message from elsewhere.
+    pub fn adjust(&self, other: u64) -> u64 {
+        let mut current = self.0.load(Ordering::SeqCst);
+        loop {
+            let next = current.max(other) + 1;
+            match self
+                .0
+                .compare_exchange(current, next, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return next,
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// The current value.
+    pub fn value(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Where events go.
+#[derive(Debug, Clone)]
+pub enum EventSink {
+    /// The `celeryev` exchange on RabbitMQ.
+    Amqp(AmqpBroker),
+    /// An in-process channel (tests, the in-memory broker).
+    Memory(broadcast::Sender<Value>),
+    /// Nowhere.
+    Disabled,
+}
+
+impl EventSink {
+    /// The sink that matches a broker: RabbitMQ's exchange, or nothing for the in-memory broker.
+    pub fn for_broker(broker: &crate::AnyBroker) -> Self {
+        match broker {
+            crate::AnyBroker::Amqp(b) => EventSink::Amqp(b.clone()),
+            crate::AnyBroker::Memory(_) => EventSink::Disabled,
+        }
+    }
+}
+
+/// An event dispatcher. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Events {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    hostname: String,
+    pid: u32,
+    clock: Arc<LamportClock>,
+    task_events: AtomicBool,
+    tx: Option<mpsc::Sender<Value>>,
+    published: Arc<AtomicU64>,
+    dropped: Arc<AtomicU64>,
+    publisher: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Events {
+    /// A dispatcher sending as node `hostname` to `sink`, with task events on or off. Starts the
+    /// background publisher (call inside a tokio runtime).
+    pub fn start(sink: EventSink, hostname: impl Into<String>, task_events: bool) -> Self {
+        Self::with_clock(sink, hostname, task_events, Arc::default())
+    }
+
+    /// Like [`Events::start`], sharing a clock with remote control.
+    pub fn with_clock(
+        sink: EventSink,
+        hostname: impl Into<String>,
+        task_events: bool,
+        clock: Arc<LamportClock>,
+    ) -> Self {
+        let published = Arc::new(AtomicU64::new(0));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let (tx, publisher) = match sink {
+            EventSink::Disabled => (None, None),
+            sink => {
+                let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+                let task = tokio::spawn(publish_loop(sink, rx, published.clone(), dropped.clone()));
+                (Some(tx), Some(task))
+            }
+        };
+        Events {
+            inner: Arc::new(Inner {
+                hostname: hostname.into(),
+                pid: std::process::id(),
+                clock,
+                task_events: AtomicBool::new(task_events),
+                tx,
+                published,
+                dropped,
+                publisher: std::sync::Mutex::new(publisher),
+            }),
+        }
+    }
+
+    /// A dispatcher that sends nothing.
+    pub fn disabled(hostname: impl Into<String>) -> Self {
+        Self::start(EventSink::Disabled, hostname, false)
+    }
+
+    /// The node name events are sent as.
+    pub fn hostname(&self) -> &str {
+        &self.inner.hostname
+    }
+
+    /// The Lamport clock.
+    pub fn clock(&self) -> &Arc<LamportClock> {
+        &self.inner.clock
+    }
+
+    /// Whether `task-*` events are being sent.
+    pub fn task_events(&self) -> bool {
+        self.inner.task_events.load(Ordering::Relaxed)
+    }
+
+    /// Turns `task-*` events on or off.
+    pub fn set_task_events(&self, on: bool) {
+        self.inner.task_events.store(on, Ordering::Relaxed);
+    }
+
+    /// Events handed to the broker so far.
+    pub fn published(&self) -> u64 {
+        self.inner.published.load(Ordering::Relaxed)
+    }
+
+    /// Events dropped (queue full, broker unreachable, publish failed).
+    pub fn dropped(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Sends an event of `kind` (`worker-heartbeat`, `task-succeeded`, …) with `fields` plus the
+    /// common fields. Never waits.
+    pub fn send(&self, kind: &str, fields: Map<String, Value>) {
+        let Some(tx) = &self.inner.tx else { return };
+        let mut event = fields;
+        event.insert("type".into(), kind.into());
+        event.insert("hostname".into(), self.inner.hostname.clone().into());
+        event.insert("timestamp".into(), json!(unix_now()));
+        event.insert("utcoffset".into(), json!(0));
+        event.insert("pid".into(), json!(self.inner.pid));
+        event.insert("clock".into(), json!(self.inner.clock.forward()));
+        if tx.try_send(Value::Object(event)).is_err() {
+            self.inner.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Sends a `task-*` event if task events are on.
+    pub fn task(&self, kind: &str, uuid: &str, mut fields: Map<String, Value>) {
+        if !self.task_events() {
+            return;
+        }
+        fields.insert("uuid".into(), uuid.into());
+        self.send(kind, fields);
+    }
+
+    /// Stops accepting events and waits (up to `timeout`) until the queued ones are published.
+    pub async fn close(&self, timeout: Duration) {
+        let task = self.inner.publisher.lock().expect("events lock").take();
+        if let Some(task) = task {
+            // The loop ends once every sender is gone; ours is the last one that matters, so it
+            // is told to finish by a marker rather than by dropping (clones may outlive this).
+            if let Some(tx) = &self.inner.tx {
+                let _ = tx.send(Value::Null).await;
+            }
+            let _ = tokio::time::timeout(timeout, task).await;
+        }
+    }
+}
+
+/// Seconds since the Unix epoch, as a float.
+pub fn unix_now() -> f64 {
+    let now = chrono::Utc::now();
+    now.timestamp() as f64 + f64::from(now.timestamp_subsec_micros()) / 1e6
+}
+
+/// The fields every worker event carries (reference §4.2).
+pub fn worker_fields(active: usize, processed: u64) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("freq".into(), json!(HEARTBEAT_FREQ.as_secs_f64()));
+    m.insert("active".into(), json!(active));
+    m.insert("processed".into(), json!(processed));
+    m.insert("loadavg".into(), json!(loadavg()));
+    m.insert("sw_ident".into(), json!(SW_IDENT));
+    m.insert("sw_ver".into(), json!(env!("CARGO_PKG_VERSION")));
+    m.insert("sw_sys".into(), json!(sw_sys()));
+    m
+}
+
+/// What this software calls itself in `sw_ident` (Celery sends `py-celery`).
+pub const SW_IDENT: &str = "rs-task-core";
+
+fn sw_sys() -> &'static str {
+    match std::env::consts::OS {
+        "linux" => "Linux",
+        "macos" => "Darwin",
+        "windows" => "Windows",
+        other => other,
+    }
+}
+
+/// The 1, 5 and 15 minute load averages (zeros where the system does not say).
+pub fn loadavg() -> [f64; 3] {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut it = text
+        .split_whitespace()
+        .map(|s| (s.parse::<f64>().unwrap_or(0.0) * 100.0).round() / 100.0);
+    [
+        it.next().unwrap_or(0.0),
+        it.next().unwrap_or(0.0),
+        it.next().unwrap_or(0.0),
+    ]
+}
+
+/// The routing key of an event: its type with `-` turned into `.`.
+pub fn routing_key(kind: &str) -> String {
+    kind.replace('-', ".")
+}
+
+async fn publish_loop(
+    sink: EventSink,
+    mut rx: mpsc::Receiver<Value>,
+    published: Arc<AtomicU64>,
+    dropped: Arc<AtomicU64>,
+) {
+    let mut channel: Option<(lapin::Channel, u64)> = None;
+    let mut retry_at = tokio::time::Instant::now();
+    while let Some(event) = rx.recv().await {
+        if event.is_null() {
+            break;
+        }
+        match &sink {
+            EventSink::Disabled => {}
+            EventSink::Memory(tx) => {
+                if tx.send(event).is_ok() {
+                    published.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            EventSink::Amqp(broker) => {
+                if channel
+                    .as_ref()
+                    .is_some_and(|(c, _)| !c.status().connected())
+                {
+                    channel = None;
+                }
+                if channel.is_none() && tokio::time::Instant::now() >= retry_at {
+                    match open_event_channel(broker).await {
+                        Ok(c) => channel = Some(c),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "cannot open the events channel");
+                            retry_at = tokio::time::Instant::now() + Duration::from_secs(1);
+                        }
+                    }
+                }
+                let Some((ch, _)) = &channel else {
+                    dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                match publish_event(ch, &event).await {
+                    Ok(()) => {
+                        published.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "could not publish an event");
+                        dropped.fetch_add(1, Ordering::Relaxed);
+                        channel = None;
+                    }
+                }
+            }
+        }
+    }
+    if let Some((ch, _)) = channel {
+        let _ = ch.close(200, "events done".into()).await;
+    }
+}
+
+async fn open_event_channel(broker: &AmqpBroker) -> crate::Result<(lapin::Channel, u64)> {
+    let (ch, generation) = broker.open_channel().await?;
+    ch.exchange_declare(
+        EVENT_EXCHANGE.into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    Ok((ch, generation))
+}
+
+async fn publish_event(ch: &lapin::Channel, event: &Value) -> crate::Result<()> {
+    let kind = event.get("type").and_then(Value::as_str).unwrap_or("");
+    let hostname = event.get("hostname").cloned().unwrap_or(Value::Null);
+    let mut headers = Map::new();
+    headers.insert("hostname".into(), hostname);
+    let body = serde_json::to_vec(event)?;
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_content_encoding("utf-8".into())
+        .with_delivery_mode(1)
+        .with_headers(json_to_table(&headers)?);
+    // The channel is not in confirm mode: the returned confirmation resolves at once.
+    // Not a confirm channel: the confirmation resolves at once, as `NotRequested`.
+    ch.basic_publish(
+        EVENT_EXCHANGE.into(),
+        short(&routing_key(kind))?,
+        BasicPublishOptions::default(),
+        &body,
+        props,
+    )
+    .await?
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clock_moves_past_what_it_sees() {
+        let c = LamportClock::default();
+        assert_eq!(c.forward(), 1);
+        assert_eq!(c.adjust(10), 11);
+        assert_eq!(c.adjust(3), 12);
+    }
+
+    #[tokio::test]
+    async fn events_carry_the_common_fields_and_follow_the_switch() {
+        let (tx, mut rx) = broadcast::channel(16);
+        let events = Events::start(EventSink::Memory(tx), "w1@test", false);
+        events.task("task-started", "id-1", Map::new());
+        events.send("worker-online", worker_fields(0, 0));
+        let online = rx.recv().await.unwrap();
+        assert_eq!(online["type"], "worker-online");
+        assert_eq!(online["hostname"], "w1@test");
+        assert_eq!(online["sw_ident"], SW_IDENT);
+        assert_eq!(online["freq"], 2.0);
+        for field in ["timestamp", "utcoffset", "pid", "clock", "loadavg"] {
+            assert!(online.get(field).is_some(), "{field} missing");
+        }
+        events.set_task_events(true);
+        events.task("task-started", "id-2", Map::new());
+        let started = rx.recv().await.unwrap();
+        assert_eq!(started["type"], "task-started");
+        assert_eq!(started["uuid"], "id-2");
+        assert!(started["clock"].as_u64() > online["clock"].as_u64());
+        events.close(Duration::from_secs(1)).await;
+        assert_eq!(events.published(), 2);
+    }
+}

@@ -1,0 +1,275 @@
+//! Admission: the rate limit of a task type and its per-key limits, waited for *before* the
+//! message takes a concurrency slot.
+//!
+//! Limits live in the coordinator, so with Redis they hold across every worker. A message that
+//! must wait a little waits here without a slot; one that would wait long, or that arrives while
+//! many others already wait, goes back to the broker's delay queues ([`Admission::Defer`]) so it
+//! neither holds prefetch room that other task types need nor is lost. Concurrency permits are
+//! leases, renewed while the task runs and released when it ends; a worker that dies frees its
+//! permits when their lease runs out.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use super::State;
+use crate::backoff::RateLimit;
+use crate::coord::Coordinator;
+use crate::protocol::TaskMessage;
+use crate::task::{KeyLimit, LimitKey, TaskOptions};
+
+/// Longest wait spent holding a message; longer ones are deferred to the broker.
+const HOLD: Duration = Duration::from_secs(2);
+/// Lease of a concurrency permit, renewed every third of it while the task runs.
+const LEASE: Duration = Duration::from_secs(30);
+
+pub(super) enum Admission {
+    /// Run now; the permits are released when dropped.
+    Go(Permits),
+    /// Give the message back to the broker for this long.
+    Defer(Duration),
+    /// Shutdown began while waiting.
+    Stopped,
+}
+
+/// Concurrency permits held by a running task.
+#[derive(Debug, Default)]
+pub(super) struct Permits {
+    held: Vec<String>,
+    holder: String,
+    coord: Option<Coordinator>,
+    renewal: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Permits {
+    fn drop(&mut self) {
+        if let Some(r) = self.renewal.take() {
+            r.abort();
+        }
+        if let Some(coord) = self.coord.take()
+            && !self.held.is_empty()
+        {
+            let held = std::mem::take(&mut self.held);
+            let holder = std::mem::take(&mut self.holder);
+            tokio::spawn(async move {
+                for key in held {
+                    if let Err(e) = coord.release(&key, &holder).await {
+                        tracing::warn!(key, error = %e, "could not release a concurrency permit; it expires with its lease");
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// Counts a message as waiting for a limit while it lives.
+struct Waiting<'a>(&'a State);
+
+impl<'a> Waiting<'a> {
+    fn enter(state: &'a State) -> Self {
+        state.limit_waiters.fetch_add(1, Ordering::Relaxed);
+        Waiting(state)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.limit_waiters.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Waits for the task type's rate limit and its key limits.
+pub(super) async fn admit(
+    state: &Arc<State>,
+    message: &TaskMessage,
+    options: &TaskOptions,
+    fields: Option<&'static [&'static str]>,
+) -> Admission {
+    let name = &message.headers.task;
+    let rate = state
+        .overrides(name)
+        .rate_limit
+        .unwrap_or(options.rate_limit);
+    if rate.is_none() && options.key_limits.is_empty() {
+        return Admission::Go(Permits::default());
+    }
+    let coord = state.coordinator();
+    let _waiting = Waiting::enter(state);
+    if let Some(rate) = rate
+        && let Some(a) = wait_rate(state, &coord, &format!("task:{name}"), rate, name).await
+    {
+        return a;
+    }
+    let mut permits = Permits {
+        holder: format!(
+            "{}/{}/{}",
+            state.hostname,
+            message.headers.id,
+            uuid::Uuid::new_v4().simple()
+        ),
+        coord: Some(coord.clone()),
+        held: Vec::new(),
+        renewal: None,
+    };
+    for limit in &options.key_limits {
+        let Some(key) = limit_key(name, limit, &message.args, &message.kwargs, fields) else {
+            continue;
+        };
+        if let Some(rate) = limit.rate
+            && let Some(a) = wait_rate(state, &coord, &format!("key:{key}"), rate, name).await
+        {
+            return a;
+        }
+        if let Some(n) = limit.concurrency {
+            let key = format!("key:{key}");
+            match wait_permit(state, &coord, &key, n, &permits.holder, name).await {
+                None => permits.held.push(key),
+                Some(a) => return a,
+            }
+        }
+    }
+    if !permits.held.is_empty() {
+        let (coord, held, holder) = (coord.clone(), permits.held.clone(), permits.holder.clone());
+        permits.renewal = Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LEASE / 3).await;
+                for key in &held {
+                    if let Err(e) = coord.renew(key, &holder, LEASE).await {
+                        tracing::warn!(key, error = %e, "could not renew a concurrency permit");
+                    }
+                }
+            }
+        }));
+    }
+    Admission::Go(permits)
+}
+
+/// The key a limit counts against, or `None` when the message does not carry the argument.
+fn limit_key(
+    task: &str,
+    limit: &KeyLimit,
+    args: &[Value],
+    kwargs: &Map<String, Value>,
+    fields: Option<&[&str]>,
+) -> Option<String> {
+    match &limit.key {
+        LimitKey::Fixed(k) => Some(k.clone()),
+        LimitKey::Arg(arg) => {
+            let value = kwargs.get(arg).or_else(|| {
+                let pos = fields?.iter().position(|f| f == arg)?;
+                args.get(pos)
+            })?;
+            let text = match value {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            Some(format!("{task}:{arg}={text}"))
+        }
+    }
+}
+
+/// Waits for a rate slot: `None` once taken, or what to do instead.
+async fn wait_rate(
+    state: &State,
+    coord: &Coordinator,
+    key: &str,
+    rate: RateLimit,
+    task: &str,
+) -> Option<Admission> {
+    let mut waited = Duration::ZERO;
+    loop {
+        let wait = match coord.try_rate(key, rate).await {
+            Ok(None) => return None,
+            Ok(Some(wait)) => wait,
+            Err(e) => {
+                tracing::warn!(key, error = %e, "rate limiter unavailable; waiting before retrying");
+                Duration::from_millis(200)
+            }
+        };
+        state.metrics.rate_limit_wait(task);
+        if too_long(state, waited + wait) {
+            return Some(Admission::Defer(wait.max(Duration::from_secs(1))));
+        }
+        if super::execute::wait_or_stop(state, tokio::time::sleep(wait))
+            .await
+            .is_none()
+        {
+            return Some(Admission::Stopped);
+        }
+        waited += wait;
+    }
+}
+
+/// Waits for a concurrency permit: `None` once held, or what to do instead.
+async fn wait_permit(
+    state: &State,
+    coord: &Coordinator,
+    key: &str,
+    limit: u32,
+    holder: &str,
+    task: &str,
+) -> Option<Admission> {
+    let mut poll = Duration::from_millis(5);
+    let mut waited = Duration::ZERO;
+    loop {
+        match coord.try_acquire(key, limit, holder, LEASE).await {
+            Ok(true) => return None,
+            Ok(false) => {}
+            Err(e) => tracing::warn!(key, error = %e, "concurrency limiter unavailable"),
+        }
+        state.metrics.rate_limit_wait(task);
+        if too_long(state, waited + poll) {
+            return Some(Admission::Defer(Duration::from_secs(1)));
+        }
+        if super::execute::wait_or_stop(state, tokio::time::sleep(poll))
+            .await
+            .is_none()
+        {
+            return Some(Admission::Stopped);
+        }
+        waited += poll;
+        poll = (poll * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// Whether a wait is better spent in the broker: too long, or too many messages already wait
+/// (they hold prefetch room other task types need).
+fn too_long(state: &State, wait: Duration) -> bool {
+    let waiters = state.limit_waiters.load(Ordering::Relaxed);
+    wait > HOLD || waiters > state.concurrency.load(Ordering::Relaxed).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn keys_come_from_arguments_by_name_or_position() {
+        let limit = KeyLimit::by_arg("payer").concurrency(1);
+        let kwargs = json!({"payer": "p-1"});
+        assert_eq!(
+            limit_key("t", &limit, &[], kwargs.as_object().unwrap(), None).as_deref(),
+            Some("t:payer=p-1")
+        );
+        assert_eq!(
+            limit_key(
+                "t",
+                &limit,
+                &[json!(7), json!(42)],
+                &Map::new(),
+                Some(&["n", "payer"])
+            )
+            .as_deref(),
+            Some("t:payer=42")
+        );
+        assert_eq!(limit_key("t", &limit, &[], &Map::new(), None), None);
+        let fixed = KeyLimit::fixed("terminal:pk_1");
+        assert_eq!(
+            limit_key("t", &fixed, &[], &Map::new(), None).as_deref(),
+            Some("terminal:pk_1")
+        );
+    }
+}
