@@ -162,19 +162,22 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 /// Serves `hostname`'s mailbox until `stop` resolves, reconnecting after broker failures.
+/// `ready` is told once the mailbox first consumes.
 pub async fn serve(
     broker: AmqpBroker,
     hostname: String,
     clock: Arc<LamportClock>,
     handler: Arc<dyn Handler>,
     stop: impl std::future::Future<Output = ()>,
+    ready: Option<tokio::sync::oneshot::Sender<()>>,
 ) {
     tokio::pin!(stop);
+    let mut ready = ready;
     let mut backoff = Duration::from_millis(200);
     loop {
         tokio::select! {
             _ = &mut stop => return,
-            r = session(&broker, &hostname, &clock, &handler) => match r {
+            r = session(&broker, &hostname, &clock, &handler, &mut ready) => match r {
                 Ok(()) => backoff = Duration::from_millis(200),
                 Err(Error::Shutdown) => return,
                 Err(e) => tracing::warn!(error = %e, "remote control unavailable; retrying in {backoff:?}"),
@@ -200,6 +203,7 @@ async fn session(
     hostname: &str,
     clock: &Arc<LamportClock>,
     handler: &Arc<dyn Handler>,
+    ready: &mut Option<tokio::sync::oneshot::Sender<()>>,
 ) -> Result<()> {
     let (ch, _) = broker.open_channel().await?;
     ch.exchange_declare(
@@ -250,6 +254,9 @@ async fn session(
         )
         .await?;
     tracing::debug!(queue, "remote control ready");
+    if let Some(tx) = ready.take() {
+        let _ = tx.send(());
+    }
     while let Some(delivery) = consumer.next().await {
         let delivery = delivery?;
         let headers = delivery

@@ -328,14 +328,6 @@ impl Worker {
         let mut queues = config.queues.clone();
         let mut prefetch = config.prefetch.max(1);
         let mut consumer: Option<Consumer> = Some(state.broker().consume(&queues, prefetch).await?);
-        tracing::info!(
-            hostname = %state.hostname,
-            queues = ?queues,
-            concurrency = config.concurrency,
-            prefetch,
-            tasks = ?state.registry.names().collect::<Vec<_>>(),
-            "worker ready"
-        );
         let (bg_stop, bg_stopped) = watch::channel(false);
         let mut background = JoinSet::new();
         background.spawn(heartbeat_loop(state.clone(), bg_stopped.clone()));
@@ -344,6 +336,7 @@ impl Worker {
             let handler: Arc<dyn crate::control::Handler> =
                 Arc::new(control::Commands(state.clone()));
             let mut stopped = bg_stopped.clone();
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
             background.spawn(crate::control::serve(
                 amqp.clone(),
                 state.hostname.clone(),
@@ -352,8 +345,25 @@ impl Worker {
                 async move {
                     let _ = stopped.wait_for(|s| *s).await;
                 },
+                Some(ready_tx),
             ));
+            // Answer `ping` before saying ready, so tools (and a second worker probing its
+            // name) see this node from the moment it reports itself up.
+            if tokio::time::timeout(Duration::from_secs(5), ready_rx)
+                .await
+                .is_err()
+            {
+                tracing::warn!("remote control is not answering yet; continuing");
+            }
         }
+        tracing::info!(
+            hostname = %state.hostname,
+            queues = ?queues,
+            concurrency = config.concurrency,
+            prefetch,
+            tasks = ?state.registry.names().collect::<Vec<_>>(),
+            "worker ready"
+        );
         state.events.send(
             "worker-online",
             crate::events::worker_fields(0, state.stats.processed()),
