@@ -421,9 +421,13 @@ pub async fn reconcile(billing: &Billing, payment_id: Uuid) -> Result<Step> {
         look_up(billing, &attempt).await?
     };
     match learnt {
-        Learnt::Answer(outcome) => settle(billing, payment_id, *outcome, Actor::Worker)
-            .await
-            .map(Step::Settled),
+        Learnt::Answer(outcome) => {
+            match settle(billing, payment_id, *outcome, Actor::Worker).await? {
+                // An answer that is not this attempt's (a mismatched approval): keep looking.
+                PaymentStatus::Processing => Ok(Step::RetryAfter(Duration::from_secs(60))),
+                settled => Ok(Step::Settled(settled)),
+            }
+        }
         // The gateway answered, and has nothing final for the attempt after all this time (no
         // record of it, or a 3-D Secure challenge nobody answered): no money moved, and the
         // customer or the dunning ladder tries again.
@@ -559,17 +563,30 @@ pub fn outcome_of(t: Transaction) -> Outcome {
     }
 }
 
-/// Applies a gateway outcome to an attempt, its invoice and subscription, with history and outbox,
-/// in one transaction. Does nothing if the attempt is already settled.
-pub async fn settle(
-    billing: &Billing,
-    payment_id: Uuid,
-    outcome: Outcome,
-    actor: Actor<'_>,
-) -> Result<PaymentStatus> {
-    let now = billing.now();
-    let mut tx = billing.db().begin().await?;
-    // One read, locking the attempt, its invoice and its subscription together.
+/// An attempt with its invoice, subscription and tariff, as settling needs them, locked.
+struct Locked {
+    id: Uuid,
+    status: PaymentStatus,
+    method: String,
+    amount_minor: i64,
+    currency: String,
+    invoice_id: Uuid,
+    kind: String,
+    invoice_status: InvoiceStatus,
+    subscription_id: Uuid,
+    payer_id: Uuid,
+    period_start: DateTime<Utc>,
+    period_end: DateTime<Utc>,
+    attempt_count: i32,
+    sub_status: SubscriptionStatus,
+    current_period_end: Option<DateTime<Utc>>,
+    role: String,
+    period_unit: String,
+    period_count: i32,
+}
+
+/// One read, locking the attempt, its invoice and its subscription together.
+async fn lock_for_settle(conn: &mut PgConnection, payment_id: Uuid) -> Result<Locked> {
     let p = sqlx::query!(
         r#"SELECT p.status, p.method, p.attempt, p.amount_minor, p.currency, p.invoice_id,
                   i.kind, i.status AS invoice_status, i.subscription_id, i.payer_id,
@@ -583,276 +600,424 @@ pub async fn settle(
            FOR UPDATE OF p, i, s"#,
         payment_id
     )
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut *conn)
     .await?
     .ok_or_else(|| BillingError::NotFound(format!("payment {payment_id}")))?;
-    let status = PaymentStatus::parse(&p.status)?;
-    let invoice_status = InvoiceStatus::parse(&p.invoice_status)?;
-    let sub_status = SubscriptionStatus::parse(&p.sub_status)?;
+    Ok(Locked {
+        id: payment_id,
+        status: PaymentStatus::parse(&p.status)?,
+        method: p.method,
+        amount_minor: p.amount_minor,
+        currency: p.currency,
+        invoice_id: p.invoice_id,
+        kind: p.kind,
+        invoice_status: InvoiceStatus::parse(&p.invoice_status)?,
+        subscription_id: p.subscription_id,
+        payer_id: p.payer_id,
+        period_start: p.period_start,
+        period_end: p.period_end,
+        attempt_count: p.attempt_count,
+        sub_status: SubscriptionStatus::parse(&p.sub_status)?,
+        current_period_end: p.current_period_end,
+        role: p.role,
+        period_unit: p.period_unit,
+        period_count: p.period_count,
+    })
+}
 
+/// Applies a gateway outcome to an attempt, its invoice and subscription, with history and outbox,
+/// in one transaction. Does nothing if the attempt is already settled. Each outcome has its own
+/// function below; this one only locks, dispatches and commits.
+pub async fn settle(
+    billing: &Billing,
+    payment_id: Uuid,
+    outcome: Outcome,
+    actor: Actor<'_>,
+) -> Result<PaymentStatus> {
+    let now = billing.now();
+    let mut tx = billing.db().begin().await?;
+    let p = lock_for_settle(&mut tx, payment_id).await?;
     let mut pending = ledger::Pending::default();
     let settled = match outcome {
-        Outcome::Unknown(_) => return Ok(status),
-        Outcome::Approved(t) => {
-            if !status.allows(PaymentStatus::Succeeded) {
-                if status != PaymentStatus::Succeeded {
-                    tracing::error!(payment_id = %payment_id, %status, "approval for an attempt already settled as {status}");
-                }
-                return Ok(status);
-            }
-            let method_id = match &t.token {
-                Some(token) => Some(save_card(&mut tx, p.payer_id, token, &t, now).await?),
-                None => None,
-            };
-            pending.transition(
-                "payment",
-                payment_id,
-                Some(status.as_str()),
-                "succeeded",
-                None,
-            );
-            let late = invoice_status == InvoiceStatus::Paid
-                || invoice_status == InvoiceStatus::Void
-                || matches!(
-                    sub_status,
-                    SubscriptionStatus::Expired | SubscriptionStatus::Abandoned
-                );
-            if late {
-                // Money moved for something no longer payable: record it, give it back, tell accounting.
-                tracing::error!(payment_id = %payment_id, "late or duplicate payment; refunding it in full");
-                sqlx::query!(
-                    "UPDATE payment SET status = 'succeeded', duplicate = true, gateway_transaction_id = $2, reason_code = 0,
-                            reason = $3, card_holder_message = $4, completed_at = $5, updated_at = $5,
-                            acs_url = NULL, pa_req = NULL, pa_res = NULL, payment_method_id = coalesce($6, payment_method_id)
-                     WHERE id = $1",
-                    payment_id,
-                    t.transaction_id,
-                    t.reason.as_deref(),
-                    t.card_holder_message.as_deref(),
-                    now,
-                    method_id
-                )
-                .execute(&mut *tx)
-                .await?;
-                request_system_refund(&mut tx, payment_id, p.amount_minor, &p.currency, now)
-                    .await?;
-            } else {
-                let period = Period::from_parts(&p.period_unit, p.period_count)?;
-                let (start, end) = if p.kind == "initial" {
-                    (now, period.end_from(now))
-                } else {
-                    (p.period_start, p.period_end)
-                };
-                invoice_status.check(InvoiceStatus::Paid, "invoice")?;
-                if sub_status != SubscriptionStatus::Active {
-                    sub_status.check(SubscriptionStatus::Active, "subscription")?;
-                    pending.transition(
-                        "subscription",
-                        p.subscription_id,
-                        Some(sub_status.as_str()),
-                        "active",
-                        None,
-                    );
-                }
-                pending.transition(
-                    "invoice",
-                    p.invoice_id,
-                    Some(invoice_status.as_str()),
-                    "paid",
-                    None,
-                );
-                // The attempt, its invoice and the subscription move together, in one statement.
-                sqlx::query!(
-                    "WITH pay AS (
-                         UPDATE payment SET status = 'succeeded', gateway_transaction_id = $2, reason_code = 0,
-                                reason = $3, card_holder_message = $4, completed_at = $5, updated_at = $5,
-                                acs_url = NULL, pa_req = NULL, pa_res = NULL, payment_method_id = coalesce($6, payment_method_id)
-                         WHERE id = $1),
-                     inv AS (
-                         UPDATE invoice SET status = 'paid', paid_at = $5, period_start = $8, period_end = $9,
-                                next_attempt_at = NULL, updated_at = $5
-                         WHERE id = $7)
-                     UPDATE subscription SET status = 'active', current_period_start = $8, current_period_end = $9,
-                            grace_until = NULL, payment_method_id = coalesce($6, payment_method_id), updated_at = $5
-                     WHERE id = $10",
-                    payment_id,
-                    t.transaction_id,
-                    t.reason.as_deref(),
-                    t.card_holder_message.as_deref(),
-                    now,
-                    method_id,
-                    p.invoice_id,
-                    start,
-                    end,
-                    p.subscription_id
-                )
-                .execute(&mut *tx)
-                .await?;
-                pending.message(
-                    topic::AUTH_GRANT,
-                    format!("auth.grant:{}:{}", p.subscription_id, end.timestamp()),
-                    json!({"user_id": p.payer_id, "role": p.role, "until": end, "subscription_id": p.subscription_id}),
-                );
-                pending.message(
-                    topic::PAYMENT_SUCCEEDED,
-                    format!("notify.payment_succeeded:{payment_id}"),
-                    json!({"user_id": p.payer_id, "payment_id": payment_id, "amount_minor": p.amount_minor,
-                           "currency": p.currency, "paid_until": end}),
-                );
-            }
-            PaymentStatus::Succeeded
-        }
+        Outcome::Unknown(_) => return Ok(p.status),
+        Outcome::Approved(t) => match approval_mismatch(&p, &t) {
+            Some(mismatch) => record_mismatch(&mut tx, &p, &t, &mismatch, now).await?,
+            None => settle_approval(&mut tx, &p, t, &mut pending, now).await?,
+        },
         Outcome::ThreeDs(c) if p.method == "cryptogram" => {
-            status.check(PaymentStatus::AwaitingThreeDs, "payment")?;
-            sqlx::query!(
-                "UPDATE payment SET status = 'awaiting_3ds', gateway_transaction_id = $2, acs_url = $3, pa_req = $4, updated_at = $5
-                 WHERE id = $1",
-                payment_id,
-                c.transaction_id,
-                c.acs_url,
-                c.pa_req,
-                now
-            )
-            .execute(&mut *tx)
-            .await?;
-            pending.transition(
-                "payment",
-                payment_id,
-                Some(status.as_str()),
-                "awaiting_3ds",
-                None,
-            );
-            PaymentStatus::AwaitingThreeDs
+            settle_challenge(&mut tx, &p, c, &mut pending, now).await?
         }
-        outcome => {
-            // A decline (a 3-D Secure demand on a token charge counts as one: the customer must act),
-            // or an attempt the gateway never processed.
-            let (to, txn_id, code, reason, holder_message, class) = match outcome {
-                Outcome::Declined(t) => {
-                    let class = t.reason_code.class();
-                    (
-                        PaymentStatus::Declined,
-                        Some(t.transaction_id),
-                        Some(t.reason_code.get()),
-                        t.reason,
-                        t.card_holder_message,
-                        class,
-                    )
-                }
-                Outcome::ThreeDs(c) => (
-                    PaymentStatus::Declined,
-                    Some(c.transaction_id),
-                    None,
-                    Some("3-D Secure required for a recurring charge".to_owned()),
-                    None,
-                    DeclineClass::NeedsCustomer,
-                ),
-                Outcome::NotProcessed(why) | Outcome::Refused(why) => (
-                    PaymentStatus::Failed,
-                    None,
-                    None,
-                    Some(why),
-                    None,
-                    DeclineClass::Other,
-                ),
-                Outcome::Approved(_) | Outcome::Unknown(_) => unreachable!("handled above"),
-            };
-            if !status.allows(to) {
-                return Ok(status);
-            }
-            sqlx::query!(
-                "UPDATE payment SET status = $2, gateway_transaction_id = coalesce($3, gateway_transaction_id),
-                        reason_code = $4, reason = $5, card_holder_message = $6, completed_at = $7, updated_at = $7,
-                        cryptogram = NULL, pa_res = NULL
-                 WHERE id = $1",
-                payment_id,
-                to.as_str(),
-                txn_id,
-                code,
-                reason.as_deref(),
-                holder_message.as_deref(),
-                now
-            )
-            .execute(&mut *tx)
-            .await?;
-            pending.transition(
-                "payment",
-                payment_id,
-                Some(status.as_str()),
-                to.as_str(),
-                reason.as_deref(),
-            );
-            if !matches!(invoice_status, InvoiceStatus::Open | InvoiceStatus::Paying) {
-                // The invoice moved on while the attempt was out (voided when the subscription
-                // ended, or paid): record the attempt's outcome and nothing else.
-                pending.write(&mut tx, actor, now).await?;
-                tx.commit().await?;
-                return Ok(to);
-            }
-            // Dunning counts declines at the card, not calls that never reached it.
-            let card_attempts = if to == PaymentStatus::Declined {
-                p.attempt_count + 1
-            } else {
-                p.attempt_count
-            };
-            let next = if p.kind == "initial" {
-                // The customer retries with a new card entry; the invoice stays open for that.
-                Some(InvoiceStatus::Open)
-            } else {
-                after_renewal_failure(
-                    &mut tx,
-                    billing,
-                    &p.subscription_id,
-                    sub_status,
-                    p.current_period_end,
-                    class,
-                    to,
-                    card_attempts,
-                    actor,
-                    now,
-                )
-                .await?
-            };
-            if let Some(next) = next.filter(|n| *n != invoice_status) {
-                invoice_status.check(next, "invoice")?;
-                pending.transition(
-                    "invoice",
-                    p.invoice_id,
-                    Some(invoice_status.as_str()),
-                    next.as_str(),
-                    reason.as_deref(),
-                );
-            }
-            let next_attempt_at = match (p.kind.as_str(), next) {
-                ("renewal", Some(InvoiceStatus::Open)) => Some(next_attempt(
-                    billing,
-                    class,
-                    to,
-                    card_attempts,
-                    p.current_period_end,
-                    now,
-                )),
-                _ => None,
-            };
-            sqlx::query!(
-                "UPDATE invoice SET status = coalesce($2, status), attempt_count = $3, next_attempt_at = $4, updated_at = $5
-                 WHERE id = $1",
-                p.invoice_id,
-                next.map(|n| n.as_str()),
-                card_attempts,
-                next_attempt_at,
-                now
-            )
-            .execute(&mut *tx)
-            .await?;
-            pending.message(topic::PAYMENT_FAILED, format!("notify.payment_failed:{payment_id}"), json!({"user_id": p.payer_id, "payment_id": payment_id, "reason": reason, "reason_code": code,
-                       "card_holder_message": holder_message, "next_attempt_at": next_attempt_at}));
-            to
-        }
+        outcome => match Failure::of(outcome) {
+            Some(f) => settle_failure(&mut tx, billing, &p, f, &mut pending, actor, now).await?,
+            None => p.status,
+        },
     };
     pending.write(&mut tx, actor, now).await?;
     tx.commit().await?;
     Ok(settled)
+}
+
+/// Why an approval is not the money this attempt asked for: another amount or currency, or
+/// another payer's account (a payment made for our InvoiceId through the public widget, say).
+fn approval_mismatch(p: &Locked, t: &Transaction) -> Option<String> {
+    let mut issues = Vec::new();
+    if t.amount.minor != p.amount_minor || t.amount.currency.code() != p.currency {
+        issues.push(format!(
+            "{} minor units of {} instead of {} of {}",
+            t.amount.minor,
+            t.amount.currency.code(),
+            p.amount_minor,
+            p.currency
+        ));
+    }
+    if t.account_id.as_deref() != Some(p.payer_id.to_string().as_str()) {
+        issues.push(format!(
+            "account {:?} instead of the payer",
+            t.account_id.as_deref().unwrap_or("(none)")
+        ));
+    }
+    (!issues.is_empty()).then(|| issues.join("; "))
+}
+
+/// An approval that is not this attempt's money: nothing is activated and the attempt is left as
+/// it is; accounting is told (the money is at the gateway and must be given back or explained).
+async fn record_mismatch(
+    conn: &mut PgConnection,
+    p: &Locked,
+    t: &Transaction,
+    mismatch: &str,
+    now: DateTime<Utc>,
+) -> Result<PaymentStatus> {
+    tracing::error!(payment_id = %p.id, transaction_id = t.transaction_id, mismatch, "approval does not match the attempt; nothing activated");
+    ledger::enqueue_outbox(
+        conn,
+        topic::ACCOUNTING_ATTENTION,
+        &format!("accounting:mismatch:{}", t.transaction_id),
+        json!({"payment_id": p.id, "invoice_id": p.invoice_id, "transaction_id": t.transaction_id,
+               "amount_minor": t.amount.minor, "currency": t.amount.currency.code(),
+               "account_id": t.account_id,
+               "issue": format!("approved payment that does not match the attempt ({mismatch}); nothing was activated")}),
+        now,
+    )
+    .await?;
+    Ok(p.status)
+}
+
+/// Money moved for this attempt: the payment succeeds and, unless the invoice or subscription
+/// has moved on, pays the invoice and activates the subscription.
+async fn settle_approval(
+    conn: &mut PgConnection,
+    p: &Locked,
+    t: Transaction,
+    pending: &mut ledger::Pending,
+    now: DateTime<Utc>,
+) -> Result<PaymentStatus> {
+    if !p.status.allows(PaymentStatus::Succeeded) {
+        if p.status != PaymentStatus::Succeeded {
+            tracing::error!(payment_id = %p.id, status = %p.status, "approval for an attempt already settled as {}", p.status);
+        }
+        return Ok(p.status);
+    }
+    let method_id = match &t.token {
+        Some(token) => Some(save_card(conn, p.payer_id, token, &t, now).await?),
+        None => None,
+    };
+    pending.transition("payment", p.id, Some(p.status.as_str()), "succeeded", None);
+    let late = matches!(p.invoice_status, InvoiceStatus::Paid | InvoiceStatus::Void)
+        || matches!(
+            p.sub_status,
+            SubscriptionStatus::Expired | SubscriptionStatus::Abandoned
+        );
+    if late {
+        record_late_approval(conn, p, &t, method_id, now).await?;
+    } else {
+        record_success(conn, p, &t, method_id, pending, now).await?;
+    }
+    Ok(PaymentStatus::Succeeded)
+}
+
+/// Money moved for something no longer payable: record it, give it back, tell accounting.
+async fn record_late_approval(
+    conn: &mut PgConnection,
+    p: &Locked,
+    t: &Transaction,
+    method_id: Option<Uuid>,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    tracing::error!(payment_id = %p.id, "late or duplicate payment; refunding it in full");
+    sqlx::query!(
+        "UPDATE payment SET status = 'succeeded', duplicate = true, gateway_transaction_id = $2, reason_code = 0,
+                reason = $3, card_holder_message = $4, completed_at = $5, updated_at = $5,
+                acs_url = NULL, pa_req = NULL, pa_res = NULL, payment_method_id = coalesce($6, payment_method_id)
+         WHERE id = $1",
+        p.id,
+        t.transaction_id,
+        t.reason.as_deref(),
+        t.card_holder_message.as_deref(),
+        now,
+        method_id
+    )
+    .execute(&mut *conn)
+    .await?;
+    request_system_refund(conn, p.id, p.amount_minor, &p.currency, now).await
+}
+
+/// The invoice is paid: attempt, invoice and subscription move together, the role is granted for
+/// the paid period and the user told.
+async fn record_success(
+    conn: &mut PgConnection,
+    p: &Locked,
+    t: &Transaction,
+    method_id: Option<Uuid>,
+    pending: &mut ledger::Pending,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let period = Period::from_parts(&p.period_unit, p.period_count)?;
+    let (start, end) = if p.kind == "initial" {
+        (now, period.end_from(now))
+    } else {
+        (p.period_start, p.period_end)
+    };
+    p.invoice_status.check(InvoiceStatus::Paid, "invoice")?;
+    if p.sub_status != SubscriptionStatus::Active {
+        p.sub_status
+            .check(SubscriptionStatus::Active, "subscription")?;
+        pending.transition(
+            "subscription",
+            p.subscription_id,
+            Some(p.sub_status.as_str()),
+            "active",
+            None,
+        );
+    }
+    pending.transition(
+        "invoice",
+        p.invoice_id,
+        Some(p.invoice_status.as_str()),
+        "paid",
+        None,
+    );
+    sqlx::query!(
+        "WITH pay AS (
+             UPDATE payment SET status = 'succeeded', gateway_transaction_id = $2, reason_code = 0,
+                    reason = $3, card_holder_message = $4, completed_at = $5, updated_at = $5,
+                    acs_url = NULL, pa_req = NULL, pa_res = NULL, payment_method_id = coalesce($6, payment_method_id)
+             WHERE id = $1),
+         inv AS (
+             UPDATE invoice SET status = 'paid', paid_at = $5, period_start = $8, period_end = $9,
+                    next_attempt_at = NULL, updated_at = $5
+             WHERE id = $7)
+         UPDATE subscription SET status = 'active', current_period_start = $8, current_period_end = $9,
+                grace_until = NULL, payment_method_id = coalesce($6, payment_method_id), updated_at = $5
+         WHERE id = $10",
+        p.id,
+        t.transaction_id,
+        t.reason.as_deref(),
+        t.card_holder_message.as_deref(),
+        now,
+        method_id,
+        p.invoice_id,
+        start,
+        end,
+        p.subscription_id
+    )
+    .execute(&mut *conn)
+    .await?;
+    pending.message(
+        topic::AUTH_GRANT,
+        format!("auth.grant:{}:{}", p.subscription_id, end.timestamp()),
+        json!({"user_id": p.payer_id, "role": p.role, "until": end, "subscription_id": p.subscription_id}),
+    );
+    pending.message(
+        topic::PAYMENT_SUCCEEDED,
+        format!("notify.payment_succeeded:{}", p.id),
+        json!({"user_id": p.payer_id, "payment_id": p.id, "amount_minor": p.amount_minor,
+               "currency": p.currency, "paid_until": end}),
+    );
+    Ok(())
+}
+
+/// The bank wants 3-D Secure for a card payment: the challenge waits for the customer.
+async fn settle_challenge(
+    conn: &mut PgConnection,
+    p: &Locked,
+    c: cloudpayments::ThreeDsChallenge,
+    pending: &mut ledger::Pending,
+    now: DateTime<Utc>,
+) -> Result<PaymentStatus> {
+    p.status.check(PaymentStatus::AwaitingThreeDs, "payment")?;
+    sqlx::query!(
+        "UPDATE payment SET status = 'awaiting_3ds', gateway_transaction_id = $2, acs_url = $3, pa_req = $4, updated_at = $5
+         WHERE id = $1",
+        p.id,
+        c.transaction_id,
+        c.acs_url,
+        c.pa_req,
+        now
+    )
+    .execute(&mut *conn)
+    .await?;
+    pending.transition(
+        "payment",
+        p.id,
+        Some(p.status.as_str()),
+        "awaiting_3ds",
+        None,
+    );
+    Ok(PaymentStatus::AwaitingThreeDs)
+}
+
+/// A decline (a 3-D Secure demand on a token charge counts as one: the customer must act), or
+/// an attempt the gateway never processed.
+struct Failure {
+    to: PaymentStatus,
+    transaction_id: Option<i64>,
+    code: Option<i32>,
+    reason: Option<String>,
+    holder_message: Option<String>,
+    class: DeclineClass,
+}
+
+impl Failure {
+    /// The failure an outcome stands for; `None` for an approval or an unknown outcome.
+    fn of(outcome: Outcome) -> Option<Failure> {
+        Some(match outcome {
+            Outcome::Declined(t) => Failure {
+                to: PaymentStatus::Declined,
+                transaction_id: Some(t.transaction_id),
+                code: Some(t.reason_code.get()),
+                class: t.reason_code.class(),
+                reason: t.reason,
+                holder_message: t.card_holder_message,
+            },
+            Outcome::ThreeDs(c) => Failure {
+                to: PaymentStatus::Declined,
+                transaction_id: Some(c.transaction_id),
+                code: None,
+                reason: Some("3-D Secure required for a recurring charge".to_owned()),
+                holder_message: None,
+                class: DeclineClass::NeedsCustomer,
+            },
+            Outcome::NotProcessed(why) | Outcome::Refused(why) => Failure {
+                to: PaymentStatus::Failed,
+                transaction_id: None,
+                code: None,
+                reason: Some(why),
+                holder_message: None,
+                class: DeclineClass::Other,
+            },
+            Outcome::Approved(_) | Outcome::Unknown(_) => return None,
+        })
+    }
+}
+
+/// Records a failed attempt and moves its invoice (and a renewal's subscription) along the
+/// dunning ladder.
+async fn settle_failure(
+    conn: &mut PgConnection,
+    billing: &Billing,
+    p: &Locked,
+    f: Failure,
+    pending: &mut ledger::Pending,
+    actor: Actor<'_>,
+    now: DateTime<Utc>,
+) -> Result<PaymentStatus> {
+    if !p.status.allows(f.to) {
+        return Ok(p.status);
+    }
+    sqlx::query!(
+        "UPDATE payment SET status = $2, gateway_transaction_id = coalesce($3, gateway_transaction_id),
+                reason_code = $4, reason = $5, card_holder_message = $6, completed_at = $7, updated_at = $7,
+                cryptogram = NULL, pa_res = NULL
+         WHERE id = $1",
+        p.id,
+        f.to.as_str(),
+        f.transaction_id,
+        f.code,
+        f.reason.as_deref(),
+        f.holder_message.as_deref(),
+        now
+    )
+    .execute(&mut *conn)
+    .await?;
+    pending.transition(
+        "payment",
+        p.id,
+        Some(p.status.as_str()),
+        f.to.as_str(),
+        f.reason.as_deref(),
+    );
+    if !matches!(
+        p.invoice_status,
+        InvoiceStatus::Open | InvoiceStatus::Paying
+    ) {
+        // The invoice moved on while the attempt was out (voided when the subscription ended, or
+        // paid): record the attempt's outcome and nothing else.
+        return Ok(f.to);
+    }
+    // Dunning counts declines at the card, not calls that never reached it.
+    let card_attempts = if f.to == PaymentStatus::Declined {
+        p.attempt_count + 1
+    } else {
+        p.attempt_count
+    };
+    let next = if p.kind == "initial" {
+        // The customer retries with a new card entry; the invoice stays open for that.
+        Some(InvoiceStatus::Open)
+    } else {
+        after_renewal_failure(
+            conn,
+            billing,
+            &p.subscription_id,
+            p.sub_status,
+            p.current_period_end,
+            f.class,
+            f.to,
+            card_attempts,
+            actor,
+            now,
+        )
+        .await?
+    };
+    if let Some(next) = next.filter(|n| *n != p.invoice_status) {
+        p.invoice_status.check(next, "invoice")?;
+        pending.transition(
+            "invoice",
+            p.invoice_id,
+            Some(p.invoice_status.as_str()),
+            next.as_str(),
+            f.reason.as_deref(),
+        );
+    }
+    let next_attempt_at = match (p.kind.as_str(), next) {
+        ("renewal", Some(InvoiceStatus::Open)) => Some(next_attempt(
+            billing,
+            f.class,
+            f.to,
+            card_attempts,
+            p.current_period_end,
+            now,
+        )),
+        _ => None,
+    };
+    sqlx::query!(
+        "UPDATE invoice SET status = coalesce($2, status), attempt_count = $3, next_attempt_at = $4, updated_at = $5
+         WHERE id = $1",
+        p.invoice_id,
+        next.map(|n| n.as_str()),
+        card_attempts,
+        next_attempt_at,
+        now
+    )
+    .execute(&mut *conn)
+    .await?;
+    pending.message(
+        topic::PAYMENT_FAILED,
+        format!("notify.payment_failed:{}", p.id),
+        json!({"user_id": p.payer_id, "payment_id": p.id, "reason": f.reason, "reason_code": f.code,
+               "card_holder_message": f.holder_message, "next_attempt_at": next_attempt_at}),
+    );
+    Ok(f.to)
 }
 
 fn next_attempt(

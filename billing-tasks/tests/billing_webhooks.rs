@@ -246,3 +246,55 @@ async fn a_pay_notification_for_a_renewal_with_an_earlier_failed_attempt_settles
     env.assert_ledger_matches_gateway().await;
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_of_another_amount_or_account_activates_nothing() {
+    use billing_tasks::domain::{PaymentStatus, SubscriptionStatus};
+    use billing_tasks::ledger::topic;
+
+    let env = Env::start().await;
+    let user = Uuid::new_v4();
+    let p = env
+        .service
+        .start_subscription(env.start_request(user, CARD_3DS_OK))
+        .await
+        .unwrap();
+    let p = env.settled(user, p.id).await;
+    let txn = p.challenge.unwrap().transaction_id;
+    let invoice = env.invoice_ids(user, "initial").await[0];
+    let stranger = Uuid::new_v4();
+    // 1 ₽ for our InvoiceId (the public widget lets anyone pay any amount), then the right amount
+    // from someone else's account, then the right amount in another currency.
+    for (amount, currency, account) in [
+        ("1.00", "RUB", user),
+        ("299.00", "RUB", stranger),
+        ("299.00", "USD", user),
+    ] {
+        let body = format!(
+            "TransactionId={txn}&Amount={amount}&Currency={currency}&InvoiceId={invoice}&AccountId={account}&DateTime=2026-11-27+10%3a00%3a00&Status=Completed&TestMode=1"
+        );
+        let (status, answer) = post(&env, "pay", &body, signed(&body)).await;
+        assert_eq!((status, answer.as_str()), (200, r#"{"code":0}"#));
+        // The same transaction id is one notification: replaying it changes nothing, so each
+        // case gets its own below.
+        sqlx::query("DELETE FROM gateway_event WHERE kind = 'pay'")
+            .execute(&env.db)
+            .await
+            .unwrap();
+        assert_eq!(
+            env.service.get_payment(user, p.id).await.unwrap().status,
+            PaymentStatus::AwaitingThreeDs,
+            "{amount} {currency} from {account}"
+        );
+    }
+    assert_eq!(
+        env.service.get_subscription(user).await.unwrap().status,
+        SubscriptionStatus::Pending
+    );
+    assert!(env.outbox(topic::AUTH_GRANT).await.is_empty());
+    assert!(
+        !env.outbox(topic::ACCOUNTING_ATTENTION).await.is_empty(),
+        "accounting is told about the mismatched approval"
+    );
+    env.stop().await;
+}
