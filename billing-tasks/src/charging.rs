@@ -184,6 +184,13 @@ pub(crate) fn renewal_call(
 
 async fn call_gateway(billing: &Billing, payment_id: Uuid, call: &Call) -> Outcome {
     let request_id = payment_id.to_string();
+    let payer = match call {
+        Call::Cryptogram(c) => Some(c.account_id.as_str()),
+        Call::Token(t) => Some(t.account_id.as_str()),
+        Call::Post3ds { .. } => None,
+    };
+    // One charge per payer in flight, and the terminal's calls per second (gateway_flow.rs).
+    let _permit = billing.flow().admit(payer).await;
     let mut tries = 0;
     loop {
         tries += 1;

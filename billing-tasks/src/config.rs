@@ -52,6 +52,11 @@ pub struct BillingArgs {
     #[arg(long, env = "BILLING_PROCESSING_LEASE", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3000))]
     pub processing_lease: u64,
 
+    /// Calls per second allowed per gateway terminal, across every worker (`10/s`, `600/m`);
+    /// unset: no limit. One charge per payer is in flight at a time regardless.
+    #[arg(long, env = "BILLING_GATEWAY_RATE")]
+    pub gateway_rate: Option<task_core::RateLimit>,
+
     /// Where outbox messages (role grants and revocations, notifications) are POSTed as JSON.
     /// Unset: they are recorded and kept pending.
     #[arg(long, env = "OUTBOX_URL")]
@@ -93,6 +98,18 @@ impl BillingArgs {
             Some(url) => Some(Arc::new(HttpTarget::new(url)?)),
             None => None,
         })
+    }
+
+    /// The limits on gateway calls, shared through `coordinator`.
+    pub fn flow(
+        &self,
+        coordinator: task_core::coord::Coordinator,
+    ) -> crate::gateway_flow::GatewayFlow {
+        crate::gateway_flow::GatewayFlow::new(
+            coordinator,
+            self.cloudpayments_public_id.as_deref().unwrap_or("default"),
+            self.gateway_rate,
+        )
     }
 
     /// Connects to the ledger (applying migrations) and builds the billing context.

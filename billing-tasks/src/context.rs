@@ -21,6 +21,7 @@ struct Inner {
     clock: task_core::Clock,
     tasks: task_core::Client,
     queue: String,
+    flow: crate::gateway_flow::GatewayFlow,
 }
 
 impl std::fmt::Debug for Billing {
@@ -48,6 +49,7 @@ impl Billing {
                 clock,
                 tasks,
                 queue: crate::tasks::QUEUE.to_owned(),
+                flow: crate::gateway_flow::GatewayFlow::local(),
             }),
         }
     }
@@ -63,6 +65,7 @@ impl Billing {
                 clock: i.clock.clone(),
                 tasks: i.tasks.clone(),
                 queue: queue.into(),
+                flow: i.flow.clone(),
             }),
         }
     }
@@ -78,8 +81,30 @@ impl Billing {
                 clock: i.clock.clone(),
                 tasks: i.tasks.clone(),
                 queue: i.queue.clone(),
+                flow: i.flow.clone(),
             }),
         }
+    }
+
+    /// The same context with other limits on gateway calls (shared through the coordinator).
+    pub fn with_flow(self, flow: crate::gateway_flow::GatewayFlow) -> Self {
+        let i = &self.inner;
+        Billing {
+            inner: Arc::new(Inner {
+                db: i.db.clone(),
+                gateway: i.gateway.clone(),
+                policy: i.policy.clone(),
+                clock: i.clock.clone(),
+                tasks: i.tasks.clone(),
+                queue: i.queue.clone(),
+                flow,
+            }),
+        }
+    }
+
+    /// The limits on gateway calls.
+    pub fn flow(&self) -> &crate::gateway_flow::GatewayFlow {
+        &self.inner.flow
     }
 
     /// The queue billing tasks are sent to.

@@ -17,6 +17,7 @@ pub mod context;
 pub mod db;
 pub mod domain;
 pub mod error;
+pub mod gateway_flow;
 pub mod ledger;
 pub mod money;
 pub mod outbox;

@@ -111,6 +111,12 @@ async fn main() -> anyhow::Result<()> {
         .await?
         .with_ttl(Duration::from_secs(cli.result_expires));
 
+    let coordinator = match &backend {
+        AnyBackend::Redis(redis) => {
+            Coordinator::from_backend(redis).with_prefix(cli.coordination_prefix.clone())
+        }
+        AnyBackend::Memory(_) => Coordinator::memory(),
+    };
     let mut registry = Registry::new();
     let mut queues = cli.queues.clone();
     if cli.tasks.contains(&TaskSet::Diag) {
@@ -121,7 +127,11 @@ async fn main() -> anyhow::Result<()> {
     }
     if cli.tasks.contains(&TaskSet::Billing) {
         let tasks = Client::new(broker.clone(), backend.clone());
-        let billing = cli.billing.connect(tasks).await?;
+        let billing = cli
+            .billing
+            .connect(tasks)
+            .await?
+            .with_flow(cli.billing.flow(coordinator.clone()));
         billing_tasks::tasks::register(&mut registry, billing, cli.billing.outbox()?);
         if cli.queues.is_empty() {
             queues.push(cli.billing.billing_queue.clone());
@@ -158,12 +168,6 @@ async fn main() -> anyhow::Result<()> {
         task_events: cli.task_events,
         revoke_ttl: Duration::from_secs(cli.revoke_ttl),
         ..WorkerConfig::default()
-    };
-    let coordinator = match &backend {
-        AnyBackend::Redis(redis) => {
-            Coordinator::from_backend(redis).with_prefix(cli.coordination_prefix.clone())
-        }
-        AnyBackend::Memory(_) => Coordinator::memory(),
     };
     let worker = Worker::new(config, registry, broker.clone(), backend)
         .with_coordinator(coordinator.clone());
