@@ -52,6 +52,11 @@ pub struct BillingArgs {
     #[arg(long, env = "BILLING_PROCESSING_LEASE", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3000))]
     pub processing_lease: u64,
 
+    /// Seconds the gateway may still be processing a call after it was sent: no call is replayed
+    /// or looked up before this (CloudPayments documents up to 5 minutes of server-side time).
+    #[arg(long, env = "BILLING_GATEWAY_MAX_PROCESSING", default_value_t = 360, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub gateway_max_processing: u64,
+
     /// Calls per second allowed per gateway terminal, across every worker (`10/s`, `600/m`);
     /// unset: no limit. One charge per payer is in flight at a time regardless.
     #[arg(long, env = "BILLING_GATEWAY_RATE")]
@@ -109,6 +114,7 @@ impl BillingArgs {
             coordinator,
             self.cloudpayments_public_id.as_deref().unwrap_or("default"),
             self.gateway_rate,
+            std::time::Duration::from_secs(self.cloudpayments_timeout),
         )
     }
 
@@ -125,6 +131,7 @@ impl BillingArgs {
         let db = crate::db::connect(&self.database_url, self.database_pool_size).await?;
         let policy = Policy {
             processing_lease: chrono::Duration::seconds(self.processing_lease as i64),
+            gateway_max_processing: chrono::Duration::seconds(self.gateway_max_processing as i64),
             ..Policy::default()
         };
         Ok(

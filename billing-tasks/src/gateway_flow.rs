@@ -4,9 +4,10 @@
 //! 429, and a payer charged twice at once is a support call even when both are correct).
 //!
 //! Both waits happen right before the call, after the attempt is claimed in the ledger, so they
-//! never change what is charged, only when. A payer's permit is a lease longer than the gateway
-//! timeout, so a worker that dies while holding one delays that payer's next charge by at most
-//! the lease. If the coordinator is unreachable the call goes ahead without the limits: the
+//! never change what is charged, only when. A payer's permit is a lease a little longer than the
+//! gateway timeout, renewed while the call runs, so a worker that dies while holding one delays
+//! that payer's next charge by at most the lease (and any replay of its call waits longer than
+//! that anyway). If the coordinator is unreachable the call goes ahead without the limits: the
 //! ledger's exactly-once rules never depended on them.
 
 use std::time::Duration;
@@ -14,8 +15,8 @@ use std::time::Duration;
 use task_core::RateLimit;
 use task_core::coord::Coordinator;
 
-/// How long a payer's permit lasts without renewal (longer than any gateway call).
-const PAYER_LEASE: Duration = Duration::from_secs(15 * 60);
+/// A payer's permit lasts this much longer than the gateway timeout without renewal.
+const LEASE_MARGIN: Duration = Duration::from_secs(10);
 
 /// The limits on gateway calls.
 #[derive(Debug, Clone)]
@@ -23,18 +24,21 @@ pub struct GatewayFlow {
     coordinator: Coordinator,
     terminal: String,
     rate: Option<RateLimit>,
+    lease: Duration,
 }
 
-/// A payer's permit; released when dropped.
+/// A payer's permit; renewed while held, released when dropped.
 #[derive(Debug)]
 pub struct PayerPermit {
     coordinator: Coordinator,
     key: String,
     holder: String,
+    renewal: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for PayerPermit {
     fn drop(&mut self) {
+        self.renewal.abort();
         let (c, key, holder) = (
             self.coordinator.clone(),
             std::mem::take(&mut self.key),
@@ -52,18 +56,30 @@ impl Drop for PayerPermit {
 
 impl GatewayFlow {
     /// Limits for the terminal `terminal` (its public id): `rate` calls per second at most
-    /// (`None`: no rate limit), one charge per payer at a time.
-    pub fn new(coordinator: Coordinator, terminal: &str, rate: Option<RateLimit>) -> Self {
+    /// (`None`: no rate limit), one charge per payer at a time; `gateway_timeout` is the client's
+    /// timeout for one call.
+    pub fn new(
+        coordinator: Coordinator,
+        terminal: &str,
+        rate: Option<RateLimit>,
+        gateway_timeout: Duration,
+    ) -> Self {
         GatewayFlow {
             coordinator,
             terminal: format!("billing:terminal:{terminal}"),
             rate,
+            lease: gateway_timeout + LEASE_MARGIN,
         }
     }
 
     /// Limits kept in this process only.
     pub fn local() -> Self {
-        GatewayFlow::new(Coordinator::memory(), "default", None)
+        GatewayFlow::new(
+            Coordinator::memory(),
+            "default",
+            None,
+            Duration::from_secs(60),
+        )
     }
 
     /// Waits until `payer` has no other charge in flight and the terminal has a free call slot.
@@ -91,18 +107,36 @@ impl GatewayFlow {
         let key = format!("billing:payer:{payer}");
         let holder = uuid::Uuid::new_v4().to_string();
         let mut poll = Duration::from_millis(10);
-        let deadline = tokio::time::Instant::now() + PAYER_LEASE;
+        // A holder that died frees the permit within one lease.
+        let deadline = tokio::time::Instant::now() + self.lease * 2;
         loop {
             match self
                 .coordinator
-                .try_acquire(&key, 1, &holder, PAYER_LEASE)
+                .try_acquire(&key, 1, &holder, self.lease)
                 .await
             {
                 Ok(true) => {
+                    let renewal = {
+                        let (c, key, holder, lease) = (
+                            self.coordinator.clone(),
+                            key.clone(),
+                            holder.clone(),
+                            self.lease,
+                        );
+                        tokio::spawn(async move {
+                            loop {
+                                tokio::time::sleep(lease / 3).await;
+                                if let Err(e) = c.renew(&key, &holder, lease).await {
+                                    tracing::warn!(key, error = %e, "could not renew a payer's permit");
+                                }
+                            }
+                        })
+                    };
                     return Some(PayerPermit {
                         coordinator: self.coordinator.clone(),
                         key,
                         holder,
+                        renewal,
                     });
                 }
                 Ok(false) if tokio::time::Instant::now() < deadline => {
@@ -130,6 +164,7 @@ mod tests {
             Coordinator::memory(),
             "pk_1",
             Some(RateLimit { per_second: 10.0 }),
+            Duration::from_secs(5),
         );
         let first = flow.admit(Some("payer-1")).await.expect("a permit");
         let second = {
@@ -147,6 +182,17 @@ mod tests {
         let second = second.await.unwrap();
         assert!(second.is_some());
         drop((other, second));
+        // A holder that never releases (a dead worker) blocks the payer for one lease at most.
+        let stuck = flow.admit(Some("payer-3")).await.expect("a permit");
+        stuck.renewal.abort();
+        std::mem::forget(stuck);
+        let start = tokio::time::Instant::now();
+        assert!(flow.admit(Some("payer-3")).await.is_some());
+        assert!(
+            start.elapsed() <= Duration::from_secs(16),
+            "{:?}",
+            start.elapsed()
+        );
         // Ten calls at 10/s take about a second of (paused) time.
         let start = tokio::time::Instant::now();
         for _ in 0..10 {

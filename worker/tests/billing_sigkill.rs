@@ -36,6 +36,8 @@ fn billing_worker(queue: &str, db_url: &str, fake: &FakeGateway) -> common::Work
             ("CLOUDPAYMENTS_API_SECRET", SECRET),
             ("CLOUDPAYMENTS_TIMEOUT", "2"),
             ("BILLING_PROCESSING_LEASE", "12"),
+            // The fake is done with a call once its hang has passed.
+            ("BILLING_GATEWAY_MAX_PROCESSING", "12"),
         ],
     )
 }
