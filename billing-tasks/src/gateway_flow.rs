@@ -183,9 +183,13 @@ mod tests {
         assert!(second.is_some());
         drop((other, second));
         // A holder that never releases (a dead worker) blocks the payer for one lease at most.
-        let stuck = flow.admit(Some("payer-3")).await.expect("a permit");
-        stuck.renewal.abort();
-        std::mem::forget(stuck);
+        let dead = flow.lease;
+        assert!(
+            flow.coordinator
+                .try_acquire("billing:payer:payer-3", 1, "a-dead-worker", dead)
+                .await
+                .unwrap()
+        );
         let start = tokio::time::Instant::now();
         assert!(flow.admit(Some("payer-3")).await.is_some());
         assert!(
