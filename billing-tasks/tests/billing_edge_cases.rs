@@ -13,12 +13,13 @@ use billing_tasks::tasks::EnqueueRenewals;
 use chrono::Duration;
 use uuid::Uuid;
 
-fn txn(id: i64, status: TransactionStatus, code: i32) -> Transaction {
+/// A gateway transaction of 299.00 for `payer`, as the gateway reports one.
+fn txn(id: i64, status: TransactionStatus, code: i32, payer: Uuid) -> Transaction {
     Transaction {
         transaction_id: id,
         amount: Money::new(29_900, Currency::RUB).unwrap(),
         invoice_id: None,
-        account_id: None,
+        account_id: Some(payer.to_string()),
         email: None,
         description: None,
         status,
@@ -79,7 +80,7 @@ async fn a_late_second_success_for_a_paid_invoice_is_recorded_and_refunded() {
     charging::settle(
         &env.billing,
         p.id,
-        Outcome::Approved(txn(7_000_000_001, TransactionStatus::Completed, 0)),
+        Outcome::Approved(txn(7_000_000_001, TransactionStatus::Completed, 0, user)),
         Actor::Worker,
     )
     .await
@@ -90,7 +91,7 @@ async fn a_late_second_success_for_a_paid_invoice_is_recorded_and_refunded() {
     let status = charging::settle(
         &env.billing,
         late,
-        Outcome::Approved(txn(7_000_000_002, TransactionStatus::Completed, 0)),
+        Outcome::Approved(txn(7_000_000_002, TransactionStatus::Completed, 0, user)),
         Actor::Webhook,
     )
     .await
@@ -137,7 +138,7 @@ async fn a_decline_arriving_after_the_invoice_was_voided_settles_only_the_attemp
     let status = charging::settle(
         &env.billing,
         attempt,
-        Outcome::Declined(txn(7_000_000_003, TransactionStatus::Declined, 5051)),
+        Outcome::Declined(txn(7_000_000_003, TransactionStatus::Declined, 5051, user)),
         Actor::Webhook,
     )
     .await
