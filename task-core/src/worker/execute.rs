@@ -162,6 +162,14 @@ async fn run_task(
     let run = match task.prepare(message.args.clone(), message.kwargs.clone()) {
         Ok(run) => run,
         Err(reason) => {
+            // serde's message quotes the value it rejected, which may be a sensitive one.
+            let reason = if task.options().sensitive.is_empty() {
+                reason
+            } else {
+                "the arguments do not match the task's (details withheld: it has sensitive \
+                 arguments)"
+                    .to_owned()
+            };
             let exc = ExceptionInfo::new("builtins", "TypeError", format!("{name}: {reason}"));
             drop(tracked);
             return dead_letter(
@@ -681,6 +689,13 @@ async fn retry(
         .insert("retries".into(), Value::from(retries + 1));
     next.headers
         .insert("eta".into(), Value::String(format_datetime(eta)));
+    // Before the next attempt exists: sent after, its `task-received` can overtake this event
+    // and leave Celery's state at RETRY for a task that went on to succeed. If the publish
+    // fails the message is requeued, so the task is retried all the same.
+    let exc = ExceptionInfo::new("celery.exceptions", "Retry", reason.to_owned());
+    state
+        .events
+        .task("task-retried", &message.headers.id, exception_fields(&exc));
     state
         .broker()
         .publish_delayed(&delivery.queue, &next, wait)
@@ -688,10 +703,6 @@ async fn retry(
         .map_err(|e| Error::Broker(format!("retry publish: {e}")))?;
     state.stats.retried.fetch_add(1, Ordering::Relaxed);
     tracing::info!(task_id = %message.headers.id, %reason, ?wait, retry = retries + 1, "retry scheduled");
-    let exc = ExceptionInfo::new("celery.exceptions", "Retry", reason.to_owned());
-    state
-        .events
-        .task("task-retried", &message.headers.id, exception_fields(&exc));
     if message.headers.ignore_result || options.ignore_result {
         return Ok(None);
     }

@@ -330,7 +330,6 @@ impl Worker {
         let mut consumer: Option<Consumer> = Some(state.broker().consume(&queues, prefetch).await?);
         let (bg_stop, bg_stopped) = watch::channel(false);
         let mut background = JoinSet::new();
-        background.spawn(heartbeat_loop(state.clone(), bg_stopped.clone()));
         background.spawn(revoked::sync_loop(state.clone(), bg_stopped.clone()));
         if let AnyBroker::Amqp(amqp) = state.broker() {
             let handler: Arc<dyn crate::control::Handler> =
@@ -368,6 +367,8 @@ impl Worker {
             "worker-online",
             crate::events::worker_fields(0, state.stats.processed()),
         );
+        // After `worker-online`, as in Celery: the loop sends its first heartbeat at once.
+        background.spawn(heartbeat_loop(state.clone(), bg_stopped.clone()));
 
         let mut in_flight = JoinSet::new();
         let mut restart_at: Option<tokio::time::Instant> = None;
