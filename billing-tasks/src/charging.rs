@@ -38,6 +38,7 @@ use crate::error::{BillingError, Result};
 use crate::ledger::{self, Actor, topic};
 use crate::money::{Currency, Money};
 use crate::secret::Secret;
+use crate::vault;
 
 /// How long the gateway replays an `X-Request-ID` (an hour), with a margin.
 const REPLAY_WINDOW: chrono::Duration = chrono::Duration::minutes(55);
@@ -230,16 +231,25 @@ pub async fn charge_payment(billing: &Billing, payment_id: Uuid) -> Result<Step>
         PaymentStatus::Created => {
             let call = match attempt.method.as_str() {
                 "cryptogram" => {
-                    let Some(cryptogram) = attempt.cryptogram.clone() else {
-                        drop(tx);
-                        return settle(
-                            billing,
-                            payment_id,
-                            Outcome::NotProcessed("no cryptogram to charge".into()),
-                            Actor::Worker,
-                        )
-                        .await
-                        .map(Step::Settled);
+                    let opened = match attempt.cryptogram.as_deref() {
+                        Some(sealed) => {
+                            vault::open(billing, payment_id, vault::Field::Cryptogram, sealed)
+                        }
+                        None => Err(BillingError::precondition("no cryptogram to charge")),
+                    };
+                    let cryptogram = match opened {
+                        Ok(c) => c,
+                        Err(e) => {
+                            drop(tx);
+                            return settle(
+                                billing,
+                                payment_id,
+                                Outcome::NotProcessed(e.to_string()),
+                                Actor::Worker,
+                            )
+                            .await
+                            .map(Step::Settled);
+                        }
                     };
                     Call::Cryptogram(CryptogramCharge {
                         amount: attempt.amount,
@@ -248,7 +258,7 @@ pub async fn charge_payment(billing: &Billing, payment_id: Uuid) -> Result<Step>
                             .as_deref()
                             .and_then(|ip| ip.parse().ok())
                             .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
-                        cryptogram: Secret::new(cryptogram),
+                        cryptogram,
                         name: attempt.cardholder_name.clone(),
                         invoice_id: attempt.invoice_id.to_string(),
                         account_id: attempt.payer_id.to_string(),
@@ -276,12 +286,27 @@ pub async fn charge_payment(billing: &Billing, payment_id: Uuid) -> Result<Step>
             call
         }
         PaymentStatus::AwaitingThreeDs => {
-            match (attempt.pa_res.clone(), attempt.gateway_transaction_id) {
-                (Some(pa_res), Some(transaction_id)) => {
-                    claim(&mut tx, &attempt, now).await?;
-                    Call::Post3ds {
-                        transaction_id,
-                        pa_res: Secret::new(pa_res),
+            match (attempt.pa_res.as_deref(), attempt.gateway_transaction_id) {
+                (Some(sealed), Some(transaction_id)) => {
+                    match vault::open(billing, payment_id, vault::Field::PaRes, sealed) {
+                        Ok(pa_res) => {
+                            claim(&mut tx, &attempt, now).await?;
+                            Call::Post3ds {
+                                transaction_id,
+                                pa_res,
+                            }
+                        }
+                        Err(e) => {
+                            drop(tx);
+                            return settle(
+                                billing,
+                                payment_id,
+                                Outcome::NotProcessed(e.to_string()),
+                                Actor::Worker,
+                            )
+                            .await
+                            .map(Step::Settled);
+                        }
                     }
                 }
                 _ => return Ok(Step::Settled(attempt.status)),

@@ -62,6 +62,12 @@ pub struct BillingArgs {
     #[arg(long, env = "BILLING_GATEWAY_RATE")]
     pub gateway_rate: Option<task_core::RateLimit>,
 
+    /// Keys sealing card cryptograms and 3-D Secure answers in the ledger: `id:base64-of-32-bytes`,
+    /// comma-separated, the first sealing and all opening (rotate by putting a new key first).
+    /// Every billing process needs the same keys. Unset: one key derived from the API secret.
+    #[arg(long, env = "BILLING_VAULT_KEYS", hide_env_values = true)]
+    pub vault_keys: Option<String>,
+
     /// Where outbox messages (role grants and revocations, notifications) are POSTed as JSON.
     /// Unset: they are recorded and kept pending.
     #[arg(long, env = "OUTBOX_URL")]
@@ -126,6 +132,11 @@ impl BillingArgs {
                 "BILLING_PROCESSING_LEASE ({} s) must exceed CLOUDPAYMENTS_TIMEOUT ({} s) by at least 10 s",
                 self.processing_lease, self.cloudpayments_timeout
             )));
+        }
+        if let Some(spec) = &self.vault_keys {
+            let vault = crate::vault::Vault::from_spec(&Secret::new(spec.clone()))?;
+            // Already configured (a second context in this process): the first keys stay.
+            let _ = crate::vault::configure(vault);
         }
         let gateway = self.gateway()?;
         let db = crate::db::connect(&self.database_url, self.database_pool_size).await?;

@@ -1,7 +1,8 @@
 //! Billing for the online cinema, on the task queue.
 //!
 //! - [`money`]: amounts in integer minor units with their currency.
-//! - [`secret`]: card cryptograms, tokens and API secrets that never print.
+//! - [`secret`]: card cryptograms, tokens and API secrets that never print; [`vault`]: the
+//!   cryptograms and 3-D Secure answers sealed at rest in the ledger.
 //! - [`cloudpayments`]: the CloudPayments API client, reason-code classes, webhook signatures, and
 //!   a faithful fake gateway for tests and the demo.
 //! - [`domain`]: the state machines and the billing policy (grace, dunning, refunds).
@@ -27,6 +28,7 @@ pub mod renewals;
 pub mod secret;
 pub mod service;
 pub mod tasks;
+pub mod vault;
 pub mod webhooks;
 
 pub use context::Billing;

@@ -16,6 +16,7 @@ use crate::money::{Currency, Money};
 use crate::refunds::{self, RefundRequest, RefundView};
 use crate::secret::Secret;
 use crate::tasks;
+use crate::vault;
 
 /// The billing service.
 #[derive(Debug, Clone)]
@@ -347,6 +348,12 @@ impl BillingService {
             }
         };
         let payment_id = Uuid::now_v7();
+        let sealed = vault::seal(
+            &self.billing,
+            payment_id,
+            vault::Field::Cryptogram,
+            req.cryptogram.expose(),
+        )?;
         let attempt = sqlx::query_scalar!(
             r#"SELECT coalesce(max(attempt), 0)::int + 1 AS "n!" FROM payment WHERE invoice_id = $1"#,
             invoice_id
@@ -365,7 +372,7 @@ impl BillingService {
             req.idempotency_key,
             req.ip_address,
             req.cardholder_name,
-            req.cryptogram.expose(),
+            sealed,
             now
         )
         .execute(&mut *tx)
@@ -422,10 +429,11 @@ impl BillingService {
                 "transaction_id does not match the payment's 3-D Secure challenge",
             ));
         }
+        let sealed = vault::seal(&self.billing, payment_id, vault::Field::PaRes, p)?;
         sqlx::query!(
             "UPDATE payment SET pa_res = $2, updated_at = $3 WHERE id = $1",
             payment_id,
-            p,
+            sealed,
             now
         )
         .execute(&mut *tx)

@@ -232,3 +232,85 @@ async fn an_unused_cryptogram_is_wiped_when_the_payment_is_given_up() {
     );
     env.stop().await;
 }
+
+/// How many pages of `table` hold `needle` anywhere, in live or dead row versions.
+async fn pages_holding(env: &Env, table: &str, needle: &str) -> i64 {
+    sqlx::query("CREATE EXTENSION IF NOT EXISTS pageinspect")
+        .execute(&env.db)
+        .await
+        .expect("pageinspect (PostgreSQL contrib) reads raw table pages");
+    sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM generate_series(0, (pg_relation_size($1::regclass) / current_setting('block_size')::int) - 1) AS n
+         WHERE position(convert_to($2, 'UTF8') IN get_raw_page($1, n::int)) > 0",
+    )
+    .bind(table)
+    .bind(needle)
+    .fetch_one(&env.db)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_never_holds_a_cryptogram_or_3ds_answer_in_clear() {
+    use billing_tasks::charging::{self, Step};
+    let env = Env::start_with(Options {
+        run_worker: false,
+        ..Options::default()
+    })
+    .await;
+    let user = Uuid::new_v4();
+    let request = env.start_request(user, CARD_3DS_OK);
+    let cryptogram = request.cryptogram.expose().clone();
+    let p = env.service.start_subscription(request).await.unwrap();
+    let stored = sqlx::query_scalar::<_, String>("SELECT cryptogram FROM payment WHERE id = $1")
+        .bind(p.id)
+        .fetch_one(&env.db)
+        .await
+        .unwrap();
+    assert!(
+        stored.starts_with("v1.") && !stored.contains(&cryptogram),
+        "the cryptogram is stored sealed: {stored}"
+    );
+
+    // It still charges (the worker opens it), and the bank's answer is sealed the same way.
+    assert_eq!(
+        charging::charge_payment(&env.billing, p.id).await.unwrap(),
+        Step::Settled(PaymentStatus::AwaitingThreeDs)
+    );
+    let challenge = env.service.get_payment(user, p.id).await.unwrap().challenge;
+    env.service
+        .complete_3ds(
+            user,
+            p.id,
+            challenge.unwrap().transaction_id,
+            Secret::new(fake::PA_RES_OK.to_owned()),
+        )
+        .await
+        .unwrap();
+    let stored = sqlx::query_scalar::<_, String>("SELECT pa_res FROM payment WHERE id = $1")
+        .bind(p.id)
+        .fetch_one(&env.db)
+        .await
+        .unwrap();
+    assert!(
+        stored.starts_with("v1.") && !stored.contains(fake::PA_RES_OK),
+        "the 3-D Secure answer is stored sealed"
+    );
+    assert_eq!(
+        charging::charge_payment(&env.billing, p.id).await.unwrap(),
+        Step::Settled(PaymentStatus::Succeeded)
+    );
+
+    // Both were wiped on use, and no row version left in the table's pages (what a dump of the
+    // files, a replica or a backup holds) has them in clear.
+    assert_eq!(
+        env.scalar_i64(
+            "SELECT count(*) FROM payment WHERE cryptogram IS NOT NULL OR pa_res IS NOT NULL"
+        )
+        .await,
+        0
+    );
+    assert_eq!(pages_holding(&env, "payment", &cryptogram).await, 0);
+    assert_eq!(pages_holding(&env, "payment", fake::PA_RES_OK).await, 0);
+    env.stop().await;
+}

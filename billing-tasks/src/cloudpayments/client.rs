@@ -83,6 +83,11 @@ impl Client {
         &self.public_id
     }
 
+    /// The terminal's API secret (the vault's default key is derived from it).
+    pub(crate) fn api_secret(&self) -> &Secret<String> {
+        &self.api_secret
+    }
+
     /// Checks connectivity and credentials (`/test`); returns the gateway's `Message` (a GUID).
     pub async fn test(&self) -> Result<String, GatewayError> {
         let env = self.call("/test", &Empty {}, None).await?;
