@@ -195,6 +195,46 @@ async fn celery_inspect_and_control_see_and_steer_a_rust_worker() {
         "{meta:?}"
     );
 
+    // Python's `app.control.revoke(id, terminate=True)` (what Flower sends) stops a running one.
+    let long3 = sleep(60_000).await.unwrap();
+    common::eventually(
+        "the third sleep to start",
+        Duration::from_secs(20),
+        || async {
+            let a = inspect(&node, "active", &[]).await;
+            a.as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["id"] == long3.id())
+                .then_some(())
+        },
+    )
+    .await;
+    let script = format!(
+        "from celery import Celery; app = Celery(broker={:?}); \
+         app.control.revoke({:?}, terminate=True, destination=[{:?}])",
+        py_broker(),
+        long3.id(),
+        node
+    );
+    let out = tokio::process::Command::new(common::python())
+        .args(["-c", &script])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_state(
+        &client,
+        long3.id(),
+        TaskState::Revoked,
+        Duration::from_secs(10),
+    )
+    .await;
+
     // `rate_limit`: 4 starts per second spaces five echoes over at least a second.
     let r = control(&node, "rate_limit", &["diag.echo", "4/s"]).await;
     assert_eq!(r, json!({"ok": "new rate limit set successfully"}));
