@@ -35,6 +35,7 @@ use crate::domain::{
     Dunning, InvoiceStatus, PaymentStatus, Period, SubscriptionStatus, Transition,
 };
 use crate::error::{BillingError, Result};
+use crate::gateway_pause;
 use crate::ledger::{self, Actor, topic};
 use crate::money::{Currency, Money};
 use crate::secret::Secret;
@@ -72,6 +73,9 @@ pub enum Outcome {
     Refused(String),
     /// It may or may not have been processed.
     Unknown(String),
+    /// The gateway refused the call because of our setup (credentials, URL, a request it
+    /// rejects): nothing was processed, and it says nothing about the card.
+    OurFault(String),
 }
 
 impl From<std::result::Result<ChargeOutcome, GatewayError>> for Outcome {
@@ -81,6 +85,7 @@ impl From<std::result::Result<ChargeOutcome, GatewayError>> for Outcome {
             Ok(ChargeOutcome::Declined(t)) => Outcome::Declined(t),
             Ok(ChargeOutcome::ThreeDs(c)) => Outcome::ThreeDs(c),
             Err(e) if e.outcome_unknown() => Outcome::Unknown(e.to_string()),
+            Err(e) if e.is_our_fault() => Outcome::OurFault(e.to_string()),
             Err(e) if e.is_retryable() => Outcome::Refused(e.to_string()),
             Err(e) => Outcome::NotProcessed(e.to_string()),
         }
@@ -516,7 +521,10 @@ async fn replay(billing: &Billing, attempt: &Attempt) -> Learnt {
         Err(e) => return Learnt::Answer(Box::new(Outcome::NotProcessed(e.to_string()))),
     };
     match call_gateway(billing, attempt.id, &call).await {
-        Outcome::Unknown(why) | Outcome::Refused(why) => Learnt::NoAnswer(why),
+        // A refusal of the replay says nothing about the first call.
+        Outcome::Unknown(why) | Outcome::Refused(why) | Outcome::OurFault(why) => {
+            Learnt::NoAnswer(why)
+        }
         outcome => Learnt::Answer(Box::new(outcome)),
     }
 }
@@ -678,6 +686,9 @@ pub async fn settle(
         },
         Outcome::ThreeDs(c) if p.method == "cryptogram" => {
             settle_challenge(&mut tx, &p, c, &mut pending, now).await?
+        }
+        Outcome::OurFault(why) => {
+            settle_our_fault(&mut tx, billing, &p, &why, &mut pending, now).await?
         }
         outcome => match Failure::of(outcome) {
             Some(f) => settle_failure(&mut tx, billing, &p, f, &mut pending, actor, now).await?,
@@ -938,9 +949,79 @@ impl Failure {
                 holder_message: None,
                 class: DeclineClass::Other,
             },
-            Outcome::Approved(_) | Outcome::Unknown(_) => return None,
+            Outcome::Approved(_) | Outcome::Unknown(_) | Outcome::OurFault(_) => return None,
         })
     }
+}
+
+/// The gateway refused the call for a reason of ours: the attempt fails without counting as a
+/// decline, the terminal is paused (and accounting alerted), and the invoice waits, open, for the
+/// pause to lift; the subscription is left as it is.
+async fn settle_our_fault(
+    conn: &mut PgConnection,
+    billing: &Billing,
+    p: &Locked,
+    why: &str,
+    pending: &mut ledger::Pending,
+    now: DateTime<Utc>,
+) -> Result<PaymentStatus> {
+    if !p.status.allows(PaymentStatus::Failed) {
+        return Ok(p.status);
+    }
+    let reason = format!("not sent to the card: {why}");
+    sqlx::query!(
+        "UPDATE payment SET status = 'failed', reason = $2, completed_at = $3, updated_at = $3,
+                cryptogram = NULL, pa_res = NULL
+         WHERE id = $1",
+        p.id,
+        reason,
+        now
+    )
+    .execute(&mut *conn)
+    .await?;
+    pending.transition(
+        "payment",
+        p.id,
+        Some(p.status.as_str()),
+        "failed",
+        Some(&reason),
+    );
+    let next_probe = gateway_pause::record(conn, billing.gateway().public_id(), why, now).await?;
+    if !matches!(
+        p.invoice_status,
+        InvoiceStatus::Open | InvoiceStatus::Paying
+    ) {
+        return Ok(PaymentStatus::Failed);
+    }
+    if p.invoice_status != InvoiceStatus::Open {
+        pending.transition(
+            "invoice",
+            p.invoice_id,
+            Some(p.invoice_status.as_str()),
+            "open",
+            Some(&reason),
+        );
+    }
+    let next_attempt_at = (p.kind == "renewal").then_some(next_probe);
+    sqlx::query!(
+        "UPDATE invoice SET status = 'open', next_attempt_at = coalesce($2, next_attempt_at), updated_at = $3
+         WHERE id = $1",
+        p.invoice_id,
+        next_attempt_at,
+        now
+    )
+    .execute(&mut *conn)
+    .await?;
+    if p.kind == "initial" {
+        // The customer is waiting for an answer; they may try again later.
+        pending.message(
+            topic::PAYMENT_FAILED,
+            format!("notify.payment_failed:{}", p.id),
+            json!({"user_id": p.payer_id, "payment_id": p.id,
+                   "reason": "payments are temporarily unavailable", "reason_code": null}),
+        );
+    }
+    Ok(PaymentStatus::Failed)
 }
 
 /// Records a failed attempt and moves its invoice (and a renewal's subscription) along the

@@ -19,6 +19,7 @@ pub mod db;
 pub mod domain;
 pub mod error;
 pub mod gateway_flow;
+pub mod gateway_pause;
 pub mod ledger;
 pub mod money;
 pub mod outbox;

@@ -13,6 +13,7 @@ use crate::charging::{self, Step};
 use crate::context::Billing;
 use crate::domain::{InvoiceStatus, Period, SubscriptionStatus, Transition};
 use crate::error::{BillingError, Result};
+use crate::gateway_pause;
 use crate::ledger::{self, Actor};
 use crate::money::{Currency, Money};
 
@@ -160,6 +161,10 @@ pub async fn charge_invoice(billing: &Billing, invoice_id: Uuid) -> Result<Invoi
     let (Some(method_id), Some(token)) = (inv.payment_method_id, inv.token) else {
         return close_invoice(billing, invoice_id, InvoiceStatus::Failed, "no saved card").await;
     };
+    if let Some(retry_at) = gateway_pause::hold(billing).await? {
+        // The gateway refuses us for our own reasons: nobody is charged until it accepts us.
+        return Ok(InvoiceRun::NotDue(retry_at));
+    }
     // The attempt is created already claimed (`processing`, with `sent_at`), with its history row,
     // in one statement: nothing else can pick it up before this run calls the gateway. The invoice
     // stays `open` while its attempt is in flight (the attempt is the lock).
@@ -313,6 +318,13 @@ async fn expire_one(
     }
     let ended = s.current_period_end.is_some_and(|e| e <= now);
     let renewal = s.renewal_status.as_deref();
+    if status == SubscriptionStatus::PastDue
+        && renewal == Some("open")
+        && gateway_pause::is_paused(billing).await?
+    {
+        // We cannot charge anyone right now (our fault, not the card's): no grace runs out.
+        return Ok(());
+    }
     match status {
         SubscriptionStatus::Active if ended && !s.auto_renew => {
             charging::expire(

@@ -511,3 +511,66 @@ async fn two_pro_rata_refunds_never_exceed_what_is_due() {
     );
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_api_secret_pauses_charging_and_expires_nobody() {
+    let env = Env::start().await;
+    let user = Uuid::new_v4();
+    env.subscribe(user, CARD_OK).await;
+    // From now on the gateway refuses our credentials (the secret was rotated on Friday).
+    env.fake
+        .set_fault_probability(None, Fault::Unauthorized, 1.0);
+    let invoice = renew(&env, user).await;
+    eventually(
+        "the renewal attempt to fail",
+        std::time::Duration::from_secs(20),
+        || async {
+            (env.scalar_i64("SELECT count(*) FROM payment WHERE status = 'failed'")
+                .await
+                == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(env.invoice_status(invoice).await, "open");
+    assert_eq!(
+        env.scalar_i64("SELECT attempt_count::bigint FROM invoice WHERE kind = 'renewal'")
+            .await,
+        0,
+        "our fault is not a decline"
+    );
+    assert!(
+        !env.outbox(topic::ACCOUNTING_ATTENTION).await.is_empty(),
+        "people are told"
+    );
+
+    // A whole weekend passes, well past the period end and the grace period.
+    for _ in 0..8 {
+        env.clock.advance(Duration::hours(12));
+        env.run::<ExpireSubscriptions>(()).await;
+        env.run::<RetryDueInvoices>(()).await;
+    }
+    let s = env.service.get_subscription(user).await.unwrap();
+    assert_ne!(s.status, SubscriptionStatus::Expired, "{s:?}");
+    assert!(env.outbox(topic::AUTH_REVOKE).await.is_empty());
+    assert_eq!(
+        env.fake.requests("/payments/tokens/charge"),
+        1,
+        "nothing is charged while paused"
+    );
+
+    // Monday: the secret is fixed. The next probe gets through and the renewal is charged.
+    env.fake.clear_faults();
+    env.clock.advance(Duration::minutes(11));
+    env.run::<RetryDueInvoices>(()).await;
+    wait_invoice(&env, invoice, "paid").await;
+    let s = env.service.get_subscription(user).await.unwrap();
+    assert_eq!(s.status, SubscriptionStatus::Active);
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM payment WHERE status = 'declined'")
+            .await,
+        0
+    );
+    env.assert_ledger_matches_gateway().await;
+    env.stop().await;
+}

@@ -123,6 +123,19 @@ impl GatewayError {
         )
     }
 
+    /// True when the gateway refused the call because of *our* setup, not the card: wrong
+    /// credentials (401), a wrong URL (404 and other statuses), a request it rejects, or one we
+    /// refused to send. Nothing was processed; such an answer is never a decline.
+    pub fn is_our_fault(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::Unauthorized
+                | GatewayError::UnexpectedStatus { .. }
+                | GatewayError::Rejected { .. }
+                | GatewayError::InvalidRequest { .. }
+        )
+    }
+
     /// The wait the gateway asked for (429 with `Retry-After`).
     pub fn retry_after(&self) -> Option<Duration> {
         match self {

@@ -26,6 +26,8 @@ pub enum Fault {
     /// Take this much longer to process (holding the request id's claim), then answer: the
     /// gateway's documented server-side time can reach minutes, far beyond a client's timeout.
     SlowProcessing(Duration),
+    /// Answer HTTP 401 without processing, as after the API secret was rotated.
+    Unauthorized,
     /// Answer HTTP 200 with a body that is not the gateway's JSON (a proxy's error page), without
     /// processing.
     UnparsableBeforeProcessing,

@@ -186,6 +186,7 @@ async fn serve(state: AppState, request: Request) -> Response {
             pause(latency, &state.shutdown).await;
             return status_only(code);
         }
+        Some(Fault::Unauthorized) => return status_only(401),
         Some(Fault::UnparsableBeforeProcessing) => {
             pause(latency, &state.shutdown).await;
             return (StatusCode::OK, "<html><body>upstream error</body></html>").into_response();
