@@ -762,7 +762,7 @@ async fn settle_approval(
         return Ok(p.status);
     }
     let method_id = match &t.token {
-        Some(token) => Some(save_card(conn, p.payer_id, token, &t, now).await?),
+        Some(token) => save_card(conn, p.payer_id, token, &t, now).await?,
         None => None,
     };
     pending.transition("payment", p.id, Some(p.status.as_str()), "succeeded", None);
@@ -1276,30 +1276,93 @@ pub async fn expire(
     .await
 }
 
+/// The card mask as the ledger keeps it (`400000******3055`), from whatever the gateway sent;
+/// `None` if it cannot be made into one.
+fn clean_mask(card: &cloudpayments::CardInfo) -> Option<String> {
+    let digits = |s: &str| s.chars().filter(char::is_ascii_digit).collect::<String>();
+    let first = digits(card.first_six.as_deref()?);
+    let last = digits(card.last_four.as_deref()?);
+    (first.len() <= 6 && last.len() <= 4 && !(first.is_empty() && last.is_empty()))
+        .then(|| format!("{first}******{last}"))
+}
+
+/// The expiry as `MM/YY`, from `MM/YY` or `MM/YYYY`; `None` otherwise.
+fn clean_exp(card: &cloudpayments::CardInfo) -> Option<String> {
+    let (mm, yy) = card.exp_date.as_deref()?.trim().split_once('/')?;
+    let yy = match yy.len() {
+        2 => yy,
+        4 => &yy[2..],
+        _ => return None,
+    };
+    let all_digits = |s: &str| s.chars().all(|c| c.is_ascii_digit());
+    (mm.len() == 2 && all_digits(mm) && all_digits(yy)).then(|| format!("{mm}/{yy}"))
+}
+
+/// Saves the card the gateway tokenised. Display fields are cleaned, and dropped if the ledger
+/// still refuses them; if even the bare token cannot be stored, the card is not saved (and
+/// people are told) — the payment itself is recorded either way, so this never fails a settle
+/// for a reason of the ledger's schema.
 async fn save_card(
     conn: &mut PgConnection,
     payer_id: Uuid,
     token: &Secret<String>,
     t: &Transaction,
     now: DateTime<Utc>,
-) -> Result<Uuid> {
-    let mask = t.card.mask();
-    let id = sqlx::query_scalar!(
-        "INSERT INTO payment_method (id, payer_id, token, card_mask, card_type, card_exp, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)
-         ON CONFLICT (token) DO UPDATE SET revoked_at = NULL
-         RETURNING id",
-        Uuid::now_v7(),
-        payer_id,
-        token.expose(),
-        mask,
-        t.card.card_type.as_deref(),
-        t.card.exp_date.as_deref().filter(|e| e.len() == 5),
-        now
+) -> Result<Option<Uuid>> {
+    use sqlx::Acquire;
+    let display = (
+        clean_mask(&t.card),
+        t.card.card_type.clone(),
+        clean_exp(&t.card),
+    );
+    for (mask, card_type, exp) in [display, (None, None, None)] {
+        // A savepoint: a refused row must not abort the settle's transaction.
+        let mut sp = conn.begin().await?;
+        let inserted = sqlx::query_scalar!(
+            "INSERT INTO payment_method (id, payer_id, token, card_mask, card_type, card_exp, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (token) DO UPDATE SET revoked_at = NULL
+             RETURNING id",
+            Uuid::now_v7(),
+            payer_id,
+            token.expose(),
+            mask,
+            card_type,
+            exp,
+            now
+        )
+        .fetch_one(&mut *sp)
+        .await;
+        match inserted {
+            Ok(id) => {
+                sp.commit().await?;
+                return Ok(Some(id));
+            }
+            Err(sqlx::Error::Database(e)) if e.code().is_some_and(|c| c.starts_with("23")) => {
+                tracing::warn!(
+                    transaction_id = t.transaction_id,
+                    constraint = e.constraint(),
+                    "the ledger refused the card's details; trying without them"
+                );
+                sp.rollback().await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    tracing::error!(
+        transaction_id = t.transaction_id,
+        "the card token could not be stored; the card is not saved"
+    );
+    ledger::enqueue_outbox(
+        conn,
+        topic::ACCOUNTING_ATTENTION,
+        &format!("accounting:card-not-saved:{}", t.transaction_id),
+        json!({"transaction_id": t.transaction_id, "payer_id": payer_id,
+               "issue": "an approved payment's card token could not be stored; renewals need a new card entry"}),
+        now,
     )
-    .fetch_one(&mut *conn)
     .await?;
-    Ok(id)
+    Ok(None)
 }
 
 /// Queues a full refund of a payment that should not have happened (late or duplicate), and tells

@@ -574,3 +574,23 @@ async fn a_rotated_api_secret_pauses_charging_and_expires_nobody() {
     env.assert_ledger_matches_gateway().await;
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_with_odd_card_details_is_still_recorded() {
+    let env = Env::start().await;
+    env.fake.set_odd_card_display(true);
+    let user = Uuid::new_v4();
+    // The money facts are recorded whatever the display fields look like.
+    let p = env.subscribe(user, CARD_OK).await;
+    assert_eq!(p.amount.minor, 29_900);
+    let s = env.service.get_subscription(user).await.unwrap();
+    assert_eq!(s.status, SubscriptionStatus::Active);
+    assert_eq!(s.card_mask.as_deref(), Some("400000******3055"), "cleaned");
+    let exp = sqlx::query_scalar::<_, Option<String>>("SELECT card_exp FROM payment_method")
+        .fetch_one(&env.db)
+        .await
+        .unwrap();
+    assert_eq!(exp.as_deref(), Some("12/30"), "cleaned");
+    env.assert_ledger_matches_gateway().await;
+    env.stop().await;
+}

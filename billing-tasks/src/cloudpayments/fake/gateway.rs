@@ -141,6 +141,8 @@ pub(crate) struct Gateway {
     pub acs_url: String,
     requests: [AtomicU64; Op::ALL.len()],
     next_id: AtomicI64,
+    /// Report card details the way some acquirers do (see [`super::FakeGateway::set_odd_card_display`]).
+    pub odd_card_display: std::sync::atomic::AtomicBool,
 }
 
 /// A request error: the `Message` to answer with.
@@ -188,6 +190,7 @@ impl Gateway {
             acs_url,
             requests: std::array::from_fn(|_| AtomicU64::new(0)),
             next_id: AtomicI64::new(FIRST_TRANSACTION_ID),
+            odd_card_display: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -358,7 +361,7 @@ impl Gateway {
         let save_card = Gateway::flag(fields, "SaveCard")?.unwrap_or(true);
 
         let mut txn = self.new_payment(terminal, amount, fields, request_id, two_stage);
-        txn.card = Some(snapshot(&card));
+        txn.card = Some(self.displayed(snapshot(&card)));
         let declined_by = match self.check(terminal, &txn).await {
             Some(code) => Some(code),
             None => forced.or(card.forced_decline),
@@ -740,6 +743,25 @@ fn issue_token_in(
         },
     );
     Some(token)
+}
+
+impl Gateway {
+    /// The card as a transaction reports it: as recorded, or, with odd display on, with the
+    /// first six spaced (`4000 00`) and a four-digit year (`12/2030`).
+    fn displayed(&self, mut card: CardSnapshot) -> CardSnapshot {
+        if self
+            .odd_card_display
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            if card.first_six.len() == 6 {
+                card.first_six = format!("{} {}", &card.first_six[..4], &card.first_six[4..]);
+            }
+            if let Some((mm, yy)) = card.exp.split_once('/') {
+                card.exp = format!("{mm}/20{yy}");
+            }
+        }
+        card
+    }
 }
 
 fn snapshot(card: &Card) -> CardSnapshot {

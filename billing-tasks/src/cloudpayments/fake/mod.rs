@@ -265,6 +265,14 @@ impl FakeGateway {
             .map_or(0, |t| t.inflight.load(std::sync::atomic::Ordering::Acquire))
     }
 
+    /// Reports card details of new card payments as some acquirers do, which the documented
+    /// formats do not cover: the first six digits with a space, the expiry with a four-digit year.
+    pub fn set_odd_card_display(&self, on: bool) {
+        self.gw
+            .odd_card_display
+            .store(on, std::sync::atomic::Ordering::Release);
+    }
+
     /// Whether a duplicate of a request still in flight waits for it (true) or is processed again.
     pub fn set_block_in_flight_duplicates(&self, block: bool) {
         self.gw.idempotency.set_block_in_flight(block);
