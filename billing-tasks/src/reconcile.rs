@@ -1,6 +1,7 @@
 //! Periodic repair of what a crash, a lost message or an impatient customer leaves behind: attempts
 //! whose gateway outcome is unknown, 3-D Secure challenges never answered, payments whose charge
-//! task was lost, cryptograms that were never used.
+//! task was lost (before the first call, or after the customer answered 3-D Secure), cryptograms
+//! that were never used.
 
 use serde::Serialize;
 use serde_json::json;
@@ -51,7 +52,7 @@ pub async fn reconcile_payments(billing: &Billing) -> Result<(ReconcileReport, V
     }
 
     let challenges = sqlx::query_scalar!(
-        "SELECT id FROM payment WHERE status = 'awaiting_3ds' AND sent_at <= $1 LIMIT 1000",
+        "SELECT id FROM payment WHERE status = 'awaiting_3ds' AND pa_res IS NULL AND sent_at <= $1 LIMIT 1000",
         now - policy.three_ds_timeout
     )
     .fetch_all(billing.db())
@@ -73,8 +74,14 @@ pub async fn reconcile_payments(billing: &Billing) -> Result<(ReconcileReport, V
         }
     }
 
+    // Charges whose task was lost: primary payments never sent, and 3-D Secure answers the
+    // customer gave that were never posted (an answered challenge is not expired: its charge
+    // runs, and the gateway says whether the answer still holds).
     let lost = sqlx::query_scalar!(
-        "SELECT id FROM payment WHERE status = 'created' AND created_at <= $1 AND created_at > $2 LIMIT 10000",
+        "SELECT id FROM payment
+         WHERE (status = 'created' AND created_at <= $1 AND created_at > $2)
+            OR (status = 'awaiting_3ds' AND pa_res IS NOT NULL AND updated_at <= $1)
+         LIMIT 10000",
         now - chrono::Duration::minutes(1),
         now - policy.created_timeout
     )

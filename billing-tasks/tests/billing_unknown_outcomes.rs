@@ -155,3 +155,57 @@ async fn a_replay_waits_until_the_gateway_is_done_with_the_first_call() {
     env.assert_ledger_matches_gateway().await;
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_post_3ds_task_is_picked_up_by_the_reconciler() {
+    use billing_tasks::charging::{self, Step};
+    use billing_tasks::domain::PaymentStatus;
+    use billing_tasks::secret::Secret;
+
+    // No worker: the task Complete3DS enqueues is never run, as if it were lost.
+    let env = Env::start_with(Options {
+        run_worker: false,
+        ..Options::default()
+    })
+    .await;
+    let user = Uuid::new_v4();
+    let p = env
+        .service
+        .start_subscription(env.start_request(user, CARD_3DS_OK))
+        .await
+        .unwrap();
+    assert_eq!(
+        charging::charge_payment(&env.billing, p.id).await.unwrap(),
+        Step::Settled(PaymentStatus::AwaitingThreeDs)
+    );
+    let challenge = env.service.get_payment(user, p.id).await.unwrap().challenge;
+    env.service
+        .complete_3ds(
+            user,
+            p.id,
+            challenge.unwrap().transaction_id,
+            Secret::new(billing_tasks::cloudpayments::fake::PA_RES_OK.to_owned()),
+        )
+        .await
+        .unwrap();
+
+    // Past the challenge's lifetime: the customer answered, so it is not expired but charged.
+    env.clock.advance(Duration::minutes(61));
+    let (report, requeue) = billing_tasks::reconcile::reconcile_payments(&env.billing)
+        .await
+        .unwrap();
+    assert_eq!(
+        report.expired_3ds, 0,
+        "an answered challenge is not expired"
+    );
+    assert_eq!(
+        requeue,
+        vec![p.id],
+        "the lost post-3DS charge is enqueued again"
+    );
+    assert_eq!(
+        charging::charge_payment(&env.billing, p.id).await.unwrap(),
+        Step::Settled(PaymentStatus::Succeeded)
+    );
+    env.stop().await;
+}
