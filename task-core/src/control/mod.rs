@@ -174,14 +174,31 @@ pub async fn serve(
     tokio::pin!(stop);
     let mut ready = ready;
     let mut backoff = Duration::from_millis(200);
+    let mut warned = false;
     loop {
         tokio::select! {
             _ = &mut stop => return,
             r = session(&broker, &hostname, &clock, &handler, &mut ready) => match r {
                 Ok(()) => backoff = Duration::from_millis(200),
                 Err(Error::Shutdown) => return,
+                // Another process of the same node name holds the exclusive mailbox.
+                Err(e) if { let t = e.to_string(); t.contains("RESOURCE_LOCKED") || t.contains("RESOURCELOCKED") } => {
+                    if !warned {
+                        tracing::warn!(
+                            hostname,
+                            "another node named {hostname} holds its mailbox; this worker answers \
+                             no remote control until it goes (give each worker its own name)"
+                        );
+                        warned = true;
+                    }
+                    backoff = Duration::from_secs(5);
+                }
                 Err(e) => tracing::warn!(error = %e, "remote control unavailable; retrying in {backoff:?}"),
             },
+        }
+        // Whoever waits for the mailbox is not kept waiting by one that cannot be had now.
+        if let Some(tx) = ready.take() {
+            let _ = tx.send(());
         }
         tokio::select! {
             _ = &mut stop => return,
