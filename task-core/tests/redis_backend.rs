@@ -135,3 +135,33 @@ async fn meta_written_by_python_celery_reads_back() {
     );
     assert_eq!(meta.worker.as_deref(), Some("w1@research"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_state_from_python_is_read_and_waited_past() {
+    let backend = common::redis().await;
+    let task_id = id();
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // What Python's `self.update_state(state='PROGRESS', meta={'done': 3})` stores.
+    let progress = json!({"status": "PROGRESS", "result": {"done": 3}, "traceback": null,
+        "children": [], "date_done": null, "task_id": task_id});
+    let _: () = conn
+        .set_ex(meta_key(&task_id), progress.to_string(), 60)
+        .await
+        .unwrap();
+    let meta = backend.get(&task_id).await.unwrap().unwrap();
+    assert_eq!(meta.status, TaskState::Custom);
+    assert!(!meta.status.is_ready());
+    assert_eq!(meta.result, json!({"done": 3}));
+    let waiter = {
+        let backend = backend.clone();
+        let task_id = task_id.clone();
+        tokio::spawn(async move { backend.wait(&task_id, Duration::from_secs(10)).await })
+    };
+    backend
+        .store(&TaskMeta::new(&task_id, TaskState::Success, json!(7)))
+        .await
+        .unwrap();
+    let done = waiter.await.unwrap().unwrap();
+    assert_eq!((done.status, done.result), (TaskState::Success, json!(7)));
+}

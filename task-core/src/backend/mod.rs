@@ -45,6 +45,9 @@ pub enum TaskState {
     Rejected,
     /// Ran, result intentionally not stored.
     Ignored,
+    /// A state the task set itself (Python's `update_state('PROGRESS', meta=…)`); not ready.
+    #[serde(other)]
+    Custom,
 }
 
 impl TaskState {
@@ -68,6 +71,7 @@ impl TaskState {
             TaskState::Revoked => "REVOKED",
             TaskState::Rejected => "REJECTED",
             TaskState::Ignored => "IGNORED",
+            TaskState::Custom => "CUSTOM",
         }
     }
 }
