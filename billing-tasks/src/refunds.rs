@@ -190,7 +190,8 @@ pub enum RefundRun {
     Settled(RefundStatus),
     /// Try again after this.
     RetryAfter(Duration),
-    /// Its outcome can no longer be learnt by replaying; accounting has been told.
+    /// Its outcome can be learnt neither by replaying nor from the gateway's records; accounting
+    /// has been told.
     NeedsAttention,
 }
 
@@ -219,20 +220,11 @@ pub async fn execute(billing: &Billing, refund_id: Uuid) -> Result<RefundRun> {
             ));
         }
         RefundStatus::Processing if r.sent_at.is_some_and(|t| now - t > REPLAY_WINDOW) => {
-            // The gateway no longer replays our request id, so a blind retry could refund twice;
-            // and the money may have gone back. It stays `processing` (still counted against the
-            // payment) until a Refund notification settles it or a person does.
-            let mut conn = billing.db().acquire().await?;
-            ledger::enqueue_outbox(
-                &mut conn,
-                topic::ACCOUNTING_ATTENTION,
-                &format!("accounting:refund-unknown:{refund_id}"),
-                json!({"refund_id": refund_id, "payment_id": r.payment_id, "amount_minor": r.amount_minor, "currency": r.currency,
-                       "issue": "refund outcome unknown past the gateway's idempotency window; check the gateway"}),
-                now,
-            )
-            .await?;
-            return Ok(RefundRun::NeedsAttention);
+            // The gateway no longer replays our request id, so a blind retry could refund twice:
+            // the refund is looked up instead, and stays `processing` (still counted against the
+            // payment) until the gateway answers.
+            drop(tx);
+            return look_up(billing, refund_id).await;
         }
         RefundStatus::Requested | RefundStatus::Processing => {
             sqlx::query!(
@@ -279,6 +271,79 @@ pub async fn execute(billing: &Billing, refund_id: Uuid) -> Result<RefundRun> {
         Err(e) => {
             fail(billing, refund_id, &e.to_string()).await?;
             Ok(RefundRun::Settled(RefundStatus::Failed))
+        }
+    }
+}
+
+/// Finds out at the gateway what became of a refund whose answer was lost, past the replay
+/// window: the latest operation of the invoice (`v2/payments/find`) if it is this refund, else
+/// the payment itself (`payments/get`), whose `Refunded` flag says whether any refund was made.
+async fn look_up(billing: &Billing, refund_id: Uuid) -> Result<RefundRun> {
+    let now = billing.now();
+    let r = sqlx::query!(
+        r#"SELECT r.amount_minor, r.currency, r.payment_id, p.invoice_id, p.gateway_transaction_id AS "payment_txn!"
+           FROM refund r JOIN payment p ON p.id = r.payment_id WHERE r.id = $1"#,
+        refund_id
+    )
+    .fetch_one(billing.db())
+    .await?;
+    let latest = match billing
+        .gateway()
+        .find_operation(&r.invoice_id.to_string())
+        .await
+    {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(refund_id = %refund_id, error = %e, "refund lookup failed; trying again later");
+            return Ok(RefundRun::RetryAfter(Duration::from_secs(60)));
+        }
+    };
+    if let Some(t) = latest.filter(|t| {
+        t.original_transaction_id == Some(r.payment_txn)
+            && t.amount.minor == r.amount_minor
+            && t.amount.currency.code() == r.currency
+    }) {
+        let known = sqlx::query_scalar!(
+            r#"SELECT EXISTS (SELECT 1 FROM refund WHERE gateway_transaction_id = $1 AND id <> $2) AS "known!""#,
+            t.transaction_id,
+            refund_id
+        )
+        .fetch_one(billing.db())
+        .await?;
+        if !known {
+            return settle(billing, refund_id, t.transaction_id, Actor::Worker)
+                .await
+                .map(RefundRun::Settled);
+        }
+    }
+    match billing.gateway().get(r.payment_txn).await {
+        Ok(Some(p)) if !p.refunded => {
+            // No refund of this payment exists at the gateway: this one was never made.
+            fail(
+                billing,
+                refund_id,
+                "the gateway made no refund of this payment",
+            )
+            .await?;
+            Ok(RefundRun::Settled(RefundStatus::Failed))
+        }
+        Ok(_) => {
+            // Refunded, but the refund cannot be told apart from another one: a person decides.
+            let mut conn = billing.db().acquire().await?;
+            ledger::enqueue_outbox(
+                &mut conn,
+                topic::ACCOUNTING_ATTENTION,
+                &format!("accounting:refund-unknown:{refund_id}"),
+                json!({"refund_id": refund_id, "payment_id": r.payment_id, "amount_minor": r.amount_minor, "currency": r.currency,
+                       "issue": "refund outcome unknown and the gateway's records do not tell which refund it is; check the gateway"}),
+                now,
+            )
+            .await?;
+            Ok(RefundRun::NeedsAttention)
+        }
+        Err(e) => {
+            tracing::warn!(refund_id = %refund_id, error = %e, "refund lookup failed; trying again later");
+            Ok(RefundRun::RetryAfter(Duration::from_secs(60)))
         }
     }
 }

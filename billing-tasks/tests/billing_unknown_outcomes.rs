@@ -209,3 +209,105 @@ async fn a_lost_post_3ds_task_is_picked_up_by_the_reconciler() {
     );
     env.stop().await;
 }
+
+/// Subscribes without notifications, then asks for a refund whose first call meets `first` and
+/// whose replays all answer 503; returns the refund once the first call has been made.
+async fn refund_with_lost_answer(env: &Env, user: Uuid, first: Fault) -> Uuid {
+    use billing_tasks::refunds::{RefundRequest, Requester};
+    let p = env.subscribe(user, CARD_OK).await;
+    env.fake.push_fault_for("/payments/refund", first);
+    env.fake.set_fault_probability(
+        Some("/payments/refund"),
+        Fault::ServerErrorBeforeProcessing(503),
+        1.0,
+    );
+    let r = env
+        .service
+        .request_refund(RefundRequest {
+            payment_id: p.id,
+            reason: "changed my mind".into(),
+            requested_by: Requester::User(user),
+            idempotency_key: Uuid::new_v4().to_string(),
+        })
+        .await
+        .unwrap();
+    eventually(
+        "the refund call to be made",
+        std::time::Duration::from_secs(20),
+        || async { (env.fake.requests("/payments/refund") >= 1).then_some(()) },
+    )
+    .await;
+    eventually(
+        "the refund to be processing",
+        std::time::Duration::from_secs(20),
+        || async {
+            let s = sqlx::query_scalar::<_, String>("SELECT status FROM refund WHERE id = $1")
+                .bind(r.id)
+                .fetch_one(&env.db)
+                .await
+                .unwrap();
+            (s == "processing").then_some(())
+        },
+    )
+    .await;
+    r.id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_whose_answer_was_lost_is_found_at_the_gateway_after_the_replay_window() {
+    use billing_tasks::domain::RefundStatus;
+    use billing_tasks::refunds::{self, RefundRun};
+    let env = Env::start_with(Options {
+        webhooks: false,
+        ..Options::default()
+    })
+    .await;
+    let user = Uuid::new_v4();
+    let refund = refund_with_lost_answer(&env, user, Fault::TimeoutAfterProcessing).await;
+    env.clock.advance(Duration::minutes(56));
+    assert_eq!(
+        refunds::execute(&env.billing, refund).await.unwrap(),
+        RefundRun::Settled(RefundStatus::Succeeded)
+    );
+    let txn =
+        sqlx::query_scalar::<_, i64>("SELECT gateway_transaction_id FROM refund WHERE id = $1")
+            .bind(refund)
+            .fetch_one(&env.db)
+            .await
+            .unwrap();
+    let at_gateway = env
+        .fake
+        .transaction(txn)
+        .expect("the refund at the gateway");
+    assert_eq!(at_gateway.amount.minor, 29_900);
+    assert_eq!(
+        env.service.get_subscription(user).await.unwrap().status,
+        billing_tasks::domain::SubscriptionStatus::Expired
+    );
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_the_gateway_never_made_fails_after_the_replay_window() {
+    use billing_tasks::domain::RefundStatus;
+    use billing_tasks::refunds::{self, RefundRun};
+    let env = Env::start_with(Options {
+        webhooks: false,
+        ..Options::default()
+    })
+    .await;
+    let user = Uuid::new_v4();
+    let refund = refund_with_lost_answer(&env, user, Fault::TimeoutBeforeProcessing).await;
+    env.clock.advance(Duration::minutes(56));
+    assert_eq!(
+        refunds::execute(&env.billing, refund).await.unwrap(),
+        RefundRun::Settled(RefundStatus::Failed)
+    );
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM refund WHERE status = 'failed'")
+            .await,
+        1,
+        "it no longer counts against the payment; a new request may be made"
+    );
+    env.stop().await;
+}

@@ -231,6 +231,17 @@ impl Client {
             .into_lookup()
     }
 
+    /// The latest operation with this InvoiceId, refunds included (`/v2/payments/find`); `None`
+    /// if there is none. How a refund whose answer was lost is found.
+    pub async fn find_operation(
+        &self,
+        invoice_id: &str,
+    ) -> Result<Option<Transaction>, GatewayError> {
+        self.call("/v2/payments/find", &FindBody { invoice_id }, None)
+            .await?
+            .into_lookup()
+    }
+
     /// Sends one call and reads the envelope, mapping HTTP-level failures to [`GatewayError`].
     async fn call<B: Serialize>(
         &self,
