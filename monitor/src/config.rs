@@ -1,0 +1,157 @@
+//! The monitor's settings (ARCHITECTURE.md §3.4): every one an environment variable and a flag.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+
+/// The default queue the monitor reads events from.
+pub const DEFAULT_EVENTS_QUEUE: &str = "tq.monitor.events";
+
+/// Everything [`crate::run`] needs.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address the UI, the API and /metrics are served on. Without authentication (none exists
+    /// yet) only a loopback address is accepted.
+    #[arg(long, env = "MONITOR_BIND", default_value = "127.0.0.1:5555")]
+    pub bind: SocketAddr,
+
+    /// Serve a non-loopback MONITOR_BIND without authentication, e.g. behind an authenticating
+    /// proxy. Anyone who reaches the port can revoke tasks and stop workers.
+    #[arg(long, env = "MONITOR_ALLOW_UNAUTHENTICATED", default_value_t = false)]
+    pub allow_unauthenticated: bool,
+
+    /// The store (PostgreSQL); the database is created if missing, the tables live in schema
+    /// `monitor`.
+    #[arg(
+        long,
+        env = "MONITOR_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/monitor"
+    )]
+    pub database_url: String,
+
+    /// RabbitMQ.
+    #[arg(
+        long,
+        env = "BROKER_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub broker_url: String,
+
+    /// Redis result backend (read for /api/task/result and task details).
+    #[arg(
+        long,
+        env = "RESULT_BACKEND",
+        default_value = "redis://127.0.0.1:6379/0"
+    )]
+    pub result_backend: String,
+
+    /// The durable queue bound to `celeryev` that keeps events while the monitor is down.
+    #[arg(long, env = "MONITOR_EVENTS_QUEUE", default_value = DEFAULT_EVENTS_QUEUE)]
+    pub events_queue: String,
+
+    /// Most events the queue keeps while nobody reads it (`x-max-length`; the oldest are dropped).
+    #[arg(long, env = "MONITOR_EVENTS_MAX_LENGTH", default_value_t = 1_000_000)]
+    pub events_max_length: u32,
+
+    /// How long an unread event is kept (`x-message-ttl`), e.g. `1d`, `6h`, `90s`.
+    #[arg(long, env = "MONITOR_EVENTS_TTL", default_value = "1d", value_parser = parse_duration)]
+    pub events_ttl: Duration,
+
+    /// Delete the events queue after it has had no consumer this long (`x-expires`); unset keeps
+    /// it forever. For test and review deployments.
+    #[arg(long, env = "MONITOR_EVENTS_QUEUE_EXPIRES", value_parser = parse_duration)]
+    pub events_queue_expires: Option<Duration>,
+
+    /// Events written per transaction, at most.
+    #[arg(long, env = "MONITOR_BATCH_SIZE", default_value_t = 500)]
+    pub batch_size: u16,
+
+    /// Longest wait to fill a batch, e.g. `200ms`.
+    #[arg(long, env = "MONITOR_BATCH_WAIT", default_value = "200ms", value_parser = parse_duration)]
+    pub batch_wait: Duration,
+
+    /// How long /api/workers answers from its cache before it asks the workers again.
+    #[arg(long, env = "MONITOR_INSPECT_CACHE", default_value = "5s", value_parser = parse_duration)]
+    pub inspect_cache: Duration,
+
+    /// How long one remote-control broadcast waits for replies.
+    #[arg(long, env = "MONITOR_INSPECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub inspect_timeout: Duration,
+}
+
+impl Config {
+    /// The settings from the environment alone (no flags), the defaults where a variable is
+    /// unset: what the binary starts with when given no arguments.
+    pub fn from_env() -> Result<Self, clap::Error> {
+        use clap::{FromArgMatches, Parser};
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            config: Config,
+        }
+        let matches = <Wrapper as clap::CommandFactory>::command()
+            .no_binary_name(true)
+            .try_get_matches_from(Vec::<String>::new())?;
+        Ok(Wrapper::from_arg_matches(&matches)?.config)
+    }
+
+    /// Refuses a non-loopback bind without authentication, naming the setting to change.
+    pub fn check_bind(&self) -> crate::Result<()> {
+        if self.bind.ip().is_loopback() || self.allow_unauthenticated {
+            return Ok(());
+        }
+        Err(crate::Error::Config(format!(
+            "MONITOR_BIND {} is not a loopback address and no authentication is configured: \
+             anyone reaching it could revoke tasks and stop workers. Bind 127.0.0.1, or set \
+             MONITOR_ALLOW_UNAUTHENTICATED=true when an authenticating proxy is in front",
+            self.bind
+        )))
+    }
+}
+
+/// `250ms`, `90s`, `15m`, `6h`, `1d`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (use e.g. 200ms, 90s, 15m, 6h, 1d)"))?;
+    let secs = |k: u64| Duration::from_secs(n.saturating_mul(k));
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(secs(1)),
+        "m" => Ok(secs(60)),
+        "h" => Ok(secs(3600)),
+        "d" => Ok(secs(86_400)),
+        _ => Err(format!(
+            "`{s}` has an unknown unit `{unit}` (use ms, s, m, h or d)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("200ms").unwrap(), Duration::from_millis(200));
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("1d").unwrap(), Duration::from_secs(86_400));
+        assert!(parse_duration("5 weeks").is_err());
+    }
+
+    #[test]
+    fn a_public_bind_needs_auth_or_an_explicit_opt_out() {
+        let mut c = Config::from_env().unwrap();
+        c.bind = "127.0.0.1:5555".parse().unwrap();
+        assert!(c.check_bind().is_ok());
+        c.bind = "0.0.0.0:5555".parse().unwrap();
+        let e = c.check_bind().unwrap_err().to_string();
+        assert!(e.contains("MONITOR_BIND 0.0.0.0:5555"), "{e}");
+        c.allow_unauthenticated = true;
+        assert!(c.check_bind().is_ok());
+    }
+}

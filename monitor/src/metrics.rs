@@ -1,0 +1,256 @@
+//! The monitor's Prometheus metrics (monitor-anchors §6.1 with the `tq_` prefix), encoded as
+//! OpenMetrics text for `GET /metrics`.
+//!
+//! - From the event intake: `tq_monitor_events_received_total{type}`,
+//!   `tq_monitor_event_lag_seconds` (now minus the newest event's timestamp, at its write),
+//!   `tq_monitor_last_event_timestamp_seconds`, `tq_tasks_completed_total{task,outcome}`.
+//! - Collected at scrape time: `tq_worker_up{worker}` from the stored heartbeats (a worker drops
+//!   out of the series an hour after its last event, so pod churn does not pile up series),
+//!   `tq_queue_messages{queue,state="ready"}` and `tq_queue_consumers{queue}` for every queue the
+//!   workers report consuming, from the broker.
+//!
+//! Cardinality: `type` is bounded by Celery's event kinds (others count as `other`), `task` by
+//! the task names producers use, `worker` and `queue` by the fleet.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
+
+/// The content type of [`Metrics::encode`].
+pub const OPENMETRICS_CONTENT_TYPE: &str = task_core::health::OPENMETRICS_CONTENT_TYPE;
+
+const EVENT_TYPES: [&str; 12] = [
+    "worker-online",
+    "worker-heartbeat",
+    "worker-offline",
+    "task-sent",
+    "task-received",
+    "task-started",
+    "task-succeeded",
+    "task-failed",
+    "task-retried",
+    "task-revoked",
+    "task-rejected",
+    "task-cancelled",
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TypeLabel {
+    r#type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Completed {
+    task: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabel {
+    worker: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueState {
+    queue: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabel {
+    queue: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    events: Family<TypeLabel, Counter>,
+    completed: Family<Completed, Counter>,
+    lag: FloatGauge,
+    last_event: FloatGauge,
+    worker_up: Family<WorkerLabel, Gauge>,
+    queue_messages: Family<QueueState, Gauge>,
+    queue_consumers: Family<QueueLabel, Gauge>,
+}
+
+/// The monitor's metrics. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric at zero.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tq");
+        let events = Family::<TypeLabel, Counter>::default();
+        registry.register(
+            "monitor_events_received",
+            "Celery events written to the store, by type",
+            events.clone(),
+        );
+        let completed = Family::<Completed, Counter>::default();
+        registry.register(
+            "tasks_completed",
+            "Tasks that finished an attempt, by task and outcome, from their events",
+            completed.clone(),
+        );
+        let lag = FloatGauge::default();
+        registry.register_with_unit(
+            "monitor_event_lag",
+            "Now minus the timestamp of the newest event of the last batch written",
+            Unit::Seconds,
+            lag.clone(),
+        );
+        let last_event = FloatGauge::default();
+        registry.register(
+            "monitor_last_event_timestamp_seconds",
+            "Timestamp of the newest event written (Unix seconds)",
+            last_event.clone(),
+        );
+        let worker_up = Family::<WorkerLabel, Gauge>::default();
+        registry.register(
+            "worker_up",
+            "1 while a worker's heartbeats arrive, 0 once two are missed or it went offline",
+            worker_up.clone(),
+        );
+        let queue_messages = Family::<QueueState, Gauge>::default();
+        registry.register(
+            "queue_messages",
+            "Messages in a queue the workers consume, by state",
+            queue_messages.clone(),
+        );
+        let queue_consumers = Family::<QueueLabel, Gauge>::default();
+        registry.register(
+            "queue_consumers",
+            "Consumers of a queue the workers consume",
+            queue_consumers.clone(),
+        );
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                events,
+                completed,
+                lag,
+                last_event,
+                worker_up,
+                queue_messages,
+                queue_consumers,
+            }),
+        }
+    }
+
+    /// Counts one written event of `kind`.
+    pub fn event(&self, kind: &str) {
+        let kind = if EVENT_TYPES.contains(&kind) {
+            kind
+        } else {
+            "other"
+        };
+        self.inner
+            .events
+            .get_or_create(&TypeLabel {
+                r#type: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a finished attempt of `task`.
+    pub fn completed(&self, task: &str, outcome: &str) {
+        self.inner
+            .completed
+            .get_or_create(&Completed {
+                task: task.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Records the newest event timestamp of a written batch, at `now` (both Unix seconds).
+    pub fn written(&self, newest_event: f64, now: f64) {
+        if newest_event > self.inner.last_event.get() {
+            self.inner.last_event.set(newest_event);
+        }
+        self.inner.lag.set((now - newest_event).max(0.0));
+    }
+
+    /// Replaces the worker gauges with `workers` (name, up).
+    pub fn set_workers(&self, workers: impl IntoIterator<Item = (String, bool)>) {
+        self.inner.worker_up.clear();
+        for (worker, up) in workers {
+            self.inner
+                .worker_up
+                .get_or_create(&WorkerLabel { worker })
+                .set(i64::from(up));
+        }
+    }
+
+    /// Replaces the queue gauges with `queues` (name, ready messages, consumers).
+    pub fn set_queues(&self, queues: impl IntoIterator<Item = (String, u64, u64)>) {
+        self.inner.queue_messages.clear();
+        self.inner.queue_consumers.clear();
+        for (queue, ready, consumers) in queues {
+            self.inner
+                .queue_messages
+                .get_or_create(&QueueState {
+                    queue: queue.clone(),
+                    state: "ready".into(),
+                })
+                .set(i64::try_from(ready).unwrap_or(i64::MAX));
+            self.inner
+                .queue_consumers
+                .get_or_create(&QueueLabel { queue })
+                .set(i64::try_from(consumers).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// The OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.inner.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_names_are_the_anchor_names() {
+        let m = Metrics::new();
+        m.event("task-succeeded");
+        m.event("made-up");
+        m.completed("diag.add", "success");
+        m.written(100.0, 100.5);
+        m.set_workers([("w1@h".to_owned(), true)]);
+        m.set_queues([("celery".to_owned(), 3, 1)]);
+        let text = m.encode();
+        for line in [
+            r#"tq_monitor_events_received_total{type="task-succeeded"} 1"#,
+            r#"tq_monitor_events_received_total{type="other"} 1"#,
+            r#"tq_tasks_completed_total{task="diag.add",outcome="success"} 1"#,
+            "tq_monitor_event_lag_seconds 0.5",
+            "tq_monitor_last_event_timestamp_seconds 100.0",
+            r#"tq_worker_up{worker="w1@h"} 1"#,
+            r#"tq_queue_messages{queue="celery",state="ready"} 3"#,
+            r#"tq_queue_consumers{queue="celery"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+    }
+}
