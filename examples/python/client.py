@@ -3,7 +3,7 @@
     python client.py '{"task": "diag.add", "args": [2, 3]}'
 
 Settings (all optional) come from the JSON argument: broker, backend, queue, serializer
-(json or msgpack), args, kwargs, countdown, expires, timeout. The defaults match the local stack.
+(json or msgpack), compression (zlib), args (or raw_args, JSON text), kwargs, countdown, expires, timeout. The defaults match the local stack.
 """
 
 import json
@@ -27,10 +27,12 @@ def main() -> None:
         broker_connection_retry_on_startup=True,
     )
     options = {"queue": cfg.get("queue", "celery"), "serializer": serializer}
-    for key in ("countdown", "expires", "priority", "time_limit", "soft_time_limit"):
+    for key in ("countdown", "expires", "priority", "time_limit", "soft_time_limit", "compression"):
         if key in cfg:
             options[key] = cfg[key]
-    result = app.send_task(cfg["task"], args=cfg.get("args", []), kwargs=cfg.get("kwargs", {}), **options)
+    # `raw_args`: arguments as JSON text, for values JSON itself cannot carry (NaN, huge integers).
+    args = json.loads(cfg["raw_args"]) if "raw_args" in cfg else cfg.get("args", [])
+    result = app.send_task(cfg["task"], args=args, kwargs=cfg.get("kwargs", {}), **options)
     out = {"id": result.id}
     try:
         out["result"] = result.get(timeout=cfg.get("timeout", 30))

@@ -68,6 +68,29 @@ async fn python_clients_run_tasks_on_the_rust_worker() {
     assert_eq!(failure["exc_message"], "card declined: 5051");
     assert_eq!(kwargs["result"], json!({"a": [1, 2.5, null]}), "{kwargs}");
     assert_eq!(countdown["result"], json!(42), "{countdown}");
+
+    // What Python puts on the wire that strict parsers refuse: compressed bodies, NaN and
+    // Infinity from `json.dumps`, and integers beyond 64 bits (refused with a reason).
+    let (zlib, nan, huge) = tokio::join!(
+        python_client(with(
+            json!({"task": "diag.add", "args": [2, 3], "compression": "zlib"})
+        )),
+        python_client(with(json!({"task": "diag.echo", "raw_args": "[NaN]"}))),
+        python_client(with(
+            json!({"task": "diag.echo", "raw_args": "[1180591620717411303424]"})
+        )),
+    );
+    assert_eq!(zlib["result"], json!(5), "{zlib}");
+    assert_eq!(nan["state"], "SUCCESS", "{nan}");
+    assert_eq!(nan["result"], json!(null), "{nan}");
+    assert_eq!(huge["state"], "FAILURE", "{huge}");
+    assert!(
+        huge["exc_message"]
+            .as_str()
+            .unwrap()
+            .contains("does not fit in 64 bits"),
+        "{huge}"
+    );
     drop(worker);
     let broker = task_core::AmqpBroker::connect(&common::amqp_url())
         .await

@@ -79,11 +79,24 @@ impl std::str::FromStr for ContentType {
 pub fn decode_value(content_type: ContentType, bytes: &[u8]) -> Result<Value, ProtocolError> {
     match content_type {
         ContentType::Json => {
-            let v: Value =
-                serde_json::from_slice(bytes).map_err(|e| ProtocolError::MalformedBody {
+            let strict = serde_json::from_slice::<Value>(bytes);
+            let v = match strict {
+                Ok(v) => v,
+                // Python's `json.dumps` writes NaN and Infinity; see `compat`.
+                Err(e) => match super::compat::python_json(bytes)? {
+                    Some(fixed) => serde_json::from_slice(&fixed),
+                    None => Err(e),
+                }
+                .map_err(|e| ProtocolError::MalformedBody {
                     content_type: "JSON",
                     reason: e.to_string(),
-                })?;
+                })?,
+            };
+            // A strict parse reads a 65-bit integer as a float without a word: when there is a
+            // float at all, check the text for such integers.
+            if has_float(&v) {
+                super::compat::python_json(bytes)?;
+            }
             Ok(unwrap_kombu(v))
         }
         ContentType::Msgpack => {
@@ -116,6 +129,15 @@ pub fn encode_value(content_type: ContentType, value: &Value) -> Result<Vec<u8>,
                 .map_err(|e| ProtocolError::Encode(e.to_string()))?;
             Ok(out)
         }
+    }
+}
+
+fn has_float(v: &Value) -> bool {
+    match v {
+        Value::Number(n) => n.is_f64(),
+        Value::Array(a) => a.iter().any(has_float),
+        Value::Object(m) => m.values().any(has_float),
+        _ => false,
     }
 }
 

@@ -10,6 +10,7 @@
 //! dead-letter reason.
 
 mod codec;
+pub mod compat;
 mod headers;
 
 pub use codec::{Bytes, ContentType, decode_value, encode_value};
@@ -137,11 +138,13 @@ impl TaskMessage {
 
     /// Decodes a broker message. Accepts protocol v2 (header `task`) and v1 (all in the body).
     pub fn decode(raw: &RawMessage) -> Result<Self, ProtocolError> {
-        if let Some(c) = raw.headers.get("compression").and_then(Value::as_str) {
-            return Err(ProtocolError::UnsupportedCompression(c.to_owned()));
-        }
         let content_type = ContentType::from_mime(raw.properties.content_type.as_deref())?;
-        let body = codec::decode_value(content_type, &raw.body)?;
+        let body = match raw.headers.get("compression").and_then(Value::as_str) {
+            Some(scheme) => {
+                codec::decode_value(content_type, &compat::decompress(scheme, &raw.body)?)?
+            }
+            None => codec::decode_value(content_type, &raw.body)?,
+        };
         if raw.headers.contains_key("task") {
             let headers = TaskHeaders::from_map(&raw.headers)?;
             let (args, kwargs, embed) = split_v2_body(body)?;
