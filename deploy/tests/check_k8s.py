@@ -14,7 +14,8 @@ This script:
   ports, requests and memory limits set, the worker's grace period longer than
   WORKER_SHUTDOWN_TIMEOUT, metrics ports and scrape annotations agreeing, non-root and
   read-only root file systems, every PDB and the ScaledObject selecting a real Deployment,
-  every referenced ConfigMap and Secret key present (or declared external with --external).
+  every referenced ConfigMap and Secret key present (or declared external with --external),
+  and every variable one a program reads (settings.py, from the source).
 
 Usage: check_k8s.py RENDERED.yaml [--external SECRET ...]
 Needs PyYAML and jsonschema (deploy/check installs both into its venv).
@@ -28,6 +29,9 @@ import sys
 
 import jsonschema
 import yaml
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import settings  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
 KEDA_CRDS = {
@@ -202,6 +206,10 @@ def check_pods(by_kind, external):
     secrets = {s["metadata"]["name"]: set(s.get("data", {})) | set(s.get("stringData", {}))
                for s in by_kind.get("Secret", [])}
     deployments = by_kind.get("Deployment", [])
+    every_setting = settings.all_settings()
+    for name, data in configmaps.items():
+        for key in sorted(set(data) - every_setting):
+            fail(f"ConfigMap/{name}", f"{key} is not a setting any program reads")
     if not deployments:
         fail("overlay", "no Deployment rendered")
 
@@ -267,10 +275,16 @@ def check_pods(by_kind, external):
                 if ref:
                     check_ref(f"{where} env {e['name']}", ref["name"], ref["key"], ref.get("optional", False))
             env = env_of(c, configmaps)
+            program = (c.get("command") or [""])[0]
+            known = settings.program_settings(program)
+            if known is not None:
+                for e in c.get("env", []):
+                    if e["name"] not in known | settings.HELPERS:
+                        fail(where, f"{e['name']} is not a setting {program} reads")
             scrape_port = annotations.get("prometheus.io/port")
             if scrape_port and int(scrape_port) not in ports.values():
                 fail(where, f"prometheus.io/port {scrape_port} is not a container port")
-            command = (c.get("command") or [""])[0]
+            command = program
             if command == "worker":
                 live = c.get("livenessProbe", {}).get("httpGet", {}).get("path")
                 ready = c.get("readinessProbe", {}).get("httpGet", {}).get("path")
