@@ -90,8 +90,19 @@ struct Cli {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli: Cli = parse_or_exit();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, whatever RUST_BACKTRACE says: the error names the setting or the service.
+            eprintln!("worker: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     task_core::telemetry::init(cli.connection.log_format);
     let _sentry = task_core::telemetry::init_sentry(cli.sentry_dsn.as_deref());
     if let Some(q) = cli.queues.iter().find(|q| q.trim().is_empty()) {
