@@ -114,7 +114,11 @@ async fn a_run_of_rust_tasks_appears_in_the_task_list_with_its_states() {
         &json!({"args": [20, 22], "queue": queue}).to_string(),
     )
     .await;
-    assert_eq!(sent["state"], "PENDING", "{sent}");
+    // Read back from the result backend as Flower does: a fast worker may be done already.
+    assert!(
+        ["PENDING", "STARTED", "SUCCESS"].contains(&sent["state"].as_str().unwrap_or("")),
+        "{sent}"
+    );
     let sent_id = sent["task-id"].as_str().unwrap().to_owned();
     let value = client
         .result::<Value>(&sent_id)
