@@ -215,13 +215,9 @@ fn transient_exchange() -> ExchangeDeclareOptions {
     }
 }
 
-async fn session(
-    broker: &AmqpBroker,
-    hostname: &str,
-    clock: &Arc<LamportClock>,
-    handler: &Arc<dyn Handler>,
-    ready: &mut Option<tokio::sync::oneshot::Sender<()>>,
-) -> Result<()> {
+/// A channel with the broadcast exchange (and, for whoever replies or collects replies, the reply
+/// exchange) declared as kombu declares them.
+async fn mailbox_channel(broker: &AmqpBroker, replies: bool) -> Result<lapin::Channel> {
     let (ch, _) = broker.open_channel().await?;
     ch.exchange_declare(
         PIDBOX_EXCHANGE.into(),
@@ -230,13 +226,26 @@ async fn session(
         FieldTable::default(),
     )
     .await?;
-    ch.exchange_declare(
-        REPLY_EXCHANGE.into(),
-        ExchangeKind::Direct,
-        transient_exchange(),
-        FieldTable::default(),
-    )
-    .await?;
+    if replies {
+        ch.exchange_declare(
+            REPLY_EXCHANGE.into(),
+            ExchangeKind::Direct,
+            transient_exchange(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    Ok(ch)
+}
+
+async fn session(
+    broker: &AmqpBroker,
+    hostname: &str,
+    clock: &Arc<LamportClock>,
+    handler: &Arc<dyn Handler>,
+    ready: &mut Option<tokio::sync::oneshot::Sender<()>>,
+) -> Result<()> {
+    let ch = mailbox_channel(broker, true).await?;
     let queue = node_queue(hostname);
     let mut args = FieldTable::default();
     args.insert("x-expires".into(), AMQPValue::LongLongInt(10_000));
@@ -358,14 +367,7 @@ pub async fn cast(
     arguments: Value,
     destination: Option<&[String]>,
 ) -> Result<()> {
-    let (ch, _) = broker.open_channel().await?;
-    ch.exchange_declare(
-        PIDBOX_EXCHANGE.into(),
-        ExchangeKind::Fanout,
-        transient_exchange(),
-        FieldTable::default(),
-    )
-    .await?;
+    let ch = mailbox_channel(broker, false).await?;
     let body = json!({
         "method": method,
         "arguments": arguments,
@@ -391,21 +393,7 @@ pub async fn broadcast(
     timeout: Duration,
     limit: Option<usize>,
 ) -> Result<Vec<(String, Value)>> {
-    let (ch, _) = broker.open_channel().await?;
-    ch.exchange_declare(
-        PIDBOX_EXCHANGE.into(),
-        ExchangeKind::Fanout,
-        transient_exchange(),
-        FieldTable::default(),
-    )
-    .await?;
-    ch.exchange_declare(
-        REPLY_EXCHANGE.into(),
-        ExchangeKind::Direct,
-        transient_exchange(),
-        FieldTable::default(),
-    )
-    .await?;
+    let ch = mailbox_channel(broker, true).await?;
     let oid = uuid::Uuid::new_v4().to_string();
     let queue = format!("{oid}.reply.celery.pidbox");
     ch.queue_declare(
