@@ -379,8 +379,11 @@ async fn claim(conn: &mut PgConnection, attempt: &Attempt, now: DateTime<Utc>) -
     attempt.status.check(PaymentStatus::Processing, "payment")?;
     sqlx::query!(
         "WITH p AS (UPDATE payment SET status = 'processing', sent_at = $2, cryptogram = NULL, pa_res = NULL, updated_at = $2
-                    WHERE id = $1 RETURNING invoice_id)
-         UPDATE invoice SET status = 'paying', updated_at = $2 FROM p WHERE invoice.id = p.invoice_id AND invoice.status = 'open'",
+                    WHERE id = $1 RETURNING invoice_id),
+              inv AS (UPDATE invoice SET status = 'paying', updated_at = $2 FROM p
+                      WHERE invoice.id = p.invoice_id AND invoice.status = 'open' RETURNING invoice.id)
+         INSERT INTO status_history (entity, entity_id, from_status, to_status, actor, at)
+         SELECT 'invoice', id, 'open', 'paying', 'worker', $2 FROM inv",
         attempt.id,
         now
     )
@@ -1074,23 +1077,20 @@ async fn settle_failure(
     } else {
         p.attempt_count
     };
-    let next = if p.kind == "initial" {
-        // The customer retries with a new card entry; the invoice stays open for that.
-        Some(InvoiceStatus::Open)
-    } else {
-        after_renewal_failure(
-            conn,
+    // The customer retries an initial payment with a new card entry, so it stays open; a renewal
+    // fails for good once the dunning ladder gives up.
+    let next = if p.kind == "renewal"
+        && renewal_gives_up(
             billing,
-            &p.subscription_id,
-            p.sub_status,
-            p.current_period_end,
             f.class,
             f.to,
             card_attempts,
-            actor,
+            p.current_period_end,
             now,
-        )
-        .await?
+        ) {
+        Some(InvoiceStatus::Failed)
+    } else {
+        Some(InvoiceStatus::Open)
     };
     if let Some(next) = next.filter(|n| *n != p.invoice_status) {
         p.invoice_status.check(next, "invoice")?;
@@ -1124,6 +1124,22 @@ async fn settle_failure(
     )
     .execute(&mut *conn)
     .await?;
+    if p.kind == "renewal" {
+        // After the invoice moved: an expiry voids only the subscription's *other* open invoices.
+        after_renewal_failure(
+            conn,
+            billing,
+            &p.subscription_id,
+            p.sub_status,
+            p.current_period_end,
+            f.class,
+            f.to,
+            card_attempts,
+            actor,
+            now,
+        )
+        .await?;
+    }
     pending.message(
         topic::PAYMENT_FAILED,
         format!("notify.payment_failed:{}", p.id),
@@ -1155,7 +1171,7 @@ fn next_attempt(
     }
 }
 
-/// After a renewal attempt failed: the invoice's next status, and the subscription's past-due or
+/// After a renewal attempt failed (and its invoice was updated): the subscription's past-due or
 /// expiry when due.
 #[allow(clippy::too_many_arguments)]
 async fn after_renewal_failure(
@@ -1169,14 +1185,10 @@ async fn after_renewal_failure(
     card_attempts: i32,
     actor: Actor<'_>,
     now: DateTime<Utc>,
-) -> Result<Option<InvoiceStatus>> {
+) -> Result<()> {
+    let give_up = renewal_gives_up(billing, class, to, card_attempts, period_end, now);
     let period_end = period_end.unwrap_or(now);
     let grace_until = period_end + billing.policy().grace;
-    let give_up = to == PaymentStatus::Declined
-        && billing
-            .policy()
-            .dunning(class, card_attempts.max(1) as u32, now, grace_until)
-            == Dunning::GiveUp;
     let past_end = now >= period_end;
     match (sub_status, give_up, past_end) {
         (SubscriptionStatus::Active | SubscriptionStatus::PastDue, true, true) => {
@@ -1213,11 +1225,24 @@ async fn after_renewal_failure(
         }
         _ => {}
     }
-    Ok(Some(if give_up {
-        InvoiceStatus::Failed
-    } else {
-        InvoiceStatus::Open
-    }))
+    Ok(())
+}
+
+/// Whether the dunning ladder gives up on a renewal after this failure (only declines count).
+fn renewal_gives_up(
+    billing: &Billing,
+    class: DeclineClass,
+    to: PaymentStatus,
+    card_attempts: i32,
+    period_end: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> bool {
+    let grace_until = period_end.unwrap_or(now) + billing.policy().grace;
+    to == PaymentStatus::Declined
+        && billing
+            .policy()
+            .dunning(class, card_attempts.max(1) as u32, now, grace_until)
+            == Dunning::GiveUp
 }
 
 /// Ends a subscription: status `expired`, role revoked and the user told, through the outbox.
@@ -1239,14 +1264,7 @@ pub async fn expire(
     )
     .fetch_one(&mut *conn)
     .await?;
-    sqlx::query!(
-        "UPDATE invoice SET status = 'void', next_attempt_at = NULL, updated_at = $2
-         WHERE subscription_id = $1 AND status = 'open'",
-        subscription_id,
-        now
-    )
-    .execute(&mut *conn)
-    .await?;
+    ledger::void_open_invoices(conn, subscription_id, actor, reason, now).await?;
     ledger::record_transition(
         conn,
         "subscription",

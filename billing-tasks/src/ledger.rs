@@ -62,6 +62,30 @@ pub async fn record_transition(
     Ok(())
 }
 
+/// Voids a subscription's open invoices, recording each change; returns how many.
+pub async fn void_open_invoices(
+    conn: &mut PgConnection,
+    subscription_id: Uuid,
+    actor: Actor<'_>,
+    reason: &str,
+    at: DateTime<Utc>,
+) -> Result<u64> {
+    let r = sqlx::query!(
+        "WITH v AS (
+             UPDATE invoice SET status = 'void', next_attempt_at = NULL, updated_at = $2
+             WHERE subscription_id = $1 AND status = 'open' RETURNING id)
+         INSERT INTO status_history (entity, entity_id, from_status, to_status, actor, reason, at)
+         SELECT 'invoice', id, 'open', 'void', $3, $4, $2 FROM v",
+        subscription_id,
+        at,
+        actor.label(),
+        reason
+    )
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected())
+}
+
 /// Writes that belong to one ledger transaction, collected and then inserted with one statement
 /// per table: a status change and the messages it causes commit together, in few round trips.
 #[derive(Debug, Default)]

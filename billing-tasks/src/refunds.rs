@@ -352,8 +352,9 @@ async fn fail(billing: &Billing, refund_id: Uuid, why: &str) -> Result<()> {
     let now = billing.now();
     let mut tx = billing.db().begin().await?;
     let updated = sqlx::query!(
-        "UPDATE refund SET status = 'failed', failure = $2, updated_at = $3 WHERE id = $1 AND status IN ('requested', 'processing')
-         RETURNING payment_id, amount_minor, currency",
+        r#"WITH old AS (SELECT id, status FROM refund WHERE id = $1 AND status IN ('requested', 'processing') FOR UPDATE)
+           UPDATE refund r SET status = 'failed', failure = $2, updated_at = $3 FROM old WHERE r.id = old.id
+           RETURNING r.payment_id, r.amount_minor, r.currency, old.status AS "from_status!""#,
         refund_id,
         why,
         now
@@ -365,7 +366,7 @@ async fn fail(billing: &Billing, refund_id: Uuid, why: &str) -> Result<()> {
             &mut tx,
             "refund",
             refund_id,
-            Some("processing"),
+            Some(u.from_status.as_str()),
             "failed",
             Actor::Worker,
             Some(why),

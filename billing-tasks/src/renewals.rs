@@ -390,13 +390,14 @@ async fn expire_one(
             )
             .execute(&mut *tx)
             .await?;
-            sqlx::query!(
-                    "UPDATE invoice SET status = 'void', updated_at = $2 WHERE subscription_id = $1 AND status = 'open'",
-                    id,
-                    now
-                )
-                .execute(&mut *tx)
-                .await?;
+            ledger::void_open_invoices(
+                &mut tx,
+                id,
+                Actor::Worker,
+                "first payment never completed",
+                now,
+            )
+            .await?;
             ledger::record_transition(
                 &mut tx,
                 "subscription",

@@ -278,9 +278,14 @@ impl BillingService {
                     sqlx::query!("UPDATE subscription SET status = 'abandoned', updated_at = $2 WHERE id = $1", s.id, now)
                         .execute(&mut *tx)
                         .await?;
-                    sqlx::query!("UPDATE invoice SET status = 'void', updated_at = $2 WHERE subscription_id = $1 AND status = 'open'", s.id, now)
-                        .execute(&mut *tx)
-                        .await?;
+                    ledger::void_open_invoices(
+                        &mut tx,
+                        s.id,
+                        Actor::User,
+                        "replaced by a new subscription request",
+                        now,
+                    )
+                    .await?;
                     ledger::record_transition(
                         &mut tx,
                         "subscription",
@@ -288,7 +293,7 @@ impl BillingService {
                         Some("pending"),
                         "abandoned",
                         Actor::User,
-                        Some("another tariff chosen"),
+                        Some("replaced by a new subscription request"),
                         now,
                     )
                     .await?;
@@ -546,9 +551,14 @@ impl BillingService {
                 sqlx::query!("UPDATE subscription SET status = 'abandoned', canceled_at = $2, cancel_reason = $3, updated_at = $2 WHERE id = $1", s.id, now, reason)
                     .execute(&mut *tx)
                     .await?;
-                sqlx::query!("UPDATE invoice SET status = 'void', updated_at = $2 WHERE subscription_id = $1 AND status = 'open'", s.id, now)
-                    .execute(&mut *tx)
-                    .await?;
+                ledger::void_open_invoices(
+                    &mut tx,
+                    s.id,
+                    Actor::User,
+                    "cancelled before the first payment",
+                    now,
+                )
+                .await?;
                 ledger::record_transition(
                     &mut tx,
                     "subscription",

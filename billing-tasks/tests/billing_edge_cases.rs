@@ -72,7 +72,11 @@ async fn a_late_second_success_for_a_paid_invoice_is_recorded_and_refunded() {
         .start_subscription(env.start_request(user, CARD_OK))
         .await
         .unwrap();
-    sqlx::query("UPDATE payment SET status = 'processing', sent_at = now(), cryptogram = NULL WHERE id = $1")
+    sqlx::query(
+        "WITH p AS (UPDATE payment SET status = 'processing', sent_at = now(), cryptogram = NULL WHERE id = $1 RETURNING id)
+         INSERT INTO status_history (entity, entity_id, from_status, to_status, actor, at)
+         SELECT 'payment', id, 'created', 'processing', 'worker', now() FROM p",
+    )
         .bind(p.id)
         .execute(&env.db)
         .await
@@ -129,11 +133,15 @@ async fn a_decline_arriving_after_the_invoice_was_voided_settles_only_the_attemp
         .await
         .unwrap();
     let attempt = given_up_attempt(&env, invoices[0], "processing").await;
-    sqlx::query("UPDATE invoice SET status = 'void' WHERE id = $1")
-        .bind(invoices[0])
-        .execute(&env.db)
-        .await
-        .unwrap();
+    sqlx::query(
+        "WITH i AS (UPDATE invoice SET status = 'void' WHERE id = $1 RETURNING id)
+         INSERT INTO status_history (entity, entity_id, from_status, to_status, actor, at)
+         SELECT 'invoice', id, 'open', 'void', 'worker', now() FROM i",
+    )
+    .bind(invoices[0])
+    .execute(&env.db)
+    .await
+    .unwrap();
 
     let status = charging::settle(
         &env.billing,
@@ -263,7 +271,9 @@ async fn a_renewal_is_not_charged_once_the_subscription_expired() {
     let charges = charge_during(
         &env,
         user,
-        "UPDATE subscription SET status = 'expired' WHERE payer_id = $1",
+        "WITH s AS (UPDATE subscription SET status = 'expired' WHERE payer_id = $1 RETURNING id)
+         INSERT INTO status_history (entity, entity_id, from_status, to_status, actor, at)
+         SELECT 'subscription', id, 'active', 'expired', 'worker', now() FROM s",
     )
     .await;
     assert_eq!(charges, 0, "the card was charged after expiry");
