@@ -17,6 +17,7 @@ pub mod event;
 pub mod inspect;
 pub mod intake;
 pub mod metrics;
+mod pages;
 pub mod search;
 pub mod store;
 

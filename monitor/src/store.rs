@@ -324,6 +324,65 @@ impl Store {
         Ok(q.build_query_as().fetch_all(&self.pool).await?)
     }
 
+    /// Tasks per state among those received (or, lacking that, last changed) since `since`.
+    pub async fn state_counts(&self, since: f64) -> Result<Vec<(String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT state, count(*) FROM tasks WHERE COALESCE(received, \"timestamp\") >= $1 \
+             GROUP BY state ORDER BY count(*) DESC, state",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Finished tasks per `bucket` seconds since `since`: (bucket start, succeeded, failed).
+    pub async fn throughput(&self, since: f64, bucket: f64) -> Result<Vec<(f64, i64, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT floor(\"timestamp\" / $2) * $2 AS t, \
+                    count(*) FILTER (WHERE state = 'SUCCESS'), \
+                    count(*) FILTER (WHERE state = 'FAILURE') \
+             FROM tasks WHERE \"timestamp\" >= $1 AND state IN ('SUCCESS', 'FAILURE') \
+             GROUP BY 1 ORDER BY 1",
+        )
+        .bind(since)
+        .bind(bucket)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Failures since `since` grouped by task and exception class: (task, class, count, newest
+    /// failure time, one task id), most frequent first.
+    pub async fn failure_groups(
+        &self,
+        since: f64,
+        limit: i64,
+    ) -> Result<Vec<(String, String, i64, f64, String)>> {
+        Ok(sqlx::query_as(
+            "SELECT COALESCE(name, '<unknown>'), \
+                    COALESCE(NULLIF(split_part(exception, '(', 1), ''), '<none>') AS class, \
+                    count(*), max(COALESCE(failed, \"timestamp\", 0)), max(uuid) \
+             FROM tasks WHERE state = 'FAILURE' AND COALESCE(failed, \"timestamp\") >= $1 \
+             GROUP BY 1, 2 ORDER BY 3 DESC, 1 LIMIT $2",
+        )
+        .bind(since)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The tasks of the workflow rooted at `root_id` (the root too), oldest first, at most
+    /// `limit`.
+    pub async fn workflow(&self, root_id: &str, limit: i64) -> Result<Vec<TaskRecord>> {
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE root_id = $1 OR uuid = $1 \
+             ORDER BY received NULLS FIRST, uuid LIMIT $2"
+        )))
+        .bind(root_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Every worker seen, by name.
     pub async fn workers(&self) -> Result<Vec<WorkerRecord>> {
         Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(

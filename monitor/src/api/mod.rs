@@ -1,4 +1,4 @@
-//! The HTTP surface: Flower's API (`/api/...`, same paths, parameters and JSON shapes as Flower
+//! The HTTP surface: the pages ([`crate::pages`]), Flower's API (`/api/...`, same paths, parameters and JSON shapes as Flower
 //! 2.2, so scripts written for Flower keep working), `/metrics`, `/livez` and `/readyz`.
 
 mod health;
@@ -40,6 +40,11 @@ pub fn app(state: AppState) -> Router {
         .route("/api/task/send-task/{name}", post(tasks::send))
         .route("/api/task/revoke/{id}", post(tasks::revoke))
         .route("/api/queues/length", get(queues::length))
+        .route("/", get(crate::pages::dashboard))
+        .route("/tasks", get(crate::pages::tasks))
+        .route("/task/{id}", get(crate::pages::task))
+        .route("/workers", get(crate::pages::workers))
+        .route("/queues", get(crate::pages::queues))
         .route("/metrics", get(health::metrics))
         .route("/livez", get(health::livez))
         .route("/readyz", get(health::readyz))

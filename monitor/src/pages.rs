@@ -1,0 +1,609 @@
+//! Server-rendered pages (askama templates in `templates/`): dashboard, task list, task detail,
+//! workers, queues. Plain HTML with no JavaScript; pages that change by themselves reload every
+//! few seconds (`?refresh=0` turns it off).
+//!
+//! Everything shown is escaped by the templates; args, kwargs and results are the reprs the
+//! workers sent, which are already redacted for sensitive tasks.
+
+use std::collections::HashMap;
+
+use askama::Template;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use chrono::{DateTime, Utc};
+
+use crate::AppState;
+use crate::event::TaskRecord;
+use crate::store::TaskQuery;
+
+const DEFAULT_REFRESH: u32 = 5;
+const STATES: [&str; 8] = [
+    "PENDING", "RECEIVED", "STARTED", "SUCCESS", "FAILURE", "RETRY", "REVOKED", "REJECTED",
+];
+
+fn render(t: &impl Template) -> Response {
+    match t.render() {
+        Ok(html) => Html(html).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "a page did not render");
+            (StatusCode::INTERNAL_SERVER_ERROR, "the page did not render").into_response()
+        }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Response {
+    tracing::warn!(error = %e, "a page could not read its data");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("the monitor cannot read its data now: {e}"),
+    )
+        .into_response()
+}
+
+fn refresh(params: &HashMap<String, String>) -> u32 {
+    params
+        .get("refresh")
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(DEFAULT_REFRESH)
+}
+
+/// `2026-12-01 09:30:12.345` (UTC), or empty.
+fn time(ts: Option<f64>) -> String {
+    ts.and_then(|t| DateTime::<Utc>::from_timestamp_micros((t * 1e6) as i64))
+        .map(|d| d.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
+        .unwrap_or_default()
+}
+
+fn seconds(s: Option<f64>) -> String {
+    match s {
+        Some(s) if s < 1.0 => format!("{:.1} ms", s * 1000.0),
+        Some(s) => format!("{s:.3} s"),
+        None => String::new(),
+    }
+}
+
+fn text(s: &Option<String>) -> String {
+    s.clone().unwrap_or_default()
+}
+
+fn url_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char);
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+#[derive(Debug)]
+struct QueueRow {
+    name: String,
+    messages: u64,
+    consumers: u64,
+}
+
+#[derive(Debug)]
+struct FailureRow {
+    task: String,
+    class: String,
+    count: i64,
+    latest: String,
+    example: String,
+    list: String,
+}
+
+#[derive(Template)]
+#[template(path = "dashboard.html")]
+struct Dashboard {
+    nav: &'static str,
+    refresh: u32,
+    workers_online: usize,
+    workers_seen: usize,
+    states: Vec<(String, i64)>,
+    failure_rate: String,
+    chart: String,
+    queues: Vec<QueueRow>,
+    failures: Vec<FailureRow>,
+}
+
+/// A bar chart of succeeded (up) and failed (down) tasks per minute, as inline SVG.
+fn chart(buckets: &[(f64, i64, i64)], from: f64, minutes: usize) -> String {
+    let (w, h, bar) = (minutes * 12, 120usize, 10usize);
+    let mut ok = vec![0i64; minutes];
+    let mut bad = vec![0i64; minutes];
+    for (t, s, f) in buckets {
+        let i = ((t - from) / 60.0).floor();
+        if i >= 0.0 && (i as usize) < minutes {
+            ok[i as usize] += s;
+            bad[i as usize] += f;
+        }
+    }
+    let max = ok
+        .iter()
+        .chain(bad.iter())
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(1) as f64;
+    let mid = h / 2;
+    let mut svg = format!(
+        r#"<svg role="img" aria-label="tasks per minute" width="{w}" height="{h}" viewBox="0 0 {w} {h}" style="background:#fff;border:1px solid #e3e6eb">"#
+    );
+    svg.push_str(&format!(
+        r##"<line x1="0" y1="{mid}" x2="{w}" y2="{mid}" stroke="#e3e6eb"/>"##
+    ));
+    for i in 0..minutes {
+        let x = i * 12 + 1;
+        let up = ((ok[i] as f64 / max) * (mid as f64 - 2.0)).round() as usize;
+        let down = ((bad[i] as f64 / max) * (mid as f64 - 2.0)).round() as usize;
+        svg.push_str(&format!(
+            r##"<rect x="{x}" y="{}" width="{bar}" height="{up}" fill="#17803d"><title>{} succeeded</title></rect>"##,
+            mid - up,
+            ok[i]
+        ));
+        svg.push_str(&format!(
+            r##"<rect x="{x}" y="{mid}" width="{bar}" height="{down}" fill="#c0262d"><title>{} failed</title></rect>"##,
+            bad[i]
+        ));
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+/// `GET /`.
+pub(crate) async fn dashboard(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let now = task_core::events::unix_now();
+    let store = state.store();
+    let (workers, states, buckets, failures) = tokio::join!(
+        store.workers(),
+        store.state_counts(now - 3600.0),
+        store.throughput(now - 1800.0, 60.0),
+        store.failure_groups(now - 86_400.0, 20),
+    );
+    let (workers, states, buckets, failures) = match (workers, states, buckets, failures) {
+        (Ok(w), Ok(s), Ok(b), Ok(f)) => (w, s, b, f),
+        (Err(e), ..) | (_, Err(e), ..) | (_, _, Err(e), _) | (_, _, _, Err(e)) => {
+            return unavailable(e);
+        }
+    };
+    let queues = match state.queue_stats().await {
+        Ok(q) => q,
+        Err(e) => {
+            tracing::warn!(error = %e, "the dashboard shows no queues");
+            Vec::new()
+        }
+    };
+    let count = |s: &str| states.iter().find(|(x, _)| x == s).map_or(0, |(_, n)| *n);
+    let (ok, bad) = (count("SUCCESS"), count("FAILURE"));
+    let failure_rate = if ok + bad == 0 {
+        "–".to_owned()
+    } else {
+        format!("{:.1} %", 100.0 * bad as f64 / (ok + bad) as f64)
+    };
+    let from = ((now - 1800.0) / 60.0).floor() * 60.0;
+    render(&Dashboard {
+        nav: "dashboard",
+        refresh: refresh(&params),
+        workers_online: workers.iter().filter(|w| w.online(now)).count(),
+        workers_seen: workers.len(),
+        states,
+        failure_rate,
+        chart: chart(&buckets, from, 31),
+        queues: queues
+            .into_iter()
+            .map(|(name, s)| QueueRow {
+                name,
+                messages: s.messages,
+                consumers: s.consumers,
+            })
+            .collect(),
+        failures: failures
+            .into_iter()
+            .map(|(task, class, count, latest, example)| FailureRow {
+                list: format!(
+                    "/tasks?state=FAILURE&taskname={}&search={}",
+                    url_encode(&task),
+                    url_encode(&class)
+                ),
+                task,
+                class,
+                count,
+                latest: time(Some(latest)),
+                example,
+            })
+            .collect(),
+    })
+}
+
+#[derive(Debug)]
+struct TaskRow {
+    uuid: String,
+    name: String,
+    state: String,
+    args: String,
+    kwargs: String,
+    result: String,
+    received: String,
+    runtime: String,
+    worker: String,
+}
+
+#[derive(Template)]
+#[template(path = "tasks.html")]
+struct TaskList {
+    nav: &'static str,
+    refresh: u32,
+    search: String,
+    taskname: String,
+    workername: String,
+    limit: u64,
+    state_options: Vec<(&'static str, bool)>,
+    error: Option<String>,
+    tasks: Vec<TaskRow>,
+    next: Option<String>,
+    first: String,
+}
+
+/// `GET /tasks`: newest first, keyset pages (`before=<received>:<uuid>`), Flower's filters and
+/// search syntax plus negation; the URL is the saved view.
+pub(crate) async fn tasks(
+    State(state): State<AppState>,
+    Query(p): Query<HashMap<String, String>>,
+) -> Response {
+    let get = |k: &str| p.get(k).cloned().unwrap_or_default();
+    let (search, st, taskname, workername) = (
+        get("search"),
+        get("state"),
+        get("taskname"),
+        get("workername"),
+    );
+    let limit = p
+        .get("limit")
+        .and_then(|l| l.parse::<u64>().ok())
+        .unwrap_or(50)
+        .clamp(15, 500);
+    let before = p.get("before").and_then(|c| {
+        let (t, id) = c.split_once(':')?;
+        Some((t.parse::<f64>().ok()?, id.to_owned()))
+    });
+    let (terms, mut error) = match crate::search::parse(&search) {
+        Ok(t) => (t, None),
+        Err(e) => (Vec::new(), Some(e)),
+    };
+    let nonempty = |s: &String| (!s.is_empty()).then(|| s.clone());
+    let query = TaskQuery {
+        name: nonempty(&taskname),
+        state: nonempty(&st),
+        worker: nonempty(&workername),
+        search: terms,
+        limit: Some(limit),
+        before,
+        ..TaskQuery::default()
+    };
+    let rows = if error.is_some() {
+        Vec::new()
+    } else {
+        match state.store().tasks(&query).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                error = Some(e.to_string());
+                Vec::new()
+            }
+        }
+    };
+    let base = format!(
+        "/tasks?search={}&state={}&taskname={}&workername={}&limit={limit}",
+        url_encode(&search),
+        url_encode(&st),
+        url_encode(&taskname),
+        url_encode(&workername)
+    );
+    let next = (rows.len() as u64 == limit)
+        .then(|| rows.last())
+        .flatten()
+        .and_then(|t| {
+            Some(format!(
+                "{base}&before={}:{}",
+                t.received?,
+                url_encode(&t.uuid)
+            ))
+        });
+    render(&TaskList {
+        nav: "tasks",
+        refresh: 0,
+        search,
+        state_options: STATES.iter().map(|s| (*s, *s == st)).collect(),
+        taskname,
+        workername,
+        limit,
+        error,
+        tasks: rows
+            .into_iter()
+            .map(|t| TaskRow {
+                received: time(t.received),
+                runtime: seconds(t.runtime),
+                name: text(&t.name),
+                args: text(&t.args),
+                kwargs: text(&t.kwargs),
+                result: text(&t.result).chars().take(120).collect(),
+                worker: text(&t.worker),
+                state: t.state,
+                uuid: t.uuid,
+            })
+            .collect(),
+        next,
+        first: base,
+    })
+}
+
+#[derive(Debug)]
+struct Stage {
+    stage: &'static str,
+    at: String,
+    delta: String,
+}
+
+#[derive(Debug)]
+struct TaskView {
+    uuid: String,
+    name: String,
+    state: String,
+    worker: String,
+    retries: String,
+    args: String,
+    kwargs: String,
+    eta: String,
+    expires: String,
+    result: String,
+    exception: String,
+    traceback: String,
+    parent_id: String,
+    root_id: String,
+}
+
+#[derive(Debug)]
+struct TreeNode {
+    uuid: String,
+    name: String,
+    state: String,
+    parent: String,
+}
+
+#[derive(Template)]
+#[template(path = "task.html")]
+struct TaskDetail {
+    nav: &'static str,
+    refresh: u32,
+    t: TaskView,
+    timeline: Vec<Stage>,
+    queue_wait: String,
+    runtime: String,
+    children: Vec<String>,
+    tree: Vec<TreeNode>,
+}
+
+fn timeline(t: &TaskRecord) -> Vec<Stage> {
+    let mut stages: Vec<(&'static str, f64)> = [
+        ("sent", t.sent),
+        ("received", t.received),
+        ("started", t.started),
+        ("retried", t.retried),
+        ("succeeded", t.succeeded),
+        ("failed", t.failed),
+        ("revoked", t.revoked),
+        ("rejected", t.rejected),
+    ]
+    .into_iter()
+    .filter_map(|(s, at)| Some((s, at?)))
+    .collect();
+    stages.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let mut previous: Option<f64> = None;
+    stages
+        .into_iter()
+        .map(|(stage, at)| {
+            let delta = previous.map(|p| seconds(Some(at - p))).unwrap_or_default();
+            previous = Some(at);
+            Stage {
+                stage,
+                at: time(Some(at)),
+                delta,
+            }
+        })
+        .collect()
+}
+
+/// `GET /task/<id>`: timeline with queue wait and runtime, arguments, result or exception with
+/// traceback, parent, children and the workflow from `root_id`.
+pub(crate) async fn task(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    let store = state.store();
+    let t = match store.task(&id).await {
+        Ok(Some(t)) => t,
+        Ok(None) => {
+            return (StatusCode::NOT_FOUND, format!("Unknown task '{id}'")).into_response();
+        }
+        Err(e) => return unavailable(e),
+    };
+    let children = match store.children(std::slice::from_ref(&id)).await {
+        Ok(mut c) => c.remove(&id).unwrap_or_default(),
+        Err(e) => return unavailable(e),
+    };
+    let tree = match &t.root_id {
+        Some(root) => match store.workflow(root, 200).await {
+            Ok(rows) => rows,
+            Err(e) => return unavailable(e),
+        },
+        None => Vec::new(),
+    };
+    let queue_wait = match (t.started, t.received.or(t.sent)) {
+        (Some(s), Some(r)) => seconds(Some(s - r)),
+        _ => "–".into(),
+    };
+    render(&TaskDetail {
+        nav: "tasks",
+        refresh: 0,
+        timeline: timeline(&t),
+        queue_wait,
+        runtime: t
+            .runtime
+            .map(|r| seconds(Some(r)))
+            .unwrap_or_else(|| "–".into()),
+        children,
+        tree: tree
+            .into_iter()
+            .map(|n| TreeNode {
+                name: text(&n.name),
+                state: n.state,
+                parent: text(&n.parent_id),
+                uuid: n.uuid,
+            })
+            .collect(),
+        t: TaskView {
+            name: t.name.clone().unwrap_or_else(|| "(name unknown)".into()),
+            worker: text(&t.worker),
+            retries: t.retries.map(|r| r.to_string()).unwrap_or_default(),
+            args: text(&t.args),
+            kwargs: text(&t.kwargs),
+            eta: text(&t.eta),
+            expires: text(&t.expires),
+            result: text(&t.result),
+            exception: text(&t.exception),
+            traceback: text(&t.traceback),
+            parent_id: text(&t.parent_id),
+            root_id: text(&t.root_id),
+            state: t.state,
+            uuid: t.uuid,
+        },
+    })
+}
+
+#[derive(Debug)]
+struct WorkerRow {
+    hostname: String,
+    status: &'static str,
+    active: String,
+    processed: String,
+    loadavg: String,
+    last_heartbeat: String,
+    software: String,
+}
+
+#[derive(Template)]
+#[template(path = "workers.html")]
+struct Workers {
+    nav: &'static str,
+    refresh: u32,
+    workers: Vec<WorkerRow>,
+}
+
+/// `GET /workers`: online first, by heartbeat expiry.
+pub(crate) async fn workers(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let now = task_core::events::unix_now();
+    let mut rows = match state.store().workers().await {
+        Ok(w) => w,
+        Err(e) => return unavailable(e),
+    };
+    rows.sort_by_key(|w| !w.online(now));
+    render(&Workers {
+        nav: "workers",
+        refresh: refresh(&params),
+        workers: rows
+            .into_iter()
+            .map(|w| WorkerRow {
+                status: if w.online(now) { "online" } else { "offline" },
+                active: w.active.map(|a| a.to_string()).unwrap_or_default(),
+                processed: w.processed.map(|a| a.to_string()).unwrap_or_default(),
+                loadavg: w
+                    .loadavg
+                    .as_ref()
+                    .map(|l| {
+                        l.iter()
+                            .map(|x| format!("{x:.2}"))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
+                    .unwrap_or_default(),
+                last_heartbeat: format!(
+                    "{} ({} ago)",
+                    time(Some(w.last_heartbeat)),
+                    seconds(Some((now - w.last_heartbeat).max(0.0)))
+                ),
+                software: [&w.sw_ident, &w.sw_ver, &w.sw_sys]
+                    .iter()
+                    .filter_map(|s| s.as_deref())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                hostname: w.hostname,
+            })
+            .collect(),
+    })
+}
+
+#[derive(Template)]
+#[template(path = "queues.html")]
+struct Queues {
+    nav: &'static str,
+    refresh: u32,
+    error: Option<String>,
+    queues: Vec<QueueRow>,
+}
+
+/// `GET /queues`: ready messages and consumers of every queue the workers consume.
+pub(crate) async fn queues(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let (queues, error) = match state.queue_stats().await {
+        Ok(q) => (q, None),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
+    render(&Queues {
+        nav: "queues",
+        refresh: refresh(&params),
+        error,
+        queues: queues
+            .into_iter()
+            .map(|(name, s)| QueueRow {
+                name,
+                messages: s.messages,
+                consumers: s.consumers,
+            })
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chart_has_a_bar_pair_per_minute() {
+        let svg = chart(&[(60.0, 3, 1), (120.0, 0, 2)], 60.0, 3);
+        assert_eq!(svg.matches("<rect").count(), 6);
+        assert!(svg.contains("<title>3 succeeded</title>"));
+        assert!(svg.contains("<title>2 failed</title>"));
+    }
+
+    #[test]
+    fn timelines_are_in_time_order_with_the_step_durations() {
+        let mut t = TaskRecord::new("t");
+        t.received = Some(10.0);
+        t.started = Some(10.5);
+        t.succeeded = Some(12.0);
+        let stages = timeline(&t);
+        let names: Vec<_> = stages.iter().map(|s| s.stage).collect();
+        assert_eq!(names, ["received", "started", "succeeded"]);
+        assert_eq!(stages[1].delta, "500.0 ms");
+        assert_eq!(stages[2].delta, "1.500 s");
+    }
+}
