@@ -191,7 +191,7 @@ impl WorkerMetrics {
         );
         registry.register(
             "rate_limit_waits",
-            "Runs delayed by the task's rate limit",
+            "Deliveries delayed by a rate or concurrency limit (each counted once)",
             rate_limit_waits.clone(),
         );
         registry.register(
@@ -288,7 +288,7 @@ impl WorkerMetrics {
         self.inner.concurrency.set(saturating_i64(n));
     }
 
-    /// A run of `task` waited for its rate limit.
+    /// A delivery of `task` waited for a rate or concurrency limit (call once per delivery).
     pub fn rate_limit_wait(&self, task: &str) {
         self.inner
             .rate_limit_waits

@@ -19,7 +19,7 @@ use crate::backend::{ExceptionInfo, ResultBackend, TaskMeta, TaskState};
 use crate::broker::{Broker, Delivery};
 use crate::error::{Error, Result};
 use crate::events::repr;
-use crate::metrics::Outcome as Metric;
+use crate::metrics::{Outcome as Metric, UNREGISTERED_TASK};
 use crate::protocol::{RawMessage, TaskMessage, format_datetime};
 use crate::registry::PreparedRun;
 use crate::task::{SoftLimit, TaskContext, TaskError};
@@ -49,12 +49,15 @@ pub(super) async fn handle(state: Arc<State>, delivery: Delivery) {
     let message = match TaskMessage::decode(&delivery.message) {
         Ok(m) => m,
         Err(e) => {
+            let label = task_label(&state, delivery.message.task_name().unwrap_or_default());
+            state.metrics.received(label, &delivery.queue);
             let exc = ExceptionInfo::new("kombu.exceptions", "DecodeError", e.to_string());
             return dead_letter(&state, delivery, &format!("undecodable message: {e}"), exc).await;
         }
     };
     let Some(task) = state.registry.get(&message.headers.task) else {
         let name = &message.headers.task;
+        state.metrics.received(UNREGISTERED_TASK, &delivery.queue);
         let exc = ExceptionInfo::new("celery.exceptions", "NotRegistered", name.clone());
         return dead_letter(&state, delivery, &format!("unknown task `{name}`"), exc).await;
     };
@@ -717,6 +720,15 @@ async fn retry(
     Ok(Some(meta))
 }
 
+/// The `task` label of a message: its name once registered, else [`UNREGISTERED_TASK`], so a
+/// stray producer cannot add series.
+fn task_label<'a>(state: &State, name: &'a str) -> &'a str {
+    match state.registry.get(name) {
+        Some(_) => name,
+        None => UNREGISTERED_TASK,
+    }
+}
+
 /// Dead-letters bad input with a reason, records FAILURE when the id is known, logs once.
 async fn dead_letter(state: &State, delivery: Delivery, reason: &str, exc: ExceptionInfo) {
     let task_id = delivery.message.task_id().map(str::to_owned);
@@ -731,9 +743,12 @@ async fn dead_letter(state: &State, delivery: Delivery, reason: &str, exc: Excep
         return settle(delivery, false).await;
     }
     state.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-    state
-        .metrics
-        .completed(&task_name, &delivery.queue, Metric::DeadLettered, None);
+    state.metrics.completed(
+        task_label(state, &task_name),
+        &delivery.queue,
+        Metric::DeadLettered,
+        None,
+    );
     if let Some(id) = task_id {
         let mut fields = Map::new();
         fields.insert("requeue".into(), json!(false));

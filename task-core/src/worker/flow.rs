@@ -9,7 +9,7 @@
 //! permits when their lease runs out.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -65,18 +65,32 @@ impl Drop for Permits {
 }
 
 /// Counts a message as waiting for a limit while it lives.
-struct Waiting<'a>(&'a State);
+struct Waiting<'a> {
+    state: &'a State,
+    /// Whether this delivery was counted in `tq_rate_limit_waits_total` (once, however often it
+    /// polls).
+    delayed: AtomicBool,
+}
 
 impl<'a> Waiting<'a> {
     fn enter(state: &'a State) -> Self {
         state.limit_waiters.fetch_add(1, Ordering::Relaxed);
-        Waiting(state)
+        Waiting {
+            state,
+            delayed: AtomicBool::new(false),
+        }
+    }
+
+    fn delayed(&self, task: &str) {
+        if !self.delayed.swap(true, Ordering::Relaxed) {
+            self.state.metrics.rate_limit_wait(task);
+        }
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.limit_waiters.fetch_sub(1, Ordering::Relaxed);
+        self.state.limit_waiters.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -96,9 +110,9 @@ pub(super) async fn admit(
         return Admission::Go(Permits::default());
     }
     let coord = state.coordinator();
-    let _waiting = Waiting::enter(state);
+    let waiting = Waiting::enter(state);
     if let Some(rate) = rate
-        && let Some(a) = wait_rate(state, &coord, &format!("task:{name}"), rate, name).await
+        && let Some(a) = wait_rate(&waiting, &coord, &format!("task:{name}"), rate, name).await
     {
         return a;
     }
@@ -118,13 +132,13 @@ pub(super) async fn admit(
             continue;
         };
         if let Some(rate) = limit.rate
-            && let Some(a) = wait_rate(state, &coord, &format!("key:{key}"), rate, name).await
+            && let Some(a) = wait_rate(&waiting, &coord, &format!("key:{key}"), rate, name).await
         {
             return a;
         }
         if let Some(n) = limit.concurrency {
             let key = format!("key:{key}");
-            match wait_permit(state, &coord, &key, n, &permits.holder, name).await {
+            match wait_permit(&waiting, &coord, &key, n, &permits.holder, name).await {
                 None => permits.held.push(key),
                 Some(a) => return a,
             }
@@ -172,12 +186,13 @@ fn limit_key(
 
 /// Waits for a rate slot: `None` once taken, or what to do instead.
 async fn wait_rate(
-    state: &State,
+    waiting: &Waiting<'_>,
     coord: &Coordinator,
     key: &str,
     rate: RateLimit,
     task: &str,
 ) -> Option<Admission> {
+    let state = waiting.state;
     let mut waited = Duration::ZERO;
     loop {
         let wait = match coord.try_rate(key, rate).await {
@@ -188,7 +203,7 @@ async fn wait_rate(
                 Duration::from_millis(200)
             }
         };
-        state.metrics.rate_limit_wait(task);
+        waiting.delayed(task);
         if too_long(state, waited + wait) {
             return Some(Admission::Defer(wait.max(Duration::from_secs(1))));
         }
@@ -204,13 +219,14 @@ async fn wait_rate(
 
 /// Waits for a concurrency permit: `None` once held, or what to do instead.
 async fn wait_permit(
-    state: &State,
+    waiting: &Waiting<'_>,
     coord: &Coordinator,
     key: &str,
     limit: u32,
     holder: &str,
     task: &str,
 ) -> Option<Admission> {
+    let state = waiting.state;
     let mut poll = Duration::from_millis(5);
     let mut waited = Duration::ZERO;
     loop {
@@ -219,7 +235,7 @@ async fn wait_permit(
             Ok(false) => {}
             Err(e) => tracing::warn!(key, error = %e, "concurrency limiter unavailable"),
         }
-        state.metrics.rate_limit_wait(task);
+        waiting.delayed(task);
         if too_long(state, waited + poll) {
             return Some(Admission::Defer(Duration::from_secs(1)));
         }

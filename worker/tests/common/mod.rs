@@ -2,6 +2,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -87,6 +88,23 @@ impl WorkerProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The address the worker serves `/metrics`, `/livez` and `/readyz` on, from its log (the
+    /// tests bind port 0).
+    pub async fn metrics_addr(&self) -> SocketAddr {
+        eventually(
+            "the worker to log its metrics address",
+            Duration::from_secs(30),
+            || async {
+                self.log_text()
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .find(|l| l["message"] == "serving /metrics, /livez and /readyz")
+                    .and_then(|l| l["addr"].as_str()?.parse().ok())
+            },
+        )
+        .await
+    }
+
     /// Waits until the worker logs that it is consuming.
     pub async fn ready(&self) {
         eventually(
@@ -115,4 +133,16 @@ where
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// `GET http://<addr><path>`: the status and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let response = reqwest::Client::new()
+        .get(format!("http://{addr}{path}"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"));
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("a text body"))
 }
