@@ -80,6 +80,28 @@ fn url_encode(s: &str) -> String {
     out
 }
 
+/// Workers online now, to flag RECEIVED/STARTED tasks whose worker is gone as "lost?".
+async fn online_workers(state: &AppState) -> std::collections::HashSet<String> {
+    let now = task_core::events::unix_now();
+    match state.store().workers().await {
+        Ok(w) => w
+            .into_iter()
+            .filter(|w| w.online(now))
+            .map(|w| w.hostname)
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read workers to flag lost tasks");
+            Default::default()
+        }
+    }
+}
+
+/// Whether a task still looks in flight on a worker that stopped sending heartbeats.
+fn lost(t: &TaskRecord, online: &std::collections::HashSet<String>) -> bool {
+    matches!(t.state.as_str(), "RECEIVED" | "STARTED")
+        && t.worker.as_ref().is_some_and(|w| !online.contains(w))
+}
+
 #[derive(Debug)]
 struct QueueRow {
     name: String,
@@ -234,6 +256,7 @@ struct TaskRow {
     received: String,
     runtime: String,
     worker: String,
+    lost: bool,
 }
 
 #[derive(Template)]
@@ -299,6 +322,7 @@ pub(crate) async fn tasks(
             }
         }
     };
+    let online = online_workers(&state).await;
     let base = format!(
         "/tasks?search={}&state={}&taskname={}&workername={}&limit={limit}",
         url_encode(&search),
@@ -335,6 +359,7 @@ pub(crate) async fn tasks(
                 kwargs: text(&t.kwargs),
                 result: text(&t.result).chars().take(120).collect(),
                 worker: text(&t.worker),
+                lost: lost(&t, &online),
                 state: t.state,
                 uuid: t.uuid,
             })
@@ -388,6 +413,7 @@ struct TaskDetail {
     runtime: String,
     children: Vec<String>,
     tree: Vec<TreeNode>,
+    lost: bool,
 }
 
 fn timeline(t: &TaskRecord) -> Vec<Stage> {
@@ -442,6 +468,7 @@ pub(crate) async fn task(State(state): State<AppState>, Path(id): Path<String>) 
         },
         None => Vec::new(),
     };
+    let is_lost = lost(&t, &online_workers(&state).await);
     let queue_wait = match (t.started, t.received.or(t.sent)) {
         (Some(s), Some(r)) => seconds(Some(s - r)),
         _ => "–".into(),
@@ -450,6 +477,7 @@ pub(crate) async fn task(State(state): State<AppState>, Path(id): Path<String>) 
         nav: "tasks",
         refresh: 0,
         timeline: timeline(&t),
+        lost: is_lost,
         queue_wait,
         runtime: t
             .runtime

@@ -102,6 +102,23 @@ async fn out_of_order_and_batched_events_merge_into_one_row_per_task_and_worker(
     )
     .await;
     publish(&ch, "task.bogus", &json!(42)).await;
+    // Task c: started on a worker whose last heartbeat is long past: "lost?" on the pages.
+    let c = uuid::Uuid::new_v4().to_string();
+    let gone = format!("{}@test", support::unique("gone"));
+    publish(
+        &ch,
+        "worker.heartbeat",
+        &json!({"type": "worker-heartbeat", "hostname": gone,
+        "timestamp": now - 600.0, "freq": 2.0, "active": 1, "processed": 0}),
+    )
+    .await;
+    publish(
+        &ch,
+        "task.started",
+        &json!({"type": "task-started", "uuid": c, "hostname": gone,
+        "timestamp": now - 601.0}),
+    )
+    .await;
 
     let store = monitor.state().store().clone();
     let task_a = eventually(
@@ -169,6 +186,21 @@ async fn out_of_order_and_batched_events_merge_into_one_row_per_task_and_worker(
     let info = get_json(&router, &format!("/api/task/info/{a}")).await;
     assert_eq!(info["state"], "SUCCESS");
     assert_eq!(info["root_id"], a.as_str());
+
+    eventually("task c to be stored", Duration::from_secs(30), || async {
+        store
+            .task(&c)
+            .await
+            .unwrap()
+            .filter(|t| t.state == "STARTED")
+    })
+    .await;
+    let (_, html) = support::call(&router, "GET", &format!("/tasks?search=uuid:{c}"), "").await;
+    assert!(html.contains(&c) && html.contains("lost?"), "{html}");
+    let (_, html) = support::call(&router, "GET", &format!("/tasks?search=uuid:{a}"), "").await;
+    assert!(html.contains(&a) && !html.contains("lost?"), "{html}");
+    let (_, html) = support::call(&router, "GET", &format!("/task/{c}"), "").await;
+    assert!(html.contains("may be lost"), "{html}");
 
     let status = monitor.state().intake_status();
     eventually(
