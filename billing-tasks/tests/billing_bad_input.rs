@@ -105,7 +105,7 @@ async fn pay_notification_processed(env: &Env) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_ids_and_other_peoples_payments_are_not_found() {
-    let env = Env::start().await;
+    let mut env = Env::start().await;
     let (user, stranger) = (Uuid::new_v4(), Uuid::new_v4());
     let p = env.subscribe(user, CARD_OK).await;
     pay_notification_processed(&env).await;
@@ -260,6 +260,7 @@ async fn unknown_ids_and_other_peoples_payments_are_not_found() {
         Err(Error::TaskFailed { exception, .. }) => assert_eq!(exception.exc_type, "TypeError"),
         other => panic!("expected TypeError, got {other:?}"),
     }
+    env.expect_dead_letters(1);
     assert_eq!(snapshot(&env).await, before);
     env.stop().await;
 }
@@ -271,16 +272,29 @@ async fn the_database_refuses_what_the_code_must_never_write() {
         ..Options::default()
     })
     .await;
-    let refused = |sql: &'static str| {
+    // Refused by the named constraint as an integrity violation (SQLSTATE class 23), not by any
+    // error at all: a renamed column would fail differently and fail this test.
+    let refused = |sql: &'static str, constraint: &'static str| {
         let db = env.db.clone();
         async move {
             let e = sqlx::query(sql).execute(&db).await.expect_err(sql);
-            assert!(e.as_database_error().is_some(), "{sql}: {e}");
+            let d = e
+                .as_database_error()
+                .unwrap_or_else(|| panic!("{sql}: {e}"));
+            assert!(
+                d.code().is_some_and(|c| c.starts_with("23")),
+                "{sql}: not an integrity violation: {d}"
+            );
+            assert_eq!(d.constraint(), Some(constraint), "{sql}: {d}");
         }
     };
-    refused("INSERT INTO tariff (id, code, name, role, price_minor, currency, period_unit, period_count, created_at, updated_at) VALUES (gen_random_uuid(), 'neg', 'n', 'r', -100, 'RUB', 'month', 1, now(), now())").await;
-    refused("INSERT INTO tariff (id, code, name, role, price_minor, currency, period_unit, period_count, created_at, updated_at) VALUES (gen_random_uuid(), 'huge', 'n', 'r', 10000000000000, 'RUB', 'month', 1, now(), now())").await;
-    refused("INSERT INTO tariff (id, code, name, role, price_minor, currency, period_unit, period_count, created_at, updated_at) VALUES (gen_random_uuid(), 'cur', 'n', 'r', 100, 'rub', 'month', 1, now(), now())").await;
-    refused("UPDATE tariff SET period_unit = 'fortnight'").await;
+    refused("INSERT INTO tariff (id, code, name, role, price_minor, currency, period_unit, period_count, created_at, updated_at) VALUES (gen_random_uuid(), 'neg', 'n', 'r', -100, 'RUB', 'month', 1, now(), now())", "tariff_price_minor_check").await;
+    refused("INSERT INTO tariff (id, code, name, role, price_minor, currency, period_unit, period_count, created_at, updated_at) VALUES (gen_random_uuid(), 'huge', 'n', 'r', 10000000000000, 'RUB', 'month', 1, now(), now())", "tariff_price_minor_check").await;
+    refused("INSERT INTO tariff (id, code, name, role, price_minor, currency, period_unit, period_count, created_at, updated_at) VALUES (gen_random_uuid(), 'cur', 'n', 'r', 100, 'rub', 'month', 1, now(), now())", "tariff_currency_check").await;
+    refused(
+        "UPDATE tariff SET period_unit = 'fortnight'",
+        "tariff_period_unit_check",
+    )
+    .await;
     env.stop().await;
 }

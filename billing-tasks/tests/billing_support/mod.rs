@@ -149,6 +149,8 @@ pub struct Env {
     pub webhook_addr: SocketAddr,
     worker: Option<RunningWorker>,
     webhook_server: tokio::task::JoinHandle<()>,
+    /// Messages the test means to dead-letter (bad input); any other one fails the test.
+    expected_dead_letters: u64,
 }
 
 impl Env {
@@ -212,6 +214,7 @@ impl Env {
             webhook_addr,
             worker: None,
             webhook_server,
+            expected_dead_letters: 0,
         };
         if opts.run_worker {
             env.start_worker(broker, backend);
@@ -236,21 +239,39 @@ impl Env {
         self.worker = Some((stop, handle));
     }
 
+    /// The test dead-letters `n` messages on purpose (bad input).
+    pub fn expect_dead_letters(&mut self, n: u64) {
+        self.expected_dead_letters = n;
+    }
+
+    /// Stops everything and drops the database; fails the test if the in-process worker died or
+    /// anything other than what the test expected was dead-lettered.
     pub async fn stop(mut self) {
+        let mut failures = Vec::new();
         if let Some((stop, handle)) = self.worker.take() {
             let _ = stop.send(());
-            let _ = handle.await;
+            match handle.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => failures.push(format!("the billing worker failed: {e}")),
+                Err(e) => failures.push(format!("the billing worker died: {e}")),
+            }
         }
         self.webhook_server.abort();
+        let dlq = task_core::broker::dead_letter_queue(&self.queue);
+        match self.tasks.broker().queue_length(&dlq).await {
+            Ok(n) if n == self.expected_dead_letters => {}
+            Ok(n) => failures.push(format!(
+                "{n} messages were dead-lettered (expected {})",
+                self.expected_dead_letters
+            )),
+            Err(e) => failures.push(format!("cannot read the dead-letter queue {dlq}: {e}")),
+        }
         let _ = self.tasks.broker().delete_queue(&self.queue).await;
-        let _ = self
-            .tasks
-            .broker()
-            .delete_queue(&task_core::broker::dead_letter_queue(&self.queue))
-            .await;
+        let _ = self.tasks.broker().delete_queue(&dlq).await;
         self.db.close().await;
         self.fake.shutdown().await;
         drop_database(&self.db_name).await;
+        assert!(failures.is_empty(), "{}", failures.join("; "));
     }
 
     /// Runs a task through the queue and waits for its result.
