@@ -32,6 +32,17 @@ async fn all_renewals_paid(env: &Env, n: i64, within: Duration) {
     .await;
 }
 
+/// The seed of the fake's random faults: `BILLING_CHAOS_SEED` to replay a failed run, else a
+/// fresh one; printed either way (the test output shows it when the test fails).
+fn fault_seed() -> u64 {
+    let seed = std::env::var("BILLING_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    eprintln!("fake gateway fault seed: {seed} (replay with BILLING_CHAOS_SEED={seed})");
+    seed
+}
+
 fn with_latency(latency: Duration) -> Options {
     Options {
         fake: FakeConfig::default()
@@ -39,7 +50,8 @@ fn with_latency(latency: Duration) -> Options {
                 TerminalConfig::production(PUBLIC_ID, API_SECRET).with_concurrency_limit(64),
             ])
             .with_latency(latency)
-            .with_hang(Duration::from_secs(3)),
+            .with_hang(Duration::from_secs(3))
+            .with_fault_seed(fault_seed()),
         ..Options::default()
     }
 }
@@ -103,6 +115,9 @@ async fn timeouts_and_server_errors_during_a_renewal_run_never_charge_twice() {
     ] {
         env.fake.set_fault_probability(path, fault, p);
     }
+    // At least one call certainly needs sending again, whatever the random draws.
+    env.fake
+        .push_fault_for("/payments/tokens/charge", Fault::TimeoutBeforeProcessing);
     let out = env.run::<EnqueueRenewals>(()).await;
     assert_eq!(out["invoices"], 20);
     all_renewals_paid(&env, 20, Duration::from_secs(120)).await;
@@ -118,7 +133,13 @@ async fn timeouts_and_server_errors_during_a_renewal_run_never_charge_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_payment_whose_answer_was_lost_is_found_at_the_gateway() {
-    let env = Env::start().await;
+    // Without notifications: the gateway's Pay would otherwise settle it before any lookup, and a
+    // broken lookup would go unnoticed.
+    let env = Env::start_with(Options {
+        webhooks: false,
+        ..Options::default()
+    })
+    .await;
     let user = Uuid::new_v4();
     env.fake
         .push_fault_for("/payments/cards/charge", Fault::TimeoutAfterProcessing);
@@ -144,6 +165,14 @@ async fn a_primary_payment_whose_answer_was_lost_is_found_at_the_gateway() {
     .await;
     assert_eq!(p.amount.minor, 29_900);
     assert_eq!(env.fake.charges_for_invoice(&invoice.to_string()), 1);
+    let settled_by = sqlx::query_scalar::<_, String>(
+        "SELECT actor FROM status_history WHERE entity = 'payment' AND entity_id = $1 AND to_status = 'succeeded'",
+    )
+    .bind(p.id)
+    .fetch_one(&env.db)
+    .await
+    .unwrap();
+    assert_eq!(settled_by, "worker", "the lookup settled it");
     assert_eq!(
         env.scalar_i64("SELECT count(*) FROM payment WHERE cryptogram IS NOT NULL")
             .await,

@@ -157,6 +157,8 @@ pub struct FakeConfig {
     /// waits for its answer (true, the default) or is processed again (undocumented at the real
     /// gateway, so billing must never rely on the blocking).
     pub block_in_flight_duplicates: bool,
+    /// Seed of the random faults; `None` picks one (see [`super::FakeGateway::fault_seed`]).
+    pub fault_seed: Option<u64>,
 }
 
 impl Default for FakeConfig {
@@ -173,6 +175,7 @@ impl Default for FakeConfig {
             webhooks: WebhookConfig::default(),
             acs_url: None,
             block_in_flight_duplicates: true,
+            fault_seed: None,
         }
     }
 }
@@ -211,6 +214,12 @@ impl FakeConfig {
     /// Processes a duplicate of a request still in flight again instead of making it wait.
     pub fn with_in_flight_duplicates_let_through(mut self) -> Self {
         self.block_in_flight_duplicates = false;
+        self
+    }
+
+    /// Seeds the random faults, to replay a run.
+    pub fn with_fault_seed(mut self, seed: u64) -> Self {
+        self.fault_seed = Some(seed);
         self
     }
 

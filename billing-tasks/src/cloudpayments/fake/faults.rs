@@ -2,7 +2,9 @@
 //!
 //! A queued fault applies to the next matching request, once; a probabilistic fault applies to
 //! each matching request with its probability (probabilities are not money: `f64` is fine). The
-//! queue is consulted first. "Before processing" faults leave no trace; "after processing" faults
+//! queue is consulted first. The random draws come from a generator seeded by
+//! [`super::FakeConfig::fault_seed`] (a random seed when unset, reported by
+//! [`super::FakeGateway::fault_seed`]), so a failing run is replayed with the same seed. "Before processing" faults leave no trace; "after processing" faults
 //! hit a request whose effect has happened and been stored for `X-Request-ID` replay — the
 //! classic unknown outcome.
 
@@ -68,13 +70,36 @@ impl Target {
 }
 
 /// The queue and the random faults.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct FaultPlan {
     queue: VecDeque<(Target, Fault)>,
     random: Vec<(Target, Fault, f64)>,
+    rng: fastrand::Rng,
+    seed: u64,
+}
+
+impl Default for FaultPlan {
+    fn default() -> Self {
+        FaultPlan::seeded(fastrand::u64(..))
+    }
 }
 
 impl FaultPlan {
+    /// A plan whose random faults follow `seed`.
+    pub(crate) fn seeded(seed: u64) -> Self {
+        FaultPlan {
+            queue: VecDeque::new(),
+            random: Vec::new(),
+            rng: fastrand::Rng::with_seed(seed),
+            seed,
+        }
+    }
+
+    /// The seed of the random faults.
+    pub(crate) fn seed(&self) -> u64 {
+        self.seed
+    }
+
     pub(crate) fn push(&mut self, target: Target, fault: Fault) {
         self.queue.push_back((target, fault));
     }
@@ -105,9 +130,10 @@ impl FaultPlan {
         {
             return self.queue.remove(i).map(|(_, f)| f);
         }
+        let rng = &mut self.rng;
         self.random
             .iter()
-            .find(|(t, f, p)| t.matches(path, *f, is_payment) && fastrand::f64() < *p)
+            .find(|(t, f, p)| t.matches(path, *f, is_payment) && rng.f64() < *p)
             .map(|(_, f, _)| *f)
     }
 }
@@ -115,6 +141,19 @@ impl FaultPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_same_seed_draws_the_same_faults() {
+        let draws = |seed| {
+            let mut plan = FaultPlan::seeded(seed);
+            plan.set_random(Target::new(None), Fault::SERVER_ERROR_BEFORE, 0.5);
+            (0..64)
+                .map(|_| plan.take("/test", false).is_some())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draws(7), draws(7));
+        assert_ne!(draws(7), draws(8));
+    }
 
     #[test]
     fn queue_matches_path_and_kind() {

@@ -178,6 +178,10 @@ impl Gateway {
                 )
             })
             .collect();
+        let faults = match config.fault_seed {
+            Some(seed) => FaultPlan::seeded(seed),
+            None => FaultPlan::default(),
+        };
         let idempotency = IdempotencyCache::new(config.idempotency_ttl);
         idempotency.set_block_in_flight(config.block_in_flight_duplicates);
         Gateway {
@@ -185,7 +189,7 @@ impl Gateway {
             config,
             terminals,
             ledger: Mutex::new(Ledger::default()),
-            faults: Mutex::new(FaultPlan::default()),
+            faults: Mutex::new(faults),
             notifier: Arc::new(notifier),
             acs_url,
             requests: std::array::from_fn(|_| AtomicU64::new(0)),

@@ -332,6 +332,12 @@ impl FakeGateway {
             .set_random(Target::new(path), fault, probability);
     }
 
+    /// The seed the random faults follow: print it with a failing run, and pass it back with
+    /// [`FakeConfig::with_fault_seed`] to replay the same faults.
+    pub fn fault_seed(&self) -> u64 {
+        self.gw.faults().seed()
+    }
+
     /// Removes every queued and random fault.
     pub fn clear_faults(&self) {
         self.gw.faults().clear();
