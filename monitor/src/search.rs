@@ -2,10 +2,10 @@
 //! terms, all of which must match.
 //!
 //! - `name:billing.*` `state:FAILURE` `worker:celery@a` `uuid:1f2e` `args:42` `kwargs:amount`
-//!   `result:ok` — qualifiers; `*` is a wildcard in `name`, `worker` and `state`, the others match
-//!   substrings.
-//! - a bare word matches a substring of the id, name, args, kwargs or result (Flower needs three
-//!   characters; so do we, shorter words are ignored).
+//!   `result:ok` — qualifiers; `name`, `worker` and `state` match exactly, or with `*` as a
+//!   wildcard (`state` in any case); the others match substrings.
+//! - a bare word matches a substring of the id, name, args, kwargs, result or exception (Flower
+//!   needs three characters; so do we, shorter words are ignored).
 //! - `-term` negates any of these, e.g. `-state:SUCCESS`.
 //! - `"quoted words"` keep their spaces.
 
@@ -125,32 +125,48 @@ fn pattern(s: &str) -> String {
 }
 
 impl Term {
-    /// Appends ` AND <condition>` to a query over `tasks`.
+    /// Appends ` AND <condition>` to a query over `tasks`. A term that can use an index does:
+    /// `name:x` and `worker:x` without `*` are equalities, with a trailing `*` prefix matches,
+    /// `state:x` is an equality on the upper-cased state. Negated terms treat a missing value as
+    /// the empty string, so `-name:x` keeps tasks whose name is unknown.
     pub fn push_sql(&self, q: &mut QueryBuilder<Postgres>) {
-        q.push(if self.negated { " AND NOT " } else { " AND " });
-        let contains = format!("%{}%", like_escape(&self.value));
+        let negated = self.negated;
         let column = |q: &mut QueryBuilder<Postgres>, col: &str, value: String, op: &str| {
-            q.push(format!("COALESCE({col}, '') {op} "))
-                .push_bind(value);
+            if negated {
+                q.push(format!("COALESCE({col}, '') {op} "));
+            } else {
+                q.push(format!("{col} {op} "));
+            }
+            q.push_bind(value);
         };
+        let exact_or_pattern = |q: &mut QueryBuilder<Postgres>, col: &str, value: &str| {
+            if value.contains('*') {
+                column(q, col, pattern(value), "LIKE");
+            } else {
+                column(q, col, value.to_owned(), "=");
+            }
+        };
+        q.push(if negated { " AND NOT " } else { " AND " });
+        let contains = format!("%{}%", like_escape(&self.value));
         match self.field {
-            Some(Field::Name) => column(q, "name", pattern(&self.value), "LIKE"),
-            Some(Field::Worker) => column(q, "worker", pattern(&self.value), "LIKE"),
-            Some(Field::State) => column(q, "state", pattern(&self.value), "ILIKE"),
+            Some(Field::Name) => exact_or_pattern(q, "name", &self.value),
+            Some(Field::Worker) => exact_or_pattern(q, "worker", &self.value),
+            Some(Field::State) => exact_or_pattern(q, "state", &self.value.to_uppercase()),
             Some(Field::Uuid) => column(q, "uuid", contains, "ILIKE"),
             Some(Field::Args) => column(q, "args", contains, "ILIKE"),
             Some(Field::Kwargs) => column(q, "kwargs", contains, "ILIKE"),
             Some(Field::Result) => column(q, "result", contains, "ILIKE"),
             None => {
                 q.push("(");
-                for (i, col) in ["uuid", "name", "args", "kwargs", "result"]
+                for (i, col) in ["uuid", "name", "args", "kwargs", "result", "exception"]
                     .iter()
                     .enumerate()
                 {
                     if i > 0 {
                         q.push(" OR ");
                     }
-                    column(q, col, contains.clone(), "ILIKE");
+                    q.push(format!("COALESCE({col}, '') ILIKE "));
+                    q.push_bind(contains.clone());
                 }
                 q.push(")");
             }
@@ -176,15 +192,15 @@ mod tests {
     #[test]
     fn terms_become_bound_conditions() {
         let mut q = QueryBuilder::<Postgres>::new("SELECT 1 FROM tasks WHERE true");
-        for t in parse("name:diag.* -state:FAILURE 100%").unwrap() {
+        for t in parse("name:diag.* -state:failure worker:w1@h 100%").unwrap() {
             t.push_sql(&mut q);
         }
         assert_eq!(
             q.sql().as_str(),
-            "SELECT 1 FROM tasks WHERE true AND COALESCE(name, '') LIKE $1 AND NOT \
-             COALESCE(state, '') ILIKE $2 AND (COALESCE(uuid, '') ILIKE $3 OR COALESCE(name, '') \
-             ILIKE $4 OR COALESCE(args, '') ILIKE $5 OR COALESCE(kwargs, '') ILIKE $6 OR \
-             COALESCE(result, '') ILIKE $7)"
+            "SELECT 1 FROM tasks WHERE true AND name LIKE $1 AND NOT COALESCE(state, '') = $2 \
+             AND worker = $3 AND (COALESCE(uuid, '') ILIKE $4 OR COALESCE(name, '') ILIKE $5 OR \
+             COALESCE(args, '') ILIKE $6 OR COALESCE(kwargs, '') ILIKE $7 OR \
+             COALESCE(result, '') ILIKE $8 OR COALESCE(exception, '') ILIKE $9)"
         );
     }
 }
