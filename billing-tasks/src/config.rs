@@ -72,6 +72,16 @@ pub struct BillingArgs {
     /// Unset: they are recorded and kept pending.
     #[arg(long, env = "OUTBOX_URL")]
     pub outbox_url: Option<String>,
+
+    /// The auth service's gRPC address (`http://host:port`, or `https://`): role grants and
+    /// revocations go there over `auth.v1` instead of OUTBOX_URL (which then only gets the other
+    /// messages). Unset: everything goes to OUTBOX_URL.
+    #[arg(long, env = "AUTH_GRPC_URL")]
+    pub auth_grpc_url: Option<String>,
+
+    /// The service token billing presents to the auth service (with AUTH_GRPC_URL).
+    #[arg(long, env = "AUTH_GRPC_TOKEN", hide_env_values = true)]
+    pub auth_grpc_token: Option<String>,
 }
 
 impl BillingArgs {
@@ -105,9 +115,22 @@ impl BillingArgs {
 
     /// The outbox target, if one is configured.
     pub fn outbox(&self) -> Result<Option<Arc<dyn OutboxTarget>>> {
-        Ok(match &self.outbox_url {
+        let http: Option<Arc<dyn OutboxTarget>> = match &self.outbox_url {
             Some(url) => Some(Arc::new(HttpTarget::new(url)?)),
             None => None,
+        };
+        Ok(match &self.auth_grpc_url {
+            Some(url) => {
+                let token = self.auth_grpc_token.clone().ok_or_else(|| {
+                    BillingError::invalid("AUTH_GRPC_TOKEN must be set with AUTH_GRPC_URL")
+                })?;
+                Some(Arc::new(crate::grpc::auth_target::AuthGrpcTarget::new(
+                    url,
+                    Secret::new(token),
+                    http,
+                )?))
+            }
+            None => http,
         })
     }
 

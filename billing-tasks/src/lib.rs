@@ -10,6 +10,8 @@
 //! - [`charging`]: exactly-once payment attempts; [`renewals`], [`refunds`], [`reconcile`],
 //!   [`outbox`]: the flows built on it.
 //! - [`service`]: the API the frontend and back-office call; [`tasks`]: the `billing.*` tasks.
+//! - [`grpc`]: the `billing.v1` gRPC API over the service and the `auth.v1` outbox client;
+//!   [`fake_auth`]: an `auth.v1` fake for tests and the demo.
 
 pub mod charging;
 pub mod cloudpayments;
@@ -18,8 +20,10 @@ pub mod context;
 pub mod db;
 pub mod domain;
 pub mod error;
+pub mod fake_auth;
 pub mod gateway_flow;
 pub mod gateway_pause;
+pub mod grpc;
 pub mod ledger;
 pub mod money;
 pub mod outbox;

@@ -707,4 +707,381 @@ impl BillingService {
         }
         Ok(refund)
     }
+
+    // ---- Added for the gRPC API (issue 11): operations the frontend needs beyond the above. ----
+
+    /// All the payer's subscriptions, newest first.
+    pub async fn list_subscriptions(&self, user_id: Uuid) -> Result<Vec<SubscriptionView>> {
+        let rows = sqlx::query_as::<_, SubscriptionRow>(SUBSCRIPTION_SELECT_BY_PAYER)
+            .bind(user_id)
+            .fetch_all(self.billing.db())
+            .await?;
+        rows.into_iter().map(SubscriptionRow::view).collect()
+    }
+
+    /// One of the payer's subscriptions; another payer's is not found.
+    pub async fn subscription_by_id(
+        &self,
+        user_id: Uuid,
+        subscription_id: Uuid,
+    ) -> Result<SubscriptionView> {
+        self.list_subscriptions(user_id)
+            .await?
+            .into_iter()
+            .find(|s| s.id == subscription_id)
+            .ok_or_else(|| BillingError::NotFound(format!("subscription {subscription_id}")))
+    }
+
+    /// The tariff a subscription switches to at its next renewal, if [`Self::change_tariff`] was
+    /// called.
+    pub async fn next_tariff(&self, subscription_id: Uuid) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar::<_, String>(
+            "SELECT t.code FROM subscription s JOIN tariff t ON t.id = s.next_tariff_id WHERE s.id = $1",
+        )
+        .bind(subscription_id)
+        .fetch_optional(self.billing.db())
+        .await?)
+    }
+
+    /// The payer's payments, newest first, `limit` at most, older than `before` (a payment id,
+    /// for the next page) when given.
+    pub async fn list_payments(
+        &self,
+        user_id: Uuid,
+        limit: i64,
+        before: Option<Uuid>,
+    ) -> Result<Vec<PaymentView>> {
+        let ids = sqlx::query_scalar::<_, Uuid>(
+            "SELECT p.id FROM payment p JOIN invoice i ON i.id = p.invoice_id
+             WHERE i.payer_id = $1 AND ($2::uuid IS NULL OR p.id < $2)
+             ORDER BY p.id DESC LIMIT $3",
+        )
+        .bind(user_id)
+        .bind(before)
+        .bind(limit.clamp(1, 100))
+        .fetch_all(self.billing.db())
+        .await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.push(self.get_payment(user_id, id).await?);
+        }
+        Ok(out)
+    }
+
+    /// Gives up a payment waiting for 3-D Secure whose answer has not been given, so the payer can
+    /// try another card at once: the attempt expires and its invoice is open again.
+    pub async fn abandon_payment(&self, user_id: Uuid, payment_id: Uuid) -> Result<PaymentView> {
+        let now = self.billing.now();
+        let mut tx = self.billing.db().begin().await?;
+        let row = sqlx::query_as::<_, (String, bool, Uuid, Uuid, String)>(
+            "SELECT p.status, p.pa_res IS NOT NULL, i.payer_id, i.id, i.status FROM payment p
+             JOIN invoice i ON i.id = p.invoice_id WHERE p.id = $1 FOR UPDATE OF p, i",
+        )
+        .bind(payment_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .filter(|r| r.2 == user_id)
+        .ok_or_else(|| BillingError::NotFound(format!("payment {payment_id}")))?;
+        let (status, answered, _, invoice_id, invoice_status) = row;
+        let status = PaymentStatus::parse(&status)?;
+        if status != PaymentStatus::AwaitingThreeDs {
+            return Err(BillingError::precondition(format!(
+                "payment {payment_id} is not awaiting 3-D Secure"
+            )));
+        }
+        if answered {
+            return Err(BillingError::precondition(
+                "the 3-D Secure answer was given and is being charged",
+            ));
+        }
+        status.check(PaymentStatus::Expired, "payment")?;
+        let reason = "abandoned by the payer";
+        sqlx::query(
+            "UPDATE payment SET status = 'expired', pa_res = NULL, reason = $2, completed_at = $3, updated_at = $3 WHERE id = $1",
+        )
+        .bind(payment_id)
+        .bind(reason)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        ledger::record_transition(
+            &mut tx,
+            "payment",
+            payment_id,
+            Some(status.as_str()),
+            "expired",
+            Actor::User,
+            Some(reason),
+            now,
+        )
+        .await?;
+        if invoice_status == "paying" {
+            InvoiceStatus::Paying.check(InvoiceStatus::Open, "invoice")?;
+            sqlx::query("UPDATE invoice SET status = 'open', updated_at = $2 WHERE id = $1")
+                .bind(invoice_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            ledger::record_transition(
+                &mut tx,
+                "invoice",
+                invoice_id,
+                Some("paying"),
+                "open",
+                Actor::User,
+                Some(reason),
+                now,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        self.get_payment(user_id, payment_id).await
+    }
+
+    /// Ends the payer's subscription now: access ends and the role is revoked (a refund is asked
+    /// for separately). A pending subscription is abandoned as by [`Self::cancel`].
+    pub async fn cancel_now(
+        &self,
+        user_id: Uuid,
+        reason: Option<String>,
+    ) -> Result<SubscriptionView> {
+        let reason = reason
+            .map(|r| r.trim().chars().take(500).collect::<String>())
+            .filter(|r| !r.is_empty())
+            .unwrap_or_else(|| "cancelled by the payer".to_owned());
+        let now = self.billing.now();
+        let mut tx = self.billing.db().begin().await?;
+        let s = sqlx::query_as::<_, (Uuid, String, bool)>(
+            "SELECT s.id, s.status, EXISTS (SELECT 1 FROM payment p JOIN invoice i ON i.id = p.invoice_id
+                     WHERE i.subscription_id = s.id AND p.status IN ('created', 'processing', 'awaiting_3ds'))
+             FROM subscription s WHERE s.payer_id = $1 AND s.status IN ('pending', 'active', 'past_due') FOR UPDATE OF s",
+        )
+        .bind(user_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| BillingError::precondition("no live subscription to cancel"))?;
+        let status = SubscriptionStatus::parse(&s.1)?;
+        if status == SubscriptionStatus::Pending {
+            drop(tx);
+            return self.cancel(user_id, Some(reason)).await;
+        }
+        if s.2 {
+            return Err(BillingError::precondition(
+                "a payment is in progress; cancel after it finishes",
+            ));
+        }
+        crate::charging::expire(&mut tx, s.0, status, Actor::User, &reason, now).await?;
+        tx.commit().await?;
+        self.subscription_by_id(user_id, s.0).await
+    }
+
+    /// Pays the payer's overdue renewal with a new card (the way out of `past_due`): a cryptogram
+    /// attempt on the open renewal invoice, charged like a primary payment; on success the card
+    /// is saved and used for the renewals after it.
+    pub async fn update_payment_method(&self, req: UpdatePaymentMethod) -> Result<PaymentView> {
+        // The card fields are checked exactly as for a new subscription.
+        validate_start(&StartSubscription {
+            user_id: req.user_id,
+            tariff: "update".to_owned(),
+            cryptogram: req.cryptogram.clone(),
+            cardholder_name: req.cardholder_name.clone(),
+            ip_address: req.ip_address.clone(),
+            email: None,
+            idempotency_key: req.idempotency_key.clone(),
+        })?;
+        let now = self.billing.now();
+        let mut tx = self.billing.db().begin().await?;
+        if let Some((id, payer)) = sqlx::query_as::<_, (Uuid, Uuid)>(
+            "SELECT p.id, i.payer_id FROM payment p JOIN invoice i ON i.id = p.invoice_id WHERE p.idempotency_key = $1",
+        )
+        .bind(&req.idempotency_key)
+        .fetch_optional(&mut *tx)
+        .await?
+        {
+            if payer != req.user_id {
+                return Err(BillingError::invalid(
+                    "idempotency_key was already used by another user",
+                ));
+            }
+            drop(tx);
+            return self.get_payment(req.user_id, id).await;
+        }
+        let sub = sqlx::query_scalar::<_, Uuid>(
+            "SELECT id FROM subscription WHERE payer_id = $1 AND status IN ('active', 'past_due') FOR UPDATE",
+        )
+        .bind(req.user_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| BillingError::precondition("no active subscription to pay for"))?;
+        let invoice = sqlx::query_as::<_, (Uuid, i64, String)>(
+            "SELECT i.id, i.amount_minor, i.currency FROM invoice i
+             WHERE i.subscription_id = $1 AND i.kind = 'renewal' AND i.status = 'open'
+               AND NOT EXISTS (SELECT 1 FROM payment p WHERE p.invoice_id = i.id AND p.status IN ('created', 'processing', 'awaiting_3ds'))
+             ORDER BY i.period_start LIMIT 1 FOR UPDATE",
+        )
+        .bind(sub)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| {
+            BillingError::precondition(
+                "no renewal is due: a new card is taken when a renewal has failed",
+            )
+        })?;
+        let payment_id = Uuid::now_v7();
+        let sealed = vault::seal(
+            &self.billing,
+            payment_id,
+            vault::Field::Cryptogram,
+            req.cryptogram.expose(),
+        )?;
+        // The dunning ladder waits while this attempt runs; a decline sets it again.
+        sqlx::query("UPDATE invoice SET next_attempt_at = NULL, updated_at = $2 WHERE id = $1")
+            .bind(invoice.0)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO payment (id, invoice_id, attempt, method, status, amount_minor, currency, idempotency_key,
+                                  ip_address, cardholder_name, cryptogram, created_at, updated_at)
+             VALUES ($1, $2, (SELECT coalesce(max(attempt), 0) + 1 FROM payment WHERE invoice_id = $2),
+                     'cryptogram', 'created', $3, $4, $5, $6, $7, $8, $9, $9)",
+        )
+        .bind(payment_id)
+        .bind(invoice.0)
+        .bind(invoice.1)
+        .bind(&invoice.2)
+        .bind(&req.idempotency_key)
+        .bind(&req.ip_address)
+        .bind(&req.cardholder_name)
+        .bind(sealed)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        ledger::record_transition(
+            &mut tx,
+            "payment",
+            payment_id,
+            None,
+            "created",
+            Actor::User,
+            Some("new card for an overdue renewal"),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        self.enqueue_charge(payment_id).await;
+        self.get_payment(req.user_id, payment_id).await
+    }
+
+    /// Whether a payment awaiting 3-D Secure already has the payer's answer (its charge is then
+    /// under way).
+    pub async fn three_ds_answered(&self, payment_id: Uuid) -> Result<bool> {
+        Ok(
+            sqlx::query_scalar::<_, bool>("SELECT pa_res IS NOT NULL FROM payment WHERE id = $1")
+                .bind(payment_id)
+                .fetch_optional(self.billing.db())
+                .await?
+                .unwrap_or(false),
+        )
+    }
+
+    /// Switches the payer's live subscription to `tariff` from its next renewal (the renewal
+    /// invoice takes the new tariff's price and period, see migration 0006). Choosing the current
+    /// tariff cancels a pending change.
+    pub async fn change_tariff(&self, user_id: Uuid, tariff: &str) -> Result<SubscriptionView> {
+        if tariff.is_empty() || tariff.len() > 64 {
+            return Err(BillingError::invalid("tariff must be a tariff code or id"));
+        }
+        let now = self.billing.now();
+        let mut tx = self.billing.db().begin().await?;
+        let t = sqlx::query_as::<_, (Uuid, String)>(
+            "SELECT id, code FROM tariff WHERE is_active AND (code = $1 OR id::text = $1)",
+        )
+        .bind(tariff)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| BillingError::NotFound(format!("tariff `{tariff}`")))?;
+        let (sub, current) = sqlx::query_as::<_, (Uuid, Uuid)>(
+            "SELECT id, tariff_id FROM subscription WHERE payer_id = $1 AND status IN ('active', 'past_due') FOR UPDATE",
+        )
+        .bind(user_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| BillingError::precondition("no active subscription to change"))?;
+        let next = (t.0 != current).then_some(t.0);
+        sqlx::query("UPDATE subscription SET next_tariff_id = $2, updated_at = $3 WHERE id = $1")
+            .bind(sub)
+            .bind(next)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        let note = match next {
+            Some(_) => format!("tariff changes to {} from the next period", t.1),
+            None => "pending tariff change cancelled".to_owned(),
+        };
+        ledger::record_transition(
+            &mut tx,
+            "subscription",
+            sub,
+            Some("active"),
+            "active",
+            Actor::User,
+            Some(&note),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        self.subscription_by_id(user_id, sub).await
+    }
+}
+
+/// A new card for the payer's overdue renewal.
+#[derive(Debug, Clone)]
+pub struct UpdatePaymentMethod {
+    /// The auth user id.
+    pub user_id: Uuid,
+    /// The new card's one-time cryptogram.
+    pub cryptogram: Secret<String>,
+    /// Name on the card, if the form asked.
+    pub cardholder_name: Option<String>,
+    /// The payer's IP address.
+    pub ip_address: String,
+    /// The caller's key: repeating a request with it returns the first payment.
+    pub idempotency_key: String,
+}
+
+const SUBSCRIPTION_SELECT_BY_PAYER: &str =
+    "SELECT s.id, s.payer_id, s.status, s.auto_renew, s.current_period_start,
+        s.current_period_end, s.grace_until, t.code, pm.card_mask
+     FROM subscription s JOIN tariff t ON t.id = s.tariff_id
+     LEFT JOIN payment_method pm ON pm.id = s.payment_method_id
+     WHERE s.payer_id = $1 ORDER BY s.created_at DESC, s.id DESC LIMIT 1000";
+
+#[derive(sqlx::FromRow)]
+struct SubscriptionRow {
+    id: Uuid,
+    payer_id: Uuid,
+    status: String,
+    auto_renew: bool,
+    current_period_start: Option<DateTime<Utc>>,
+    current_period_end: Option<DateTime<Utc>>,
+    grace_until: Option<DateTime<Utc>>,
+    code: String,
+    card_mask: Option<String>,
+}
+
+impl SubscriptionRow {
+    fn view(self) -> Result<SubscriptionView> {
+        Ok(SubscriptionView {
+            id: self.id,
+            user_id: self.payer_id,
+            tariff: self.code,
+            status: SubscriptionStatus::parse(&self.status)?,
+            auto_renew: self.auto_renew,
+            current_period_start: self.current_period_start,
+            current_period_end: self.current_period_end,
+            grace_until: self.grace_until,
+            card_mask: self.card_mask,
+        })
+    }
 }

@@ -1,17 +1,23 @@
-//! `billing-api`: the billing service's network front. Today it receives CloudPayments webhooks
-//! (`POST /webhooks/cloudpayments/{type}`) and answers `/healthz`; the gRPC API for the frontend
-//! and the auth service will be served here too.
+//! `billing-api`: the billing service's network front. The gRPC API (`billing.v1`, with health
+//! and reflection) on `BILLING_GRPC_BIND`; CloudPayments webhooks
+//! (`POST /webhooks/cloudpayments/{type}`), `/healthz` and `/metrics` on `BILLING_HTTP_BIND`.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::routing::get;
+use billing_tasks::BillingService;
 use billing_tasks::config::BillingArgs;
+use billing_tasks::grpc::api::BillingApi;
+use billing_tasks::grpc::config::GrpcArgs;
+use billing_tasks::grpc::metrics::GrpcMetrics;
 use billing_tasks::webhooks::{self, WebhookState};
 use clap::Parser;
+use prometheus_client::registry::Registry;
 use task_core::cli::{ConnectionArgs, parse_or_exit};
 
-/// Billing service front: CloudPayments webhooks.
+/// Billing service front: the gRPC API and CloudPayments webhooks.
 #[derive(Debug, Parser)]
 #[command(name = "billing-api", version)]
 struct Cli {
@@ -21,7 +27,10 @@ struct Cli {
     #[command(flatten)]
     billing: BillingArgs,
 
-    /// Address the HTTP server (webhooks, health) listens on.
+    #[command(flatten)]
+    grpc: GrpcArgs,
+
+    /// Address the HTTP server (webhooks, health, metrics) listens on.
     #[arg(long, env = "BILLING_HTTP_BIND", default_value = "127.0.0.1:8088")]
     http_bind: SocketAddr,
 }
@@ -30,20 +39,54 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli: Cli = parse_or_exit();
     task_core::telemetry::init(cli.connection.log_format);
+    let auth = cli.grpc.authenticator()?;
+    let tls = cli.grpc.tls()?;
     let tasks =
         task_core::Client::connect(&cli.connection.broker_url, &cli.connection.result_backend)
             .await?;
     let billing = cli.billing.connect(tasks).await?;
+
+    let mut registry = Registry::default();
+    let metrics = GrpcMetrics::register(&mut registry);
+    let registry = Arc::new(registry);
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut body = String::new();
+                    let _ = prometheus_client::encoding::text::encode(&mut body, &registry);
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            task_core::health::OPENMETRICS_CONTENT_TYPE,
+                        )],
+                        body,
+                    )
+                }
+            }),
+        )
         .merge(webhooks::router(WebhookState::new(
-            billing,
+            billing.clone(),
             cli.billing.api_secret()?,
         )));
-    let listener = tokio::net::TcpListener::bind(cli.http_bind).await?;
-    tracing::info!(bind = %cli.http_bind, "billing-api listening");
-    axum::serve(listener, app)
+    let http = tokio::net::TcpListener::bind(cli.http_bind).await?;
+    let grpc = tokio::net::TcpListener::bind(cli.grpc.grpc_bind).await?;
+    tracing::info!(http = %cli.http_bind, grpc = %cli.grpc.grpc_bind, tls = tls.is_some(), "billing-api listening");
+    let api = BillingApi::new(BillingService::new(billing.clone()), auth);
+    let grpc_server = tokio::spawn(billing_tasks::grpc::server::serve(
+        grpc,
+        api,
+        billing,
+        metrics,
+        tls,
+        task_core::shutdown::signal(),
+    ));
+    axum::serve(http, app)
         .with_graceful_shutdown(task_core::shutdown::signal())
         .await?;
+    grpc_server.await??;
     Ok(())
 }

@@ -1,0 +1,131 @@
+//! A real client no one here wrote: Python's grpcio, with stubs generated from our `.proto` files
+//! by grpcio-tools, runs the whole flow against the gRPC API, the fake gateway and a worker
+//! (`tests/python/grpc_flow.py`): payments without and with 3-D Secure (WatchPayment streaming to
+//! the final state), a decline, an abandoned challenge, a new card after a declined renewal,
+//! cancel and resume, a refund; plus grpc.health.v1 and reflection.
+
+mod billing_support;
+mod grpc_support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use billing_support::*;
+use billing_tasks::cloudpayments::fake;
+use billing_tasks::tasks::{EnqueueRenewals, ExpireSubscriptions};
+use grpc_support::GrpcFront;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use uuid::Uuid;
+
+fn python() -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let py = root.join(".venv/bin/python");
+    assert!(
+        py.exists(),
+        "run scripts/python-venv first (it installs grpcio and grpcio-tools into .venv)"
+    );
+    py
+}
+
+/// The renewal of `user`'s subscription is declined and its period runs out: past due.
+async fn renewal_declined(env: &Env, user: Uuid) {
+    let (_, _, end) = env.subscription_of(user).await;
+    env.clock.set(end.unwrap() - chrono::Duration::hours(12));
+    // Other users' subscriptions from earlier steps renew too (and succeed).
+    let out = env.run::<EnqueueRenewals>(()).await;
+    assert!(out["invoices"].as_u64() >= Some(1), "{out}");
+    eventually(
+        "the renewal to be declined",
+        Duration::from_secs(30),
+        || async {
+            let n = sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM payment p JOIN invoice i ON i.id = p.invoice_id
+                 WHERE i.payer_id = $1 AND i.kind = 'renewal' AND p.status = 'declined'",
+            )
+            .bind(user)
+            .fetch_one(&env.db)
+            .await
+            .unwrap();
+            (n == 1).then_some(())
+        },
+    )
+    .await;
+    env.clock.advance(chrono::Duration::hours(13));
+    let report = env.run::<ExpireSubscriptions>(()).await;
+    assert_eq!(report.past_due, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_grpcio_client_runs_the_whole_flow() {
+    let env = Env::start().await;
+    let front = GrpcFront::start(&env).await;
+    let users: Vec<(&str, Uuid)> = ["A", "B", "C", "D"]
+        .into_iter()
+        .map(|n| (n, Uuid::new_v4()))
+        .collect();
+    let mut cmd = tokio::process::Command::new(python());
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/grpc_flow.py"
+    ))
+    .env("PROTO_DIR", concat!(env!("CARGO_MANIFEST_DIR"), "/proto"))
+    .env("BILLING_GRPC_TARGET", front.addr.to_string())
+    .env("CRYPTO_OK", fake::test_cryptogram(CARD_OK, EXP))
+    .env("CRYPTO_3DS", fake::test_cryptogram(CARD_3DS_OK, EXP))
+    .env("CRYPTO_NSF", fake::test_cryptogram(CARD_NSF, EXP))
+    .env(
+        "CRYPTO_TOKEN_NSF",
+        fake::test_cryptogram(CARD_TOKEN_NSF, EXP),
+    )
+    .env("PA_RES_OK", fake::PA_RES_OK)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit())
+    .kill_on_drop(true);
+    for (name, user) in &users {
+        cmd.env(format!("TOKEN_{name}"), front.key.token_for(*user, 3600));
+    }
+    let mut child = cmd.spawn().expect("python runs");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut result = None;
+    let run = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            println!("python: {line}");
+            if let Some(rest) = line.strip_prefix("NEED ") {
+                let (step, who) = rest.split_once(' ').unwrap();
+                let user = users.iter().find(|(n, _)| *n == who).unwrap().1;
+                match step {
+                    "renewal_declined" => renewal_declined(&env, user).await,
+                    other => panic!("unknown step {other}"),
+                }
+                stdin.write_all(b"OK\n").await.unwrap();
+                stdin.flush().await.unwrap();
+            } else if let Some(json) = line.strip_prefix("RESULT ") {
+                result = Some(serde_json::from_str::<serde_json::Value>(json).unwrap());
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(240), run)
+        .await
+        .expect("the Python flow finishes in 4 minutes");
+    let status = child.wait().await.unwrap();
+    assert!(status.success(), "the Python client failed: {status}");
+    let result = result.expect("the Python client printed its RESULT");
+    println!("{result:#}");
+    assert_eq!(result["health"], "SERVING");
+
+    // The calls were counted by method and code.
+    let metrics = front.metrics_text();
+    assert!(
+        metrics.contains(
+            r#"billing_grpc_requests_total{method="billing.v1.Billing/StartSubscription",code="Ok"}"#
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"code="InvalidArgument""#), "{metrics}");
+    assert!(metrics.contains("billing_grpc_request_duration_seconds_bucket"));
+    env.assert_ledger_matches_gateway().await;
+    front.stop().await;
+    env.stop().await;
+}
