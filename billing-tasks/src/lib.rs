@@ -17,6 +17,7 @@ pub mod charging;
 pub mod cloudpayments;
 pub mod config;
 pub mod context;
+pub mod daily_reconciliation;
 pub mod db;
 pub mod domain;
 pub mod error;

@@ -13,6 +13,7 @@
 //! | `billing.refund` | refund_id | one refund at the gateway |
 //! | `billing.reconcile_payments` | – | unknown outcomes, stale 3-D Secure, lost charge tasks |
 //! | `billing.reconcile_refunds` | – | refunds whose task was lost or whose outcome is unknown |
+//! | `billing.reconcile_day` | day (optional) | the gateway's operations of a day (yesterday) against the ledger |
 //! | `billing.purge_cryptograms` | – | cryptograms never used in time are wiped |
 //! | `billing.deliver_outbox` | – | role changes and notifications, with retries |
 
@@ -27,6 +28,7 @@ use uuid::Uuid;
 
 use crate::charging::{self, Step};
 use crate::context::Billing;
+use crate::daily_reconciliation;
 use crate::error::BillingError;
 use crate::outbox::{self, OutboxTarget};
 use crate::reconcile;
@@ -49,6 +51,7 @@ pub fn register(registry: &mut Registry, billing: Billing, outbox: Option<Arc<dy
         .register(Refund(billing.clone()))
         .register(ReconcilePayments(billing.clone()))
         .register(ReconcileRefunds(billing.clone()))
+        .register(ReconcileDay(billing.clone()))
         .register(PurgeCryptograms(billing.clone()))
         .register(DeliverOutbox(billing, outbox));
 }
@@ -453,6 +456,41 @@ impl Task for ReconcileRefunds {
         )
         .await?;
         Ok(json!({"enqueued": enqueued}))
+    }
+}
+
+/// The day to reconcile; unset, yesterday (UTC).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DayArgs {
+    /// The day, `YYYY-MM-DD`.
+    #[serde(default)]
+    pub day: Option<chrono::NaiveDate>,
+}
+
+/// `billing.reconcile_day(day=None)`: the gateway's operations of a day compared with the ledger.
+#[derive(Debug, Clone)]
+pub struct ReconcileDay(pub Billing);
+
+impl Task for ReconcileDay {
+    const NAME: &'static str = "billing.reconcile_day";
+    type Args = DayArgs;
+    type Output = daily_reconciliation::DayReport;
+
+    fn options() -> TaskOptions {
+        options()
+    }
+
+    async fn run(
+        &self,
+        _ctx: TaskContext,
+        a: DayArgs,
+    ) -> Result<daily_reconciliation::DayReport, TaskError> {
+        let day = a
+            .day
+            .unwrap_or_else(|| (self.0.now() - chrono::Duration::days(1)).date_naive());
+        daily_reconciliation::reconcile_day(&self.0, day)
+            .await
+            .map_err(task_error)
     }
 }
 

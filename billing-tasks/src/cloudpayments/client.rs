@@ -242,6 +242,27 @@ impl Client {
             .into_lookup()
     }
 
+    /// Every operation (payments and refunds, any status) created on `date`, a day in UTC
+    /// (`/payments/list`), for the daily reconciliation.
+    pub async fn list(&self, date: chrono::NaiveDate) -> Result<Vec<Transaction>, GatewayError> {
+        #[derive(Serialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct ListBody {
+            date: String,
+            time_zone: &'static str,
+        }
+        self.call(
+            "/payments/list",
+            &ListBody {
+                date: date.format("%Y-%m-%d").to_string(),
+                time_zone: "UTC",
+            },
+            None,
+        )
+        .await?
+        .into_list()
+    }
+
     /// Sends one call and reads the envelope, mapping HTTP-level failures to [`GatewayError`].
     async fn call<B: Serialize>(
         &self,

@@ -17,6 +17,8 @@ pub(crate) struct Envelope {
     pub message: Option<String>,
     /// `Model`, when it is an object.
     pub model: Option<Fields>,
+    /// `Model`, when it is an array of objects (lists).
+    pub models: Option<Vec<Fields>>,
 }
 
 fn malformed(detail: impl Into<String>) -> GatewayError {
@@ -44,7 +46,20 @@ impl Envelope {
             success,
             message: f.text("Message").filter(|m| !m.trim().is_empty()),
             model: f.object("Model"),
+            models: f.objects("Model"),
         })
+    }
+
+    /// A list answer (`payments/list`): its transactions.
+    pub(crate) fn into_list(self) -> Result<Vec<Transaction>, GatewayError> {
+        if !self.success {
+            return Err(self.into_failure());
+        }
+        self.models
+            .unwrap_or_default()
+            .iter()
+            .map(|m| Transaction::from_fields(m).map_err(bad_field))
+            .collect()
     }
 
     fn request_error(message: String) -> GatewayError {

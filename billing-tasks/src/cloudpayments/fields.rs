@@ -160,6 +160,22 @@ impl Fields {
     }
 
     /// A nested object.
+    /// The objects of an array field (non-objects skipped); `None` if it is not an array.
+    pub(crate) fn objects(&self, key: &str) -> Option<Vec<Fields>> {
+        match self.value(key)? {
+            Value::Array(items) => Some(
+                items
+                    .iter()
+                    .filter_map(|v| match v {
+                        Value::Object(o) => Some(Fields::from_object(o.clone())),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        }
+    }
+
     pub(crate) fn object(&self, key: &str) -> Option<Fields> {
         match self.value(key)? {
             Value::Object(o) => Some(Fields::from_object(o.clone())),

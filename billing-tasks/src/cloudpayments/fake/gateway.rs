@@ -51,10 +51,11 @@ pub(crate) enum Op {
     Get,
     Find,
     FindV2,
+    List,
 }
 
 impl Op {
-    pub(crate) const ALL: [Op; 12] = [
+    pub(crate) const ALL: [Op; 13] = [
         Op::Test,
         Op::CardsCharge,
         Op::CardsAuth,
@@ -67,6 +68,7 @@ impl Op {
         Op::Get,
         Op::Find,
         Op::FindV2,
+        Op::List,
     ];
 
     pub(crate) fn path(self) -> &'static str {
@@ -83,6 +85,7 @@ impl Op {
             Op::Get => "/payments/get",
             Op::Find => "/payments/find",
             Op::FindV2 => "/v2/payments/find",
+            Op::List => "/payments/list",
         }
     }
 
@@ -257,6 +260,7 @@ impl Gateway {
             Op::Get => self.get(terminal, fields),
             Op::Find => self.find(terminal, fields, false),
             Op::FindV2 => self.find(terminal, fields, true),
+            Op::List => self.list(terminal, fields),
         };
         result.unwrap_or_else(|message| responses::request_error(&message))
     }
@@ -683,6 +687,17 @@ impl Gateway {
             .filter(|t| t.public_id == terminal.config.public_id)
             .ok_or(NOT_FOUND)?;
         Ok(responses::transaction(txn, TERMINAL_URL))
+    }
+
+    /// `/payments/list`: the terminal's operations created on `Date` (UTC; other time zones are
+    /// not emulated), oldest first.
+    fn list(&self, terminal: &Terminal, fields: &Fields) -> Result<Bytes, Refusal> {
+        let date = fields.text("Date").ok_or_else(|| required("Date"))?;
+        let date = chrono::NaiveDate::parse_from_str(date.trim(), "%Y-%m-%d")
+            .map_err(|_| invalid("Date"))?;
+        let ledger = self.ledger();
+        let txns = ledger.created_on(&terminal.config.public_id, date);
+        Ok(responses::transactions(&txns, TERMINAL_URL))
     }
 
     fn find(&self, terminal: &Terminal, fields: &Fields, any_kind: bool) -> Result<Bytes, Refusal> {

@@ -245,6 +245,17 @@ impl Ledger {
     }
 
     /// Every transaction, oldest first.
+    /// A terminal's transactions created on `date` (UTC), oldest first.
+    pub(crate) fn created_on(&self, public_id: &str, date: chrono::NaiveDate) -> Vec<&Txn> {
+        let mut txns: Vec<&Txn> = self
+            .txns
+            .values()
+            .filter(|t| t.public_id == public_id && t.created.date_naive() == date)
+            .collect();
+        txns.sort_by_key(|t| t.id);
+        txns
+    }
+
     pub(crate) fn all(&self) -> Vec<FakeTransaction> {
         let mut all: Vec<_> = self.txns.values().map(|t| self.snapshot(t)).collect();
         all.sort_by_key(|t| t.id);

@@ -50,6 +50,15 @@ pub(crate) fn transaction(txn: &Txn, terminal_url: &str) -> Bytes {
     to_bytes(Some(TransactionModel::of(txn, terminal_url)), success, None)
 }
 
+/// A list answer: `{"Model":[…],"Success":true,"Message":null}`.
+pub(crate) fn transactions(txns: &[&Txn], terminal_url: &str) -> Bytes {
+    let models: Vec<TransactionModel<'_>> = txns
+        .iter()
+        .map(|t| TransactionModel::of(t, terminal_url))
+        .collect();
+    to_bytes(Some(models), true, None)
+}
+
 /// The refund answer: `{"Model":{"TransactionId":N},"Success":true,"Message":null}`.
 pub(crate) fn refund(id: i64) -> Bytes {
     #[derive(Serialize)]
