@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::caller::{Authenticator, Caller, Scope};
 use super::proto::billing::v1 as pb;
-use super::status::{from_billing, invalid};
+use super::status::{Violations, from_billing, invalid};
 use super::timestamp;
 use crate::domain::{PaymentStatus, RefundStatus, SubscriptionStatus};
 use crate::money::Money;
@@ -74,6 +74,29 @@ fn uuid_field(field: &str, value: &str) -> Result<Uuid, Status> {
             ),
         )
     })
+}
+
+/// Text fields never carry control characters (PostgreSQL refuses NUL outright, and none of them
+/// has a use for the others).
+fn printable(v: &mut Violations, field: &str, value: &str) {
+    if value.chars().any(char::is_control) {
+        v.add(field, "must not contain control characters");
+    }
+}
+
+/// A tariff is named by its code (`monthly`) or its id.
+fn tariff_field(v: &mut Violations, value: &str) {
+    let code = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !code && Uuid::parse_str(value).is_err() {
+        v.add(
+            "tariff",
+            "must be a tariff code (lowercase letters, digits, `-`, `_`) or a tariff id",
+        );
+    }
 }
 
 fn optional(s: String) -> Option<String> {
@@ -210,6 +233,12 @@ impl pb::billing_server::Billing for BillingApi {
     ) -> Result<Response<pb::Payment>, Status> {
         let user = self.caller(&request, Scope::Write)?.user();
         let r = request.into_inner();
+        let mut v = Violations::default();
+        tariff_field(&mut v, &r.tariff);
+        printable(&mut v, "email", &r.email);
+        printable(&mut v, "cardholder_name", &r.cardholder_name);
+        printable(&mut v, "idempotency_key", &r.idempotency_key);
+        v.check()?;
         let view = self
             .service
             .start_subscription(StartSubscription {
@@ -453,6 +482,10 @@ impl pb::billing_server::Billing for BillingApi {
     ) -> Result<Response<pb::Payment>, Status> {
         let user = self.caller(&request, Scope::Write)?.user();
         let r = request.into_inner();
+        let mut v = Violations::default();
+        printable(&mut v, "cardholder_name", &r.cardholder_name);
+        printable(&mut v, "idempotency_key", &r.idempotency_key);
+        v.check()?;
         let view = self
             .service
             .update_payment_method(UpdatePaymentMethod {
@@ -472,6 +505,9 @@ impl pb::billing_server::Billing for BillingApi {
         request: Request<pb::ChangeTariffRequest>,
     ) -> Result<Response<pb::Subscription>, Status> {
         let user = self.caller(&request, Scope::Write)?.user();
+        let mut v = Violations::default();
+        tariff_field(&mut v, &request.get_ref().tariff);
+        v.check()?;
         let view = self
             .service
             .change_tariff(user, &request.get_ref().tariff)
@@ -493,6 +529,10 @@ impl pb::billing_server::Billing for BillingApi {
         if r.idempotency_key.is_empty() || r.idempotency_key.len() > 200 {
             return Err(invalid("idempotency_key", "must be 1 to 200 characters"));
         }
+        let mut v = Violations::default();
+        printable(&mut v, "reason", &r.reason);
+        printable(&mut v, "idempotency_key", &r.idempotency_key);
+        v.check()?;
         let refund = self
             .service
             .request_refund(RefundRequest {
