@@ -986,7 +986,7 @@ impl BillingService {
     }
 
     /// Switches the payer's live subscription to `tariff` from its next renewal (the renewal
-    /// invoice takes the new tariff's price and period, see migration 0006). Choosing the current
+    /// invoice takes the new tariff's price and period, see migration 0007). Choosing the current
     /// tariff cancels a pending change.
     pub async fn change_tariff(&self, user_id: Uuid, tariff: &str) -> Result<SubscriptionView> {
         if tariff.is_empty() || tariff.len() > 64 {
