@@ -58,6 +58,19 @@ return 0
     )
 });
 
+/// INCR that sets the expiry on the first count. KEYS: counter; ARGV: ttl in ms.
+static COUNT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return n
+",
+    )
+});
+
 impl Coordinator {
     /// Claims the idempotency key `key` for `ttl`: `true` for the first caller, `false` for every
     /// later one until `ttl` has passed (or [`unclaim`] was called).
@@ -86,6 +99,32 @@ impl Coordinator {
                 s.once
                     .insert(key.to_owned(), now + Duration::from_millis(millis(ttl)));
                 Ok(true)
+            }
+        }
+    }
+
+    /// Adds one to the counter `key` and returns its new value; the counter disappears `ttl`
+    /// after it was first counted. The worker counts deliveries of a message with it.
+    pub async fn count(&self, key: &str, ttl: Duration) -> Result<u64> {
+        match self {
+            Coordinator::Redis(r) => {
+                let n: u64 = COUNT
+                    .key(r.keyed("count", key))
+                    .arg(millis(ttl))
+                    .invoke_async(&mut r.conn())
+                    .await?;
+                Ok(n)
+            }
+            Coordinator::Memory(m) => {
+                let now = Instant::now();
+                let mut s = m.state();
+                s.counters.retain(|_, (_, until)| *until > now);
+                let entry = s
+                    .counters
+                    .entry(key.to_owned())
+                    .or_insert((0, now + Duration::from_millis(millis(ttl))));
+                entry.0 += 1;
+                Ok(entry.0)
             }
         }
     }

@@ -38,6 +38,8 @@ pub(super) struct State {
     pub(super) once: HashMap<String, Instant>,
     /// Lock key → (value `<token>:<fence>`, expiry).
     pub(super) locks: HashMap<String, (String, Instant)>,
+    /// Counter key → (count, expiry).
+    pub(super) counters: HashMap<String, (u64, Instant)>,
     /// Lock key → last fencing number.
     pub(super) fences: HashMap<String, u64>,
 }
@@ -54,6 +56,7 @@ impl Default for State {
             once: HashMap::new(),
             locks: HashMap::new(),
             fences: HashMap::new(),
+            counters: HashMap::new(),
         }
     }
 }

@@ -17,6 +17,7 @@ use super::flow::{self, Admission};
 use super::requests::{Phase, RequestInfo, Tracked};
 use crate::backend::{ExceptionInfo, ResultBackend, TaskMeta, TaskState};
 use crate::broker::{Broker, Delivery};
+use crate::canvas::tracer as canvas;
 use crate::error::{Error, Result};
 use crate::events::repr;
 use crate::metrics::{Outcome as Metric, UNREGISTERED_TASK};
@@ -127,11 +128,13 @@ async fn run_task(
         .events
         .task("task-received", &id, received_fields(&request));
 
-    if delivery.redelivered
-        && let Ok(Some(meta)) = state.backend().get(&id).await
+    // Duplicates also arrive without the redelivered flag (a retry whose ack was lost, a publish
+    // retried after a lost confirm, the delay queues' at-least-once dead-lettering), so every
+    // delivery is checked against the stored result.
+    if let Ok(Some(meta)) = state.backend().get(&id).await
         && meta.status.is_ready()
     {
-        tracing::info!(state = %meta.status, "redelivered task already finished; acknowledging");
+        tracing::info!(state = %meta.status, redelivered = delivery.redelivered, "task already finished; acknowledging the duplicate");
         state.stats.duplicates.fetch_add(1, Ordering::Relaxed);
         return settle(delivery, true).await;
     }
@@ -201,6 +204,23 @@ async fn run_task(
         return revoke(&state, delivery, &request, Revoked::Expired).await;
     }
 
+    if delivery.redelivered
+        && let Some(n) = poisoned(&state, message).await
+    {
+        drop(tracked);
+        let exc = ExceptionInfo::new(
+            "celery.exceptions",
+            "WorkerLostError",
+            format!("started {n} times without finishing"),
+        );
+        return dead_letter(
+            &state,
+            delivery,
+            &format!("started {n} times without finishing: a poison message (it crashes or wedges the worker)"),
+            exc,
+        )
+        .await;
+    }
     let started = state.config.clock.now();
     tracked.set(Phase::Active(crate::events::unix_now()));
     state
@@ -268,10 +288,22 @@ async fn run_task(
             fields.insert("result".into(), repr::repr(&value).into());
             fields.insert("runtime".into(), json!(runtime.as_secs_f64()));
             state.events.task("task-succeeded", &id, fields);
+            // Celery's tracer: callbacks and the next chain step go out before the result is
+            // stored, and what was sent becomes `children`.
+            let children = match canvas::on_success(&state.client, message, &value).await {
+                Ok(children) => children,
+                Err(e) => {
+                    tracing::error!(error = %e, "could not send the callbacks or the next chain step; requeueing");
+                    return settle(delivery, false).await;
+                }
+            };
+            let mut meta = base_meta(&state, &request, &delivery.queue, TaskState::Success, value);
+            meta.children = Value::Array(children);
             if ignore_result {
+                canvas::after_store(&state.client, message, &meta).await;
                 return settle(delivery, true).await;
             }
-            base_meta(&state, &request, &delivery.queue, TaskState::Success, value)
+            meta
         }
         Outcome::Returned(Err(TaskError::Retry { reason, after })) => {
             match retry(&state, &delivery, &request, &options, &reason, after).await {
@@ -294,7 +326,7 @@ async fn run_task(
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "could not schedule the retry; requeueing");
-                    return settle(delivery, false).await;
+                    return requeue_after_failure(&state, delivery, "the retry publish").await;
                 }
             }
         }
@@ -355,7 +387,10 @@ async fn run_task(
         store(&state, &meta).await
     };
     match stored {
-        Ok(()) => settle(delivery, true).await,
+        Ok(()) => {
+            canvas::after_store(&state.client, message, &meta).await;
+            settle(delivery, true).await
+        }
         // The next attempt is already published: requeueing this one would run the task twice,
         // and a RETRY state is only informational.
         Err(e) if meta.status == TaskState::Retry => {
@@ -556,21 +591,77 @@ fn base_meta(
     meta
 }
 
-/// Stores a state, retrying for a while if the backend is unreachable.
+/// Stores a state, retrying with back-off for as long as the backend is unreachable.
+///
+/// The delivery is held meanwhile: giving it back would run the task again, and while the
+/// backend is down the redelivery could not even tell that it already ran. A shutdown ends the
+/// wait at its deadline (the run is abandoned and the message redelivered).
 async fn store(state: &State, meta: &TaskMeta) -> Result<()> {
     let mut backoff = Duration::from_millis(100);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut failures = 0u32;
     loop {
         match state.backend().store(meta).await {
-            Ok(_) => return Ok(()),
-            Err(e) if tokio::time::Instant::now() + backoff < deadline => {
+            Ok(_) => {
+                if failures > 0 {
+                    tracing::info!(task_id = %meta.task_id, failures, "result stored after the backend came back");
+                }
+                return Ok(());
+            }
+            Err(e) => {
+                failures += 1;
                 tracing::warn!(task_id = %meta.task_id, error = %e, "result backend unavailable; retrying in {backoff:?}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
-            Err(e) => return Err(e),
         }
     }
+}
+
+/// Started executions of a message a redelivery may have before it is dead-lettered as poison.
+pub(crate) const MAX_STARTS: u64 = 5;
+
+/// Counts a start of a redelivered message; `Some(n)` when it has started too often.
+async fn poisoned(state: &State, message: &TaskMessage) -> Option<u64> {
+    let key = format!("starts:{}:{}", message.headers.id, message.headers.retries);
+    match state
+        .coordinator
+        .count(&key, Duration::from_secs(24 * 3600))
+        .await
+    {
+        Ok(n) if n > MAX_STARTS => Some(n),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot count deliveries");
+            None
+        }
+    }
+}
+
+/// Gives a message back after a failure of ours (a publish the broker refused or could not
+/// take), waiting first so the next delivery does not fail the same way at once, and
+/// dead-letters it after [`MAX_REQUEUES`] such failures instead of cycling for ever.
+async fn requeue_after_failure(state: &State, delivery: Delivery, what: &str) {
+    const MAX_REQUEUES: u64 = 10;
+    let id = delivery.message.task_id().unwrap_or("").to_owned();
+    let n = state
+        .coordinator
+        .count(&format!("requeues:{id}"), Duration::from_secs(24 * 3600))
+        .await
+        .unwrap_or(1);
+    if n > MAX_REQUEUES {
+        let exc = ExceptionInfo::new("celery.exceptions", "Reject", what.to_owned());
+        let reason = format!("{what} failed {n} times");
+        return dead_letter(state, delivery, &reason, exc).await;
+    }
+    let wait = Duration::from_millis(100u64 << n.min(7));
+    tracing::warn!(
+        what,
+        attempt = n,
+        ?wait,
+        "giving the message back after a failure"
+    );
+    let _ = wait_or_stop(state, tokio::time::sleep(wait)).await;
+    settle(delivery, false).await
 }
 
 async fn settle(delivery: Delivery, ack: bool) {
@@ -656,7 +747,7 @@ async fn defer(state: &State, delivery: Delivery, wait: Duration) {
         }
         Err(e) => {
             tracing::error!(error = %e, "could not defer a message; requeueing");
-            settle(delivery, false).await
+            requeue_after_failure(state, delivery, "the deferral").await
         }
     }
 }
@@ -739,7 +830,9 @@ async fn dead_letter(state: &State, delivery: Delivery, reason: &str, exc: Excep
         .dead_letter(&delivery.queue, &delivery.message, reason)
         .await
     {
-        tracing::error!(error = %e, "could not dead-letter; requeueing");
+        tracing::error!(error = %e, "could not dead-letter; requeueing in a second");
+        // Not at once: the next delivery would most likely fail the same way.
+        let _ = wait_or_stop(state, tokio::time::sleep(Duration::from_secs(1))).await;
         return settle(delivery, false).await;
     }
     state.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
