@@ -53,6 +53,17 @@ pub fn router(state: WebhookState) -> Router {
         .with_state(state)
 }
 
+/// Serves the receiver on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: WebhookState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
 fn answer(status: StatusCode, body: Value) -> Response {
     (
         status,
