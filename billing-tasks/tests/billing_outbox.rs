@@ -216,3 +216,45 @@ async fn a_retried_revoke_never_lands_after_the_next_grant() {
     );
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_outbox_url_the_task_keeps_messages_pending() {
+    let env = Env::start().await;
+    env.subscribe(Uuid::new_v4(), CARD_OK).await;
+    let report = env.run::<billing_tasks::tasks::DeliverOutbox>(()).await;
+    assert_eq!(report, outbox::DeliveryReport::default());
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM outbox WHERE status = 'pending' AND attempts = 0")
+            .await,
+        2,
+        "kept, untouched, for when OUTBOX_URL is set"
+    );
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deliver_outbox_task_posts_to_the_outbox_url() {
+    let (url, got) = flaky_target(0).await;
+    let env = Env::start_with(Options {
+        outbox_url: Some(url),
+        ..Options::default()
+    })
+    .await;
+    let user = Uuid::new_v4();
+    env.subscribe(user, CARD_OK).await;
+    let report = env.run::<billing_tasks::tasks::DeliverOutbox>(()).await;
+    assert_eq!((report.delivered, report.retrying, report.dead), (2, 0, 0));
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM outbox WHERE status = 'delivered'")
+            .await,
+        2
+    );
+    let got = got.lock().unwrap().clone();
+    assert!(
+        got.iter().any(|(_, m)| m["topic"] == "auth.grant"
+            && m["payload"]["user_id"] == user.to_string()
+            && m["user_seq"].as_i64().is_some()),
+        "{got:?}"
+    );
+    env.stop().await;
+}

@@ -298,3 +298,133 @@ async fn an_approval_of_another_amount_or_account_activates_nothing() {
     );
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fail_notification_declines_the_attempt_it_names() {
+    use billing_tasks::domain::{PaymentStatus, SubscriptionStatus};
+    let env = Env::start().await;
+    let user = Uuid::new_v4();
+    let p = env
+        .service
+        .start_subscription(env.start_request(user, CARD_3DS_OK))
+        .await
+        .unwrap();
+    let p = env.settled(user, p.id).await;
+    let txn = p.challenge.unwrap().transaction_id;
+    let invoice = env.invoice_ids(user, "initial").await[0];
+    let body = format!(
+        "TransactionId={txn}&Amount=299.00&Currency=RUB&InvoiceId={invoice}&AccountId={user}&DateTime=2026-11-27+10%3a00%3a00&Status=Declined&ReasonCode=5051&Reason=InsufficientFunds&TestMode=1"
+    );
+    let (status, answer) = post(&env, "fail", &body, signed(&body)).await;
+    assert_eq!((status, answer.as_str()), (200, r#"{"code":0}"#));
+    let p = env.service.get_payment(user, p.id).await.unwrap();
+    assert_eq!(p.status, PaymentStatus::Declined);
+    assert_eq!(p.reason_code, Some(5051));
+    assert_eq!(
+        env.service.get_subscription(user).await.unwrap().status,
+        SubscriptionStatus::Pending
+    );
+    let actor = sqlx::query_scalar::<_, String>(
+        "SELECT actor FROM status_history WHERE entity = 'payment' AND entity_id = $1 AND to_status = 'declined'",
+    )
+    .bind(p.id)
+    .fetch_one(&env.db)
+    .await
+    .unwrap();
+    assert_eq!(actor, "webhook");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_notification_of_a_known_refund_changes_nothing_and_a_foreign_one_is_reported() {
+    use billing_tasks::ledger::topic;
+    use billing_tasks::refunds::{RefundRequest, Requester};
+    let env = Env::start().await;
+    let user = Uuid::new_v4();
+    let p = env.subscribe(user, CARD_OK).await;
+    let payment_txn =
+        sqlx::query_scalar::<_, i64>("SELECT gateway_transaction_id FROM payment WHERE id = $1")
+            .bind(p.id)
+            .fetch_one(&env.db)
+            .await
+            .unwrap();
+    let r = env
+        .service
+        .request_refund(RefundRequest {
+            payment_id: p.id,
+            reason: "changed my mind".into(),
+            requested_by: Requester::User(user),
+            idempotency_key: Uuid::new_v4().to_string(),
+        })
+        .await
+        .unwrap();
+    eventually("the refund", std::time::Duration::from_secs(20), || async {
+        let s = sqlx::query_scalar::<_, String>("SELECT status FROM refund WHERE id = $1")
+            .bind(r.id)
+            .fetch_one(&env.db)
+            .await
+            .unwrap();
+        (s == "succeeded").then_some(())
+    })
+    .await;
+    let refund_txn =
+        sqlx::query_scalar::<_, i64>("SELECT gateway_transaction_id FROM refund WHERE id = $1")
+            .bind(r.id)
+            .fetch_one(&env.db)
+            .await
+            .unwrap();
+    // The gateway's own Refund notification for it changes nothing more.
+    let body = format!(
+        "TransactionId={refund_txn}&PaymentTransactionId={payment_txn}&Amount={}.{:02}&DateTime=2026-11-27+10%3a00%3a00&OperationType=Refund",
+        r.amount.minor / 100,
+        r.amount.minor % 100
+    );
+    let (status, _) = post(&env, "refund", &body, signed(&body)).await;
+    assert_eq!(status, 200);
+    // A refund made in the gateway's dashboard, unknown to billing, goes to accounting.
+    let body = format!(
+        "TransactionId=8800000001&PaymentTransactionId={payment_txn}&Amount=1.00&DateTime=2026-11-27+10%3a00%3a00&OperationType=Refund"
+    );
+    let (status, answer) = post(&env, "refund", &body, signed(&body)).await;
+    assert_eq!((status, answer.as_str()), (200, r#"{"code":0}"#));
+    let outcome = sqlx::query_scalar::<_, Option<String>>(
+        "SELECT outcome FROM gateway_event WHERE kind = 'refund' AND gateway_transaction_id = 8800000001",
+    )
+    .fetch_one(&env.db)
+    .await
+    .unwrap();
+    assert_eq!(outcome.as_deref(), Some("unmatched refund"));
+    assert!(
+        env.outbox(topic::ACCOUNTING_ATTENTION)
+            .await
+            .iter()
+            .any(|m| m["refund_transaction_id"] == 8_800_000_001_i64),
+        "accounting is told"
+    );
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM refund").await,
+        1,
+        "nothing was invented in the ledger"
+    );
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recurrent_notification_is_recorded_and_acknowledged() {
+    let env = Env::start().await;
+    let before = ledger_fingerprint(&env).await;
+    let body = "Id=sc_8cf8a9338fb8ebf7202b08d09c938&AccountId=user%40example.com&Description=Subscription&Email=user%40example.com&Amount=1.02&Currency=RUB&RequireConfirmation=0&StartDate=2026-11-27+10%3a00%3a00&Interval=Month&Period=1&Status=Active&SuccessfulTransactionsNumber=0&FailedTransactionsNumber=0";
+    let (status, answer) = post(&env, "recurrent", body, signed(body)).await;
+    assert_eq!((status, answer.as_str()), (200, r#"{"code":0}"#));
+    assert_eq!(
+        env.scalar_i64(
+            "SELECT count(*) FROM gateway_event WHERE kind = 'recurrent' AND processed_at IS NOT NULL AND outcome = 'recorded'"
+        )
+        .await,
+        1
+    );
+    let mut after = ledger_fingerprint(&env).await;
+    after[1] -= 1; // the recorded notification itself
+    assert_eq!(before, after, "nothing else changed");
+    env.stop().await;
+}

@@ -110,6 +110,8 @@ pub struct Options {
     /// Whether the fake sends its notifications to our receiver; without them only the worker's
     /// own calls and lookups can settle anything.
     pub webhooks: bool,
+    /// Where the worker's `billing.deliver_outbox` posts (`OUTBOX_URL`); unset: nowhere.
+    pub outbox_url: Option<String>,
 }
 
 impl Default for Options {
@@ -127,6 +129,7 @@ impl Default for Options {
             run_worker: true,
             client_timeout: Duration::from_secs(2),
             webhooks: true,
+            outbox_url: None,
         }
     }
 }
@@ -151,6 +154,7 @@ pub struct Env {
     webhook_server: tokio::task::JoinHandle<()>,
     /// Messages the test means to dead-letter (bad input); any other one fails the test.
     expected_dead_letters: u64,
+    outbox_target: Option<Arc<dyn billing_tasks::outbox::OutboxTarget>>,
 }
 
 impl Env {
@@ -215,6 +219,10 @@ impl Env {
             worker: None,
             webhook_server,
             expected_dead_letters: 0,
+            outbox_target: opts.outbox_url.as_deref().map(|url| {
+                Arc::new(billing_tasks::outbox::HttpTarget::new(url).expect("an outbox URL"))
+                    as Arc<dyn billing_tasks::outbox::OutboxTarget>
+            }),
         };
         if opts.run_worker {
             env.start_worker(broker, backend);
@@ -224,7 +232,11 @@ impl Env {
 
     pub fn start_worker(&mut self, broker: AmqpBroker, backend: RedisBackend) {
         let mut registry = Registry::new();
-        billing_tasks::tasks::register(&mut registry, self.billing.clone(), None);
+        billing_tasks::tasks::register(
+            &mut registry,
+            self.billing.clone(),
+            self.outbox_target.clone(),
+        );
         let config = WorkerConfig {
             queues: vec![self.queue.clone()],
             concurrency: 16,
