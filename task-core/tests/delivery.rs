@@ -257,3 +257,90 @@ async fn a_poison_message_is_dead_lettered_after_five_restarts() {
     }
     panic!("the poison message was never dead-lettered");
 }
+
+/// Runs for a while, counting its starts.
+#[derive(Clone, Default)]
+struct Slow {
+    starts: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl Task for Slow {
+    const NAME: &'static str = "test.slow";
+    type Args = (u64,);
+    type Output = u64;
+
+    async fn run(&self, _ctx: TaskContext, (ms,): (u64,)) -> Result<u64, TaskError> {
+        self.starts.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Ok(ms)
+    }
+}
+
+/// Closes this process's connections to RabbitMQ, as the broker does when a delivery outlives
+/// `consumer_timeout`: everything unacknowledged goes back to the queue.
+fn close_my_connections() -> usize {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "client_properties"])
+        .output()
+        .expect("rabbitmqctl");
+    // Our connections name themselves `task-core <pid>@<host>` in their client properties.
+    let mine = format!("\"connection_name\",\"task-core {}@", std::process::id());
+    let pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&mine))
+        .filter_map(|l| l.split('\t').next().map(str::to_owned))
+        .collect();
+    for pid in &pids {
+        let ok = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "close_connection", pid, "test: consumer_timeout"])
+            .status()
+            .expect("rabbitmqctl")
+            .success();
+        assert!(ok, "close_connection {pid}");
+    }
+    pids.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_redelivered_while_the_original_runs_is_not_started_again() {
+    let queue = common::unique_queue("consumer-timeout");
+    let broker = common::amqp().await;
+    let backend = common::redis().await;
+    let slow = Slow::default();
+    let mut registry = Registry::new();
+    registry.register(slow.clone());
+    let worker = Worker::new(
+        common::config(&queue),
+        registry,
+        broker.clone(),
+        backend.clone(),
+    );
+    let stats = worker.stats();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(worker.run(async {
+        let _ = stopped.await;
+    }));
+    let client = Client::new(broker.clone(), backend.clone()).with_default_queue(&queue);
+    let sent = client.task::<Slow>((3_000,)).send().await.unwrap();
+    common::eventually("the task to start", Duration::from_secs(20), || async {
+        (slow.starts.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    assert!(
+        close_my_connections() >= 1,
+        "no connection of this process found"
+    );
+    assert_eq!(sent.get(Duration::from_secs(30)).await.unwrap(), 3_000);
+    common::eventually(
+        "the copy to be settled",
+        Duration::from_secs(30),
+        || async { (stats.duplicates.load(Ordering::Relaxed) == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(slow.starts.load(Ordering::SeqCst), 1, "started twice");
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+    let broker = common::amqp().await;
+    assert_eq!(broker.queue_length(&queue).await.unwrap(), 0);
+    broker.delete_queue(&queue).await.unwrap();
+}

@@ -138,6 +138,21 @@ async fn run_task(
         state.stats.duplicates.fetch_add(1, Ordering::Relaxed);
         return settle(delivery, true).await;
     }
+    // A copy of a task this process is still running: its channel was closed under it (RabbitMQ's
+    // consumer_timeout, a lost connection) and everything unacknowledged came back. Wait for the
+    // original instead of running it a second time, then settle the copy by its result.
+    if delivery.redelivered && state.requests.running_elsewhere(&id, &tracked) {
+        tracing::warn!("a redelivered copy of a task still running here; waiting for the original");
+        while state.requests.running_elsewhere(&id, &tracked) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if let Ok(Some(meta)) = state.backend().get(&id).await
+            && meta.status.is_ready()
+        {
+            state.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            return settle(delivery, true).await;
+        }
+    }
     if state.revoked.contains(&id) {
         return revoke(&state, delivery, &request, Revoked::ById).await;
     }

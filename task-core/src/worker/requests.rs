@@ -130,6 +130,13 @@ impl Requests {
             .collect()
     }
 
+    /// Whether another request with this id is running here (or about to), other than `except`.
+    pub fn running_elsewhere(&self, id: &str, except: &Tracked) -> bool {
+        self.lock().iter().any(|(k, e)| {
+            *k != except.key && e.info.id == id && matches!(e.phase, Phase::Active(_))
+        })
+    }
+
     /// Asks the running requests with one of `ids` to stop; returns how many were running.
     pub fn terminate(&self, ids: &[String]) -> usize {
         let entries = self.lock();
