@@ -49,9 +49,15 @@ struct Cli {
     #[arg(long, short = 'c', env = "WORKER_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     concurrency: u16,
 
-    /// Messages taken from the broker ahead of running them (default: 4 × concurrency).
+    /// Messages taken from the broker ahead of running them (default: multiplier × concurrency).
     #[arg(long, env = "WORKER_PREFETCH", value_parser = clap::value_parser!(u16).range(1..))]
     prefetch: Option<u16>,
+
+    /// Messages taken ahead per concurrency slot when WORKER_PREFETCH is not set (Celery's
+    /// `worker_prefetch_multiplier`). Keep it low for long tasks: a prefetched message waits
+    /// unacknowledged, and RabbitMQ's `consumer_timeout` counts that wait.
+    #[arg(long, env = "WORKER_PREFETCH_MULTIPLIER", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    prefetch_multiplier: u16,
 
     /// Node name shown to Celery tools; %h expands to the host name. Default `celery@%h`, made
     /// unique per process when another node already answers to it.
@@ -172,9 +178,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         hostname,
         queues,
         concurrency,
-        prefetch: cli
-            .prefetch
-            .unwrap_or_else(|| task_core::worker::default_prefetch(concurrency)),
+        prefetch: cli.prefetch.unwrap_or_else(|| {
+            u16::try_from(concurrency * usize::from(cli.prefetch_multiplier)).unwrap_or(u16::MAX)
+        }),
         shutdown_timeout: Duration::from_secs(cli.shutdown_timeout),
         task_events: cli.task_events,
         revoke_ttl: Duration::from_secs(cli.revoke_ttl),
