@@ -13,7 +13,7 @@ use std::time::Duration;
 use billing_support::*;
 use billing_tasks::cloudpayments::fake;
 use billing_tasks::tasks::{EnqueueRenewals, ExpireSubscriptions};
-use grpc_support::GrpcFront;
+use grpc_support::{GrpcFront, SigningKey};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use uuid::Uuid;
 
@@ -55,10 +55,12 @@ async fn renewal_declined(env: &Env, user: Uuid) {
     assert_eq!(report.past_due, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_grpcio_client_runs_the_whole_flow() {
-    let env = Env::start().await;
-    let front = GrpcFront::start(&env).await;
+/// Runs the Python flow against `target` with tokens signed by `key`; returns its RESULT.
+async fn run_python(
+    env: &Env,
+    target: std::net::SocketAddr,
+    key: &SigningKey,
+) -> serde_json::Value {
     let users: Vec<(&str, Uuid)> = ["A", "B", "C", "D"]
         .into_iter()
         .map(|n| (n, Uuid::new_v4()))
@@ -69,7 +71,7 @@ async fn python_grpcio_client_runs_the_whole_flow() {
         "/tests/python/grpc_flow.py"
     ))
     .env("PROTO_DIR", concat!(env!("CARGO_MANIFEST_DIR"), "/proto"))
-    .env("BILLING_GRPC_TARGET", front.addr.to_string())
+    .env("BILLING_GRPC_TARGET", target.to_string())
     .env("CRYPTO_OK", fake::test_cryptogram(CARD_OK, EXP))
     .env("CRYPTO_3DS", fake::test_cryptogram(CARD_3DS_OK, EXP))
     .env("CRYPTO_NSF", fake::test_cryptogram(CARD_NSF, EXP))
@@ -83,7 +85,7 @@ async fn python_grpcio_client_runs_the_whole_flow() {
     .stderr(Stdio::inherit())
     .kill_on_drop(true);
     for (name, user) in &users {
-        cmd.env(format!("TOKEN_{name}"), front.key.token_for(*user, 3600));
+        cmd.env(format!("TOKEN_{name}"), key.token_for(*user, 3600));
     }
     let mut child = cmd.spawn().expect("python runs");
     let mut stdin = child.stdin.take().unwrap();
@@ -114,6 +116,14 @@ async fn python_grpcio_client_runs_the_whole_flow() {
     let result = result.expect("the Python client printed its RESULT");
     println!("{result:#}");
     assert_eq!(result["health"], "SERVING");
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_grpcio_client_runs_the_whole_flow() {
+    let env = Env::start().await;
+    let front = GrpcFront::start(&env).await;
+    run_python(&env, front.addr, &front.key).await;
 
     // The calls were counted by method and code.
     let metrics = front.metrics_text();
@@ -127,5 +137,70 @@ async fn python_grpcio_client_runs_the_whole_flow() {
     assert!(metrics.contains("billing_grpc_request_duration_seconds_bucket"));
     env.assert_ledger_matches_gateway().await;
     front.stop().await;
+    env.stop().await;
+}
+
+/// Picks a free loopback port.
+fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// The same flow against the `billing-api` binary itself, configured only through its
+/// environment, with the test's worker and fake gateway; its `/metrics` counts the calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_grpcio_client_runs_the_whole_flow_against_the_billing_api_binary() {
+    use billing_tasks::grpc::proto::billing::v1 as pb;
+    let env = Env::start().await;
+    let key = SigningKey::generate();
+    let key_file = std::env::temp_dir().join(format!("billing-jwt-{}.pem", Uuid::new_v4()));
+    std::fs::write(&key_file, &key.public_pem).unwrap();
+    let (grpc, http) = (free_addr(), free_addr());
+    let mut api = tokio::process::Command::new(env!("CARGO_BIN_EXE_billing-api"))
+        .env("DATABASE_URL", &env.db_url)
+        .env("CLOUDPAYMENTS_URL", env.fake.url())
+        .env("CLOUDPAYMENTS_PUBLIC_ID", PUBLIC_ID)
+        .env("CLOUDPAYMENTS_API_SECRET", API_SECRET)
+        .env("BILLING_QUEUE", &env.queue)
+        .env("BILLING_GRPC_BIND", grpc.to_string())
+        .env("BILLING_HTTP_BIND", http.to_string())
+        .env("BILLING_JWT_PUBLIC_KEYS", &key_file)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("billing-api starts");
+    let probe = key.token_for(Uuid::new_v4(), 600);
+    eventually("billing-api to answer", Duration::from_secs(30), || async {
+        let mut c = pb::billing_client::BillingClient::connect(format!("http://{grpc}"))
+            .await
+            .ok()?;
+        let mut r = tonic::Request::new(pb::ListTariffsRequest {});
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {probe}").parse().unwrap());
+        c.list_tariffs(r).await.ok()
+    })
+    .await;
+    run_python(&env, grpc, &key).await;
+    let metrics = reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            r#"billing_grpc_requests_total{method="billing.v1.Billing/WatchPayment",code="Ok"}"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"method="grpc.health.v1.Health/Check""#),
+        "{metrics}"
+    );
+    env.assert_ledger_matches_gateway().await;
+    api.kill().await.unwrap();
+    let _ = std::fs::remove_file(key_file);
     env.stop().await;
 }
