@@ -98,7 +98,7 @@ async fn run_python(
                 let (step, who) = rest.split_once(' ').unwrap();
                 let user = users.iter().find(|(n, _)| *n == who).unwrap().1;
                 match step {
-                    "renewal_declined" => renewal_declined(&env, user).await,
+                    "renewal_declined" => renewal_declined(env, user).await,
                     other => panic!("unknown step {other}"),
                 }
                 stdin.write_all(b"OK\n").await.unwrap();
