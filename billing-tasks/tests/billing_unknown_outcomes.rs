@@ -311,3 +311,72 @@ async fn a_refund_the_gateway_never_made_fails_after_the_replay_window() {
     );
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconcile_tasks_enqueue_charges_and_refunds_whose_tasks_were_lost() {
+    use billing_tasks::charging::{self, Step};
+    use billing_tasks::domain::PaymentStatus;
+    use billing_tasks::refunds::{RefundRequest, Requester};
+    use billing_tasks::tasks::ReconcileRefunds;
+    use task_core::Broker;
+
+    let mut env = Env::start_with(Options {
+        run_worker: false,
+        ..Options::default()
+    })
+    .await;
+    // A paid subscription whose refund task is lost, and a payment whose charge task is lost.
+    let paid_user = Uuid::new_v4();
+    let paid = env
+        .service
+        .start_subscription(env.start_request(paid_user, CARD_OK))
+        .await
+        .unwrap();
+    assert_eq!(
+        charging::charge_payment(&env.billing, paid.id)
+            .await
+            .unwrap(),
+        Step::Settled(PaymentStatus::Succeeded)
+    );
+    let refund = env
+        .service
+        .request_refund(RefundRequest {
+            payment_id: paid.id,
+            reason: "lost task".into(),
+            requested_by: Requester::User(paid_user),
+            idempotency_key: Uuid::new_v4().to_string(),
+        })
+        .await
+        .unwrap();
+    let user = Uuid::new_v4();
+    let lost = env
+        .service
+        .start_subscription(env.start_request(user, CARD_OK))
+        .await
+        .unwrap();
+    env.tasks.broker().delete_queue(&env.queue).await.unwrap();
+    env.start_worker(
+        task_core::AmqpBroker::connect(&amqp_url()).await.unwrap(),
+        task_core::RedisBackend::connect(&redis_url())
+            .await
+            .unwrap(),
+    );
+
+    env.clock.advance(Duration::minutes(2));
+    let report = env.run::<ReconcilePayments>(()).await;
+    assert_eq!(report.requeued, 1, "{report:?}");
+    let p = env.settled(user, lost.id).await;
+    assert_eq!(p.status, PaymentStatus::Succeeded);
+    let out = env.run::<ReconcileRefunds>(()).await;
+    assert_eq!(out["enqueued"], 1, "{out}");
+    eventually("the refund", std::time::Duration::from_secs(20), || async {
+        let s = sqlx::query_scalar::<_, String>("SELECT status FROM refund WHERE id = $1")
+            .bind(refund.id)
+            .fetch_one(&env.db)
+            .await
+            .unwrap();
+        (s == "succeeded").then_some(())
+    })
+    .await;
+    env.stop().await;
+}
