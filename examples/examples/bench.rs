@@ -7,10 +7,20 @@
 //!
 //! 1. The raw broker ceiling with lapin alone: persistent publishes with confirms (a window of
 //!    1,000 in flight) and a consumer acknowledging each message, same message size as a task.
-//! 2. N no-op `diag.add` tasks produced by the client and drained by the `worker` binary with results
-//!    stored in Redis: tasks per second, and the ratio to the raw ceiling.
-//! 3. Enqueue→start latency (p50/p99) at a paced rate of half the measured maximum.
-//! 4. The worker's peak RSS, during the run and with 1,000 tasks in flight.
+//! 2. N no-op tasks produced by the client and drained by the `worker` binary with results stored
+//!    in Redis: tasks per second, and the ratio to the raw ceiling. Three modes, each with a
+//!    fresh worker:
+//!    - `plain`: `diag.add`, task events off;
+//!    - `events`: `diag.add` with task events on (`WORKER_SEND_TASK_EVENTS=true`);
+//!    - `limiter`: `diag.limited(key, 0)` with a distinct key per task, so its limits (one at a
+//!      time and 20 starts a second per key) never bind but every task takes the Redis path:
+//!      the GCRA rate check, a leased concurrency permit, and its release.
+//!
+//!    `plain` runs first and again last; a mode's cost is the throughput it loses against the
+//!    mean of the two plain runs (the machine is shared, so its load drifts).
+//! 3. Enqueue→start latency (p50/p99) of each mode at one paced rate: half the slowest mode's
+//!    maximum, so no mode is measured with a backlog.
+//! 4. The worker's peak RSS, during the plain runs and with 1,000 tasks in flight.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -33,7 +43,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::Value;
-use task_core::diag::{self, AddArgs, SleepArgs};
+use task_core::diag::{self, AddArgs, LimitedArgs, SleepArgs};
 use task_core::{Broker, Client};
 use tokio::sync::Mutex;
 
@@ -48,7 +58,8 @@ struct Settings {
     backend: String,
 }
 
-fn settings() -> anyhow::Result<Settings> {
+/// The settings from the command line, or `None` after printing the help.
+fn settings() -> anyhow::Result<Option<Settings>> {
     let mut s = Settings {
         tasks: 50_000,
         latency_seconds: 10,
@@ -61,6 +72,14 @@ fn settings() -> anyhow::Result<Settings> {
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
+        if flag == "--help" || flag == "-h" {
+            println!(
+                "bench [--tasks N (50000)] [--latency-seconds S (10)] [--concurrency C (32)] \
+                 [--prefetch P (512)]\n\nRuns on BROKER_URL and RESULT_BACKEND (default: the \
+                 local RabbitMQ and Redis) with target/release/worker; see the module docs."
+            );
+            return Ok(None);
+        }
         let value = args
             .next()
             .with_context(|| format!("{flag} needs a value"))?;
@@ -74,7 +93,7 @@ fn settings() -> anyhow::Result<Settings> {
             ),
         }
     }
-    Ok(s)
+    Ok(Some(s))
 }
 
 /// The `worker` binary next to this one (`target/release/worker`).
@@ -89,6 +108,7 @@ impl WorkerProcess {
         queue: &str,
         concurrency: u32,
         prefetch: u32,
+        extra: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         let log = std::env::temp_dir().join(format!(
             "bench-worker-{}.log",
@@ -103,6 +123,7 @@ impl WorkerProcess {
             .env("WORKER_CONCURRENCY", concurrency.to_string())
             .env("WORKER_PREFETCH", prefetch.to_string())
             .env("RUST_LOG", "warn,task_core::worker=info")
+            .envs(extra.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(&log)?))
             .kill_on_drop(true)
@@ -290,14 +311,182 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// What the tasks of a run are and how the worker is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// `diag.add`, events off.
+    Plain,
+    /// `diag.add`, task events on.
+    Events,
+    /// `diag.limited` with a distinct key per task: the limiter's Redis path, never binding.
+    Limiter,
+}
+
+impl Mode {
+    const ALL: [Mode; 3] = [Mode::Plain, Mode::Events, Mode::Limiter];
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Plain => "plain",
+            Mode::Events => "events",
+            Mode::Limiter => "limiter",
+        }
+    }
+
+    fn task(self) -> &'static str {
+        match self {
+            Mode::Plain | Mode::Events => "diag.add",
+            Mode::Limiter => "diag.limited (distinct key, ms 0)",
+        }
+    }
+
+    /// The largest throughput cost this mode should have against `plain`.
+    fn target(self) -> Option<f64> {
+        match self {
+            Mode::Plain => None,
+            Mode::Events => Some(0.15),
+            Mode::Limiter => Some(0.25),
+        }
+    }
+
+    /// Publishes task `i` of this mode with the given id.
+    async fn send(self, client: &Client, run: &str, id: String, i: usize) -> anyhow::Result<()> {
+        match self {
+            Mode::Plain | Mode::Events => {
+                client
+                    .task::<diag::Add>(AddArgs::new(i as i64, 1))
+                    .task_id(id)
+                    .send()
+                    .await?;
+            }
+            Mode::Limiter => {
+                let args = LimitedArgs {
+                    key: format!("bench-{run}-{i}"),
+                    ms: 0,
+                };
+                client
+                    .task::<diag::Limited>(args)
+                    .task_id(id)
+                    .send()
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A fresh worker for `mode` on its own queue, and the client sending there.
+async fn mode_worker(
+    s: &Settings,
+    client: &Client,
+    run: &str,
+    mode: Mode,
+    phase: &str,
+) -> anyhow::Result<(WorkerProcess, Client, String)> {
+    let queue = format!("bench.{}.{phase}.{run}", mode.name());
+    let prefix = format!("bench-{run}:");
+    let mut env = vec![("COORDINATION_PREFIX", prefix.as_str())];
+    if mode == Mode::Events {
+        env.push(("WORKER_SEND_TASK_EVENTS", "true"));
+    }
+    let worker = WorkerProcess::start(s, &queue, s.concurrency, s.prefetch, &env).await?;
+    Ok((worker, client.with_default_queue(&queue), queue))
+}
+
+/// Drains `s.tasks` tasks of `mode` through a fresh worker as fast as they come: tasks per
+/// second and the worker's peak RSS.
+async fn throughput(
+    s: &Settings,
+    client: &Client,
+    finished: &Finished,
+    run: &str,
+    mode: Mode,
+    round: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let (worker, client, queue) = mode_worker(s, client, run, mode, &format!("t{round}")).await?;
+    let before = finished.0.lock().await.len();
+    let start = Instant::now();
+    let mut sends = FuturesUnordered::new();
+    for i in 0..s.tasks {
+        if sends.len() >= WINDOW {
+            sends.next().await.transpose()?;
+        }
+        let id = format!("bench-{run}-{}-t{round}-{i}", mode.name());
+        sends.push(mode.send(&client, run, id, i));
+    }
+    while sends.next().await.transpose()?.is_some() {}
+    finished
+        .wait_for(before + s.tasks, Duration::from_secs(600))
+        .await?;
+    let tps = s.tasks as f64 / start.elapsed().as_secs_f64();
+    let (_, peak) = worker.rss_mb();
+    worker.stop().await;
+    client.broker().delete_queue(&queue).await?;
+    Ok((tps, peak))
+}
+
+/// Sends tasks of `mode` at `rate` per second for `s.latency_seconds` to a fresh worker: the
+/// enqueue→start latencies in ms, sorted, and the worker's peak RSS.
+async fn latency(
+    s: &Settings,
+    client: &Client,
+    finished: &Finished,
+    run: &str,
+    mode: Mode,
+    rate: f64,
+) -> anyhow::Result<(Vec<f64>, f64)> {
+    let (worker, client, queue) = mode_worker(s, client, run, mode, "l").await?;
+    let before = finished.0.lock().await.len();
+    let count = (rate * s.latency_seconds as f64) as usize;
+    let mut enqueued = HashMap::with_capacity(count);
+    let t0 = Instant::now();
+    let mut sends = FuturesUnordered::new();
+    for i in 0..count {
+        let due = t0 + Duration::from_secs_f64(i as f64 / rate);
+        loop {
+            let now = Instant::now();
+            if now >= due {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(due - now) => {}
+                Some(r) = sends.next(), if !sends.is_empty() => { r?; }
+            }
+        }
+        let id = format!("bench-{run}-{}-l-{i}", mode.name());
+        enqueued.insert(id.clone(), Utc::now());
+        sends.push(mode.send(&client, run, id, i));
+    }
+    while sends.next().await.transpose()?.is_some() {}
+    finished
+        .wait_for(before + count, Duration::from_secs(600))
+        .await?;
+    let starts = finished.0.lock().await;
+    let mut latencies: Vec<f64> = enqueued
+        .iter()
+        .filter_map(|(id, sent)| {
+            starts
+                .get(id)
+                .copied()
+                .flatten()
+                .map(|st| (st - *sent).num_microseconds().unwrap_or(0) as f64 / 1000.0)
+        })
+        .collect();
+    drop(starts);
+    latencies.sort_by(f64::total_cmp);
+    let (_, peak) = worker.rss_mb();
+    worker.stop().await;
+    client.broker().delete_queue(&queue).await?;
+    Ok((latencies, peak))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let s = settings()?;
+    let Some(s) = settings()? else {
+        return Ok(());
+    };
     let run = uuid::Uuid::new_v4().simple().to_string();
-    let queue = format!("bench.tasks.{run}");
-    let client = Client::connect(&s.broker, &s.backend)
-        .await?
-        .with_default_queue(&queue);
+    let client = Client::connect(&s.broker, &s.backend).await?;
     let sample = client
         .task::<diag::Add>(AddArgs::new(123_456, 654_321))
         .message()?
@@ -315,93 +504,88 @@ async fn main() -> anyhow::Result<()> {
         s.tasks
     );
 
-    // Throughput.
+    // Throughput, with plain run first and last: the machine is shared, and the cost of a mode
+    // is measured against the mean of the two plain runs around it.
     let finished = Finished::listen(&s.backend, format!("celery-task-meta-bench-{run}-*")).await?;
-    let worker = WorkerProcess::start(&s, &queue, s.concurrency, s.prefetch).await?;
-    let rss_peak = Arc::new(std::sync::Mutex::new(0f64));
-    let start = Instant::now();
-    let mut sends = FuturesUnordered::new();
-    for i in 0..s.tasks {
-        if sends.len() >= WINDOW {
-            sends.next().await.transpose()?;
+    let rounds = [Mode::Plain, Mode::Events, Mode::Limiter, Mode::Plain];
+    let mut tps = HashMap::<&str, Vec<f64>>::new();
+    let mut rss_peak = 0f64;
+    for (round, mode) in rounds.into_iter().enumerate() {
+        let (t, peak) = throughput(&s, &client, &finished, &run, mode, round).await?;
+        if mode == Mode::Plain {
+            rss_peak = rss_peak.max(peak);
         }
-        let call = client
-            .task::<diag::Add>(AddArgs::new(i as i64, 1))
-            .task_id(format!("bench-{run}-t-{i}"));
-        sends.push(call.send());
+        println!(
+            "{}: {} {} tasks produced and drained, results in Redis: {t:.0} tasks/s; ratio to raw \
+             ceiling {:.2}",
+            mode.name(),
+            s.tasks,
+            mode.task(),
+            t / raw
+        );
+        tps.entry(mode.name()).or_default().push(t);
     }
-    while sends.next().await.transpose()?.is_some() {}
-    finished.wait_for(s.tasks, Duration::from_secs(600)).await?;
-    let elapsed = start.elapsed().as_secs_f64();
-    let tps = s.tasks as f64 / elapsed;
-    let (_, peak) = worker.rss_mb();
-    *rss_peak.lock().unwrap() = peak;
-    println!(
-        "tasks: {} no-op diag.add produced and drained, results in Redis: {tps:.0} tasks/s ({elapsed:.2} s); ratio to raw ceiling {:.2}",
-        s.tasks,
-        tps / raw
-    );
+    let mean = |mode: Mode| {
+        let runs = &tps[mode.name()];
+        runs.iter().sum::<f64>() / runs.len() as f64
+    };
 
-    // Latency at half the maximum rate.
-    let rate = tps / 2.0;
-    let count = (rate * s.latency_seconds as f64) as usize;
-    let mut enqueued = HashMap::with_capacity(count);
-    let t0 = Instant::now();
-    let mut sends = FuturesUnordered::new();
-    for i in 0..count {
-        let due = t0 + Duration::from_secs_f64(i as f64 / rate);
-        loop {
-            let now = Instant::now();
-            if now >= due {
-                break;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(due - now) => {}
-                Some(r) = sends.next(), if !sends.is_empty() => { let _ = r?; }
-            }
+    // Latency, every mode at the same paced rate: half the slowest mode's maximum.
+    let rate = Mode::ALL.iter().map(|m| mean(*m)).fold(f64::MAX, f64::min) / 2.0;
+    let mut latencies = Vec::new();
+    for mode in Mode::ALL {
+        let (l, peak) = latency(&s, &client, &finished, &run, mode, rate).await?;
+        if mode == Mode::Plain {
+            rss_peak = rss_peak.max(peak);
         }
-        let id = format!("bench-{run}-l-{i}");
-        enqueued.insert(id.clone(), Utc::now());
-        sends.push(
-            client
-                .task::<diag::Add>(AddArgs::new(i as i64, 2))
-                .task_id(id)
-                .send(),
+        println!(
+            "{}: enqueue→start latency at {rate:.0} tasks/s, {} tasks: p50 {:.2} ms, p99 {:.2} ms, \
+             max {:.2} ms",
+            mode.name(),
+            l.len(),
+            percentile(&l, 0.5),
+            percentile(&l, 0.99),
+            l.last().copied().unwrap_or(f64::NAN)
+        );
+        latencies.push(l);
+    }
+
+    let plain = mean(Mode::Plain);
+    println!();
+    println!(
+        "| mode | tasks/s (runs) | throughput cost vs plain | p50 / p99 enqueue→start at {rate:.0} tasks/s | target |"
+    );
+    println!("|---|---|---|---|---|");
+    for (mode, l) in Mode::ALL.into_iter().zip(&latencies) {
+        let cost = 1.0 - mean(mode) / plain;
+        let (cost_text, target) = match mode.target() {
+            None => ("—".to_owned(), "—".to_owned()),
+            Some(t) => (
+                format!("{:.1}%", cost * 100.0),
+                format!(
+                    "< {:.0}% ({})",
+                    t * 100.0,
+                    if cost < t { "met" } else { "missed" }
+                ),
+            ),
+        };
+        let runs: Vec<String> = tps[mode.name()].iter().map(|t| format!("{t:.0}")).collect();
+        println!(
+            "| {} | {:.0} ({}) | {cost_text} | {:.2} ms / {:.2} ms | {target} |",
+            mode.name(),
+            mean(mode),
+            runs.join(", "),
+            percentile(l, 0.5),
+            percentile(l, 0.99),
         );
     }
-    while sends.next().await.transpose()?.is_some() {}
-    finished
-        .wait_for(s.tasks + count, Duration::from_secs(600))
-        .await?;
-    let starts = finished.0.lock().await;
-    let mut latencies: Vec<f64> = enqueued
-        .iter()
-        .filter_map(|(id, sent)| {
-            starts
-                .get(id)
-                .copied()
-                .flatten()
-                .map(|st| (st - *sent).num_microseconds().unwrap_or(0) as f64 / 1000.0)
-        })
-        .collect();
-    drop(starts);
-    latencies.sort_by(f64::total_cmp);
-    println!(
-        "enqueue→start latency at {rate:.0} tasks/s (half the maximum), {} tasks: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        latencies.len(),
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99),
-        latencies.last().copied().unwrap_or(f64::NAN)
-    );
-    let (_, peak) = worker.rss_mb();
-    let throughput_peak = peak.max(*rss_peak.lock().unwrap());
-    worker.stop().await;
-    client.broker().delete_queue(&queue).await?;
+    println!();
 
     // 1,000 tasks in flight.
+    let done_before = finished.0.lock().await.len();
     let queue = format!("bench.inflight.{run}");
     let client = client.with_default_queue(&queue);
-    let worker = WorkerProcess::start(&s, &queue, 1000, 1000).await?;
+    let worker = WorkerProcess::start(&s, &queue, 1000, 1000, &[]).await?;
     let mut results = Vec::new();
     for i in 0..1000 {
         results.push(
@@ -413,20 +597,18 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let mut max_rss = 0f64;
-    let mut in_flight_seen = 0u64;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while finished.0.lock().await.len() < s.tasks + count + 1000 {
+    while finished.0.lock().await.len() < done_before + 1000 {
         if Instant::now() > deadline {
             bail!("the in-flight phase did not finish");
         }
         let (rss, _) = worker.rss_mb();
         max_rss = max_rss.max(rss);
-        in_flight_seen = in_flight_seen.max(1000 - client.broker().queue_length(&queue).await?);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (_, peak) = worker.rss_mb();
     println!(
-        "worker RSS: peak {throughput_peak:.1} MB over the throughput and latency runs; peak {:.1} MB with 1,000 diag.sleep tasks in flight (concurrency 1000)",
+        "worker RSS: peak {rss_peak:.1} MB over the plain throughput and latency runs; peak {:.1} MB with 1,000 diag.sleep tasks in flight (concurrency 1000)",
         peak.max(max_rss)
     );
     worker.stop().await;
