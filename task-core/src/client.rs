@@ -158,6 +158,21 @@ impl Client {
         Ok(())
     }
 
+    /// The node name put in `origin` (`gen<pid>@<host>`).
+    pub(crate) fn origin(&self) -> &str {
+        &self.inner.origin
+    }
+
+    /// The body encoding used when a call names none.
+    pub(crate) fn serializer(&self) -> ContentType {
+        self.inner.serializer
+    }
+
+    /// The queue used when a call names none.
+    pub(crate) fn default_queue(&self) -> &str {
+        &self.inner.default_queue
+    }
+
     /// The broker.
     pub fn broker(&self) -> &AnyBroker {
         &self.inner.broker

@@ -5,6 +5,7 @@
 //! - [`backend`]: Redis ([`RedisBackend`]) and in-memory ([`MemoryBackend`]) result backends in
 //!   Celery's format.
 //! - [`Task`], [`Registry`], [`Client`] and [`Worker`]: typed tasks, sending them, running them.
+//! - [`canvas`]: chains, groups, chords and callbacks in Celery's wire form.
 //! - [`diag`]: the diagnostic tasks every worker registers.
 //!
 //! Delivery is at least once (acknowledged after the result is stored); exactly-once effects are
@@ -13,6 +14,7 @@
 pub mod backend;
 pub mod backoff;
 pub mod broker;
+pub mod canvas;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod client;

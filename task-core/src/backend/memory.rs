@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use serde_json::Value;
+
+use super::chord::{ChordMember, ChordPart, ChordProgress};
 use super::{ResultBackend, StoreOutcome, TaskMeta, TaskState};
 use crate::error::{Error, Result};
 
@@ -20,6 +23,19 @@ pub struct MemoryBackend {
 struct Inner {
     results: Mutex<HashMap<String, TaskMeta>>,
     changed: Notify,
+    chords: Mutex<HashMap<String, Chord>>,
+    groups: Mutex<HashMap<String, Value>>,
+}
+
+/// One chord's counters, as the Redis keys `.s`, `.j`, `.d` and `.c` hold them.
+#[derive(Debug, Default)]
+struct Chord {
+    size: Option<u64>,
+    /// `(group_index, arrival)` orders like the sorted set (ties by arrival).
+    parts: std::collections::BTreeMap<(i64, usize), ChordMember>,
+    seen: std::collections::HashSet<String>,
+    claim: Option<String>,
+    done: bool,
 }
 
 impl MemoryBackend {
@@ -35,6 +51,103 @@ impl MemoryBackend {
             .lock()
             .expect("memory backend lock")
             .clone()
+    }
+}
+
+/// The Redis backend's chord rules, in memory (no expiry: claims never lapse).
+impl MemoryBackend {
+    /// See [`crate::RedisBackend::set_chord_size`].
+    pub async fn set_chord_size(&self, group_id: &str, size: u64) -> crate::Result<()> {
+        let mut chords = self.inner.chords.lock().expect("memory backend lock");
+        let chord = chords.entry(group_id.to_owned()).or_default();
+        chord.size = Some(size);
+        chord.done = false;
+        chord.claim = None;
+        Ok(())
+    }
+
+    /// See [`crate::RedisBackend::chord_part_return`].
+    pub async fn chord_part_return(&self, part: &ChordPart<'_>) -> crate::Result<ChordProgress> {
+        let mut chords = self.inner.chords.lock().expect("memory backend lock");
+        let chord = chords.entry(part.group_id.to_owned()).or_default();
+        if chord.done {
+            return Ok(ChordProgress::AlreadyDone);
+        }
+        let index = part.group_index.unwrap_or(i64::MAX);
+        if chord.seen.insert(format!("{}:{index}", part.task_id)) {
+            let arrival = chord.parts.len();
+            chord.parts.insert(
+                (index, arrival),
+                ChordMember {
+                    task_id: part.task_id.to_owned(),
+                    state: part.state.as_str().to_owned(),
+                    result: part.result.clone(),
+                },
+            );
+        }
+        let ready = chord.parts.len() as u64;
+        let total = chord.size.or(part.fallback_size);
+        if total != Some(ready) || chord.claim.is_some() {
+            return Ok(ChordProgress::Waiting { ready, total });
+        }
+        let claim = uuid::Uuid::new_v4().simple().to_string();
+        chord.claim = Some(claim.clone());
+        Ok(ChordProgress::Complete {
+            members: chord.parts.values().cloned().collect(),
+            claim,
+        })
+    }
+
+    /// See [`crate::RedisBackend::chord_cleanup`].
+    pub async fn chord_cleanup(&self, group_id: &str, claim: &str) -> crate::Result<bool> {
+        let mut chords = self.inner.chords.lock().expect("memory backend lock");
+        let Some(chord) = chords.get_mut(group_id) else {
+            return Ok(false);
+        };
+        if chord.claim.as_deref() != Some(claim) {
+            return Ok(false);
+        }
+        *chord = Chord {
+            done: true,
+            claim: chord.claim.take(),
+            ..Chord::default()
+        };
+        Ok(true)
+    }
+
+    /// See [`crate::RedisBackend::chord_abandon`].
+    pub async fn chord_abandon(&self, group_id: &str) -> crate::Result<()> {
+        if let Some(chord) = self
+            .inner
+            .chords
+            .lock()
+            .expect("memory backend lock")
+            .get_mut(group_id)
+        {
+            chord.size = None;
+        }
+        Ok(())
+    }
+
+    /// See [`crate::RedisBackend::save_group`].
+    pub async fn save_group(&self, group_id: &str, tuple: &Value) -> crate::Result<()> {
+        self.inner
+            .groups
+            .lock()
+            .expect("memory backend lock")
+            .insert(group_id.to_owned(), tuple.clone());
+        Ok(())
+    }
+
+    /// See [`crate::RedisBackend::restore_group`].
+    pub async fn restore_group(&self, group_id: &str) -> crate::Result<Option<Value>> {
+        Ok(self
+            .inner
+            .groups
+            .lock()
+            .expect("memory backend lock")
+            .get(group_id)
+            .cloned())
     }
 }
 

@@ -5,8 +5,11 @@
 //! Python's `AsyncResult.get()` works. PENDING is never written (an unknown id reads as PENDING), and
 //! a SUCCESS is never overwritten.
 
+mod chord;
 mod memory;
 mod redis_backend;
+
+pub use chord::{ChordMember, ChordPart, ChordProgress};
 
 pub use memory::MemoryBackend;
 pub use redis_backend::RedisBackend;
@@ -277,6 +280,11 @@ pub fn meta_key(task_id: &str) -> String {
     format!("celery-task-meta-{task_id}")
 }
 
+/// The key (and channel) of a saved group, and the prefix of a chord's keys.
+pub fn group_key(group_id: &str) -> String {
+    format!("celery-taskset-meta-{group_id}")
+}
+
 /// A result backend chosen at run time from a URL: `redis://…` or `memory://`.
 #[derive(Clone, Debug)]
 pub enum AnyBackend {
@@ -306,6 +314,57 @@ impl AnyBackend {
         match self {
             AnyBackend::Redis(r) => AnyBackend::Redis(r.with_ttl(ttl)),
             m @ AnyBackend::Memory(_) => m,
+        }
+    }
+}
+
+/// Chords and saved groups, on whichever backend this is (see `chord.rs` for the keys).
+impl AnyBackend {
+    /// Writes a chord's header size; see [`RedisBackend::set_chord_size`].
+    pub async fn set_chord_size(&self, group_id: &str, size: u64) -> Result<()> {
+        match self {
+            AnyBackend::Redis(b) => b.set_chord_size(group_id, size).await,
+            AnyBackend::Memory(b) => b.set_chord_size(group_id, size).await,
+        }
+    }
+
+    /// Records a header task's result; see [`ChordProgress`].
+    pub async fn chord_part_return(&self, part: &ChordPart<'_>) -> Result<ChordProgress> {
+        match self {
+            AnyBackend::Redis(b) => b.chord_part_return(part).await,
+            AnyBackend::Memory(b) => b.chord_part_return(part).await,
+        }
+    }
+
+    /// Cleans up after the body was fired.
+    pub async fn chord_cleanup(&self, group_id: &str, claim: &str) -> Result<bool> {
+        match self {
+            AnyBackend::Redis(b) => b.chord_cleanup(group_id, claim).await,
+            AnyBackend::Memory(b) => b.chord_cleanup(group_id, claim).await,
+        }
+    }
+
+    /// Gives up a chord that failed.
+    pub async fn chord_abandon(&self, group_id: &str) -> Result<()> {
+        match self {
+            AnyBackend::Redis(b) => b.chord_abandon(group_id).await,
+            AnyBackend::Memory(b) => b.chord_abandon(group_id).await,
+        }
+    }
+
+    /// Saves a group's result tuple (Celery's `save_group`).
+    pub async fn save_group(&self, group_id: &str, tuple: &Value) -> Result<()> {
+        match self {
+            AnyBackend::Redis(b) => b.save_group(group_id, tuple).await,
+            AnyBackend::Memory(b) => b.save_group(group_id, tuple).await,
+        }
+    }
+
+    /// A saved group's result tuple.
+    pub async fn restore_group(&self, group_id: &str) -> Result<Option<Value>> {
+        match self {
+            AnyBackend::Redis(b) => b.restore_group(group_id).await,
+            AnyBackend::Memory(b) => b.restore_group(group_id).await,
         }
     }
 }

@@ -16,7 +16,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Script};
 use tokio::sync::{Notify, OnceCell, mpsc};
 
-use super::{DEFAULT_RESULT_TTL, ResultBackend, StoreOutcome, TaskMeta, meta_key};
+use super::chord::{self, ChordPart, ChordProgress};
+use super::{DEFAULT_RESULT_TTL, ResultBackend, StoreOutcome, TaskMeta, group_key, meta_key};
 use crate::error::{Error, Result};
 
 const STORE_SCRIPT: &str = r#"
@@ -29,6 +30,44 @@ if current then
 end
 redis.call('SETEX', KEYS[1], ARGV[2], ARGV[1])
 redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"#;
+
+/// Records a chord header task's result and, when it is the last one, takes the claim to fire the
+/// body, atomically (so two workers finishing at once cannot both fire it). The same keys and
+/// rules as Celery 5.7's script, so Python workers count in the same chord.
+/// KEYS: .j .t .s .d <group meta> .c; ARGV: member, entry, score, ttl, group ttl, claim ttl,
+/// token, size to assume when `.s` is missing (0: none).
+const CHORD_PART_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[6]) == 'done' then
+  return {-1, 0, 0, 0}
+end
+if redis.call('SADD', KEYS[4], ARGV[1]) == 1 then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+end
+local ready = redis.call('ZCARD', KEYS[1])
+local ttl = tonumber(ARGV[4])
+if ttl > 0 then
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
+  if tonumber(ARGV[5]) > 0 then redis.call('EXPIRE', KEYS[5], ARGV[5]) end
+end
+local delta = tonumber(redis.call('GET', KEYS[2]) or '0')
+local size = tonumber(redis.call('GET', KEYS[3]) or ARGV[8])
+local claimed = 0
+if size > 0 and ready == size + delta then
+  if redis.call('SET', KEYS[6], ARGV[7], 'NX', 'EX', ARGV[6]) then claimed = 1 end
+end
+return {ready, delta, size, claimed}
+"#;
+
+/// Drops a fired chord's keys and leaves the `done` marker, if the claim is still ours.
+/// KEYS: .c .j .t .s .d; ARGV: token, marker ttl.
+const CHORD_CLEANUP_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('SET', KEYS[1], 'done', 'EX', ARGV[2])
 return 1
 "#;
 
@@ -100,6 +139,124 @@ impl RedisBackend {
     /// their own keys next to the results (locks, schedules).
     pub fn connection(&self) -> ConnectionManager {
         self.inner.conn.clone()
+    }
+
+    /// Writes a chord's header size (`.s`) before its header is published, as Celery's
+    /// `set_chord_size`; clears a `done` marker left by an earlier run of the same group id.
+    pub async fn set_chord_size(&self, group_id: &str, size: u64) -> Result<()> {
+        let mut conn = self.inner.conn.clone();
+        let key = group_key(group_id);
+        let _: () = redis::pipe()
+            .del(format!("{key}.c"))
+            .set_ex(format!("{key}.s"), size, self.ttl.as_secs().max(1))
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Records a header task's result (`on_chord_part_return`); see [`ChordProgress`].
+    pub async fn chord_part_return(&self, part: &ChordPart<'_>) -> Result<ChordProgress> {
+        let key = group_key(part.group_id);
+        let score = part
+            .group_index
+            .map_or_else(|| "+inf".to_owned(), |i| i.to_string());
+        let claim = uuid::Uuid::new_v4().simple().to_string();
+        let ttl = self.ttl.as_secs().max(1);
+        let mut conn = self.inner.conn.clone();
+        let (ready, delta, size, claimed): (i64, i64, i64, i64) = Script::new(CHORD_PART_SCRIPT)
+            .key(format!("{key}.j"))
+            .key(format!("{key}.t"))
+            .key(format!("{key}.s"))
+            .key(format!("{key}.d"))
+            .key(&key)
+            .key(format!("{key}.c"))
+            .arg(format!("{}:{score}", part.task_id))
+            .arg(serde_json::to_vec(&chord::encode_part(part))?)
+            .arg(&score)
+            .arg(ttl)
+            .arg(ttl)
+            .arg(chord::CLAIM_SECS)
+            .arg(&claim)
+            .arg(part.fallback_size.unwrap_or(0))
+            .invoke_async(&mut conn)
+            .await?;
+        if ready < 0 {
+            return Ok(ChordProgress::AlreadyDone);
+        }
+        let total = (size > 0).then(|| (size + delta).max(0) as u64);
+        if claimed != 1 {
+            return Ok(ChordProgress::Waiting {
+                ready: ready as u64,
+                total,
+            });
+        }
+        let entries: Vec<Vec<u8>> = conn.zrange(format!("{key}.j"), 0, -1).await?;
+        let members = entries
+            .iter()
+            .map(|e| {
+                chord::decode_part(e).ok_or_else(|| {
+                    Error::Backend(format!(
+                        "chord {}: an entry of {key}.j is not [1, id, state, result]",
+                        part.group_id
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ChordProgress::Complete { members, claim })
+    }
+
+    /// After the body was fired: deletes the chord's keys and marks it done (if `claim` still
+    /// holds). `false` when the claim was lost (the keys are left to expire).
+    pub async fn chord_cleanup(&self, group_id: &str, claim: &str) -> Result<bool> {
+        let key = group_key(group_id);
+        let mut conn = self.inner.conn.clone();
+        let cleaned: i64 = Script::new(CHORD_CLEANUP_SCRIPT)
+            .key(format!("{key}.c"))
+            .key(format!("{key}.j"))
+            .key(format!("{key}.t"))
+            .key(format!("{key}.s"))
+            .key(format!("{key}.d"))
+            .arg(claim)
+            .arg(chord::DONE_SECS)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(cleaned == 1)
+    }
+
+    /// After a failed header task completed the chord: drops `.s`, so a late copy of a header
+    /// task does not fail it again (Celery keeps the results for expiry).
+    pub async fn chord_abandon(&self, group_id: &str) -> Result<()> {
+        let mut conn = self.inner.conn.clone();
+        let _: i64 = conn.del(format!("{}.s", group_key(group_id))).await?;
+        Ok(())
+    }
+
+    /// Saves a group's result tuple as Celery's `save_group`: `{"result": tuple}` under
+    /// `celery-taskset-meta-<gid>`, published on the channel of the same name.
+    pub async fn save_group(&self, group_id: &str, tuple: &serde_json::Value) -> Result<()> {
+        let key = group_key(group_id);
+        let bytes = serde_json::to_vec(&serde_json::json!({ "result": tuple }))?;
+        let mut conn = self.inner.conn.clone();
+        let _: () = redis::pipe()
+            .set_ex(&key, bytes.as_slice(), self.ttl.as_secs().max(1))
+            .ignore()
+            .publish(&key, bytes.as_slice())
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// A saved group's result tuple (`GroupResult.restore`), or `None`.
+    pub async fn restore_group(&self, group_id: &str) -> Result<Option<serde_json::Value>> {
+        let mut conn = self.inner.conn.clone();
+        let bytes: Option<Vec<u8>> = conn.get(group_key(group_id)).await?;
+        Ok(match bytes {
+            Some(b) => serde_json::from_slice::<serde_json::Value>(&b)?
+                .get("result")
+                .cloned(),
+            None => None,
+        })
     }
 
     async fn subscriber(&self) -> Result<&Subscriber> {
