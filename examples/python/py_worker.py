@@ -4,6 +4,7 @@
         celery -A py_worker worker -Q py --pool solo
 """
 
+import json
 import os
 
 from celery import Celery
@@ -29,3 +30,20 @@ def mul(x, y):
 @app.task(name="py.fail")
 def fail(message):
     raise ValueError(message)
+
+
+@app.task(name="py.add")
+def add(x, y):
+    return x + y
+
+
+@app.task(name="py.tsum")
+def tsum(values):
+    return sum(values)
+
+
+@app.task(name="py.record")
+def record(value, key):
+    """Appends `value` to the Redis list `key` (the tests count body and callback runs)."""
+    app.backend.client.rpush(key, json.dumps(value))
+    return value
