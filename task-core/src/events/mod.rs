@@ -5,7 +5,8 @@
 //! Invariants:
 //! - **Events never slow tasks down.** [`Events::send`] only puts the event on a bounded in-memory
 //!   queue; a background publisher sends it transient (delivery mode 1), unconfirmed, on a channel
-//!   of its own. When the queue is full or the broker is away the event is dropped and counted
+//!   of its own. Task events are sent as Celery's worker sends them, in batches (a JSON list under
+//!   routing key `task.multi`, up to 200 events or 100 ms); worker events singly. When the queue is full or the broker is away the event is dropped and counted
 //!   ([`Events::dropped`]): events are a view, never a record the system depends on.
 //! - **Every event carries the common fields** `type`, `hostname`, `timestamp` (float Unix
 //!   seconds, UTC), `utcoffset` (0), `pid` and a Lamport `clock` shared with remote control.
@@ -266,62 +267,143 @@ pub fn routing_key(kind: &str) -> String {
     kind.replace('-', ".")
 }
 
+/// Task events waiting for one publish as a `task.multi` list, at most this many…
+const BATCH_MAX: usize = 200;
+/// …and for at most this long after the first of them.
+const BATCH_WINDOW: Duration = Duration::from_millis(100);
+
 async fn publish_loop(
     sink: EventSink,
     mut rx: mpsc::Receiver<Value>,
     published: Arc<AtomicU64>,
     dropped: Arc<AtomicU64>,
 ) {
-    let mut channel: Option<(lapin::Channel, u64)> = None;
-    let mut retry_at = tokio::time::Instant::now();
-    while let Some(event) = rx.recv().await {
-        if event.is_null() {
-            break;
-        }
-        match &sink {
-            EventSink::Disabled => {}
-            EventSink::Memory(tx) => {
-                if tx.send(event).is_ok() {
-                    published.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    dropped.fetch_add(1, Ordering::Relaxed);
-                }
+    let mut out = Publisher {
+        sink,
+        channel: None,
+        retry_at: tokio::time::Instant::now(),
+        published,
+        dropped,
+    };
+    // Task events are batched as Celery's own worker batches them (a JSON list under routing key
+    // `task.multi`, which Celery's receiver, Flower and our monitor all read): three events per
+    // task would otherwise triple the broker's work. Worker events go out at once, after the
+    // batch, so the order of events from this node is kept.
+    let mut batch: Vec<Value> = Vec::new();
+    let mut flush_at: Option<tokio::time::Instant> = None;
+    loop {
+        let next = match flush_at {
+            Some(at) => tokio::select! {
+                e = rx.recv() => Some(e),
+                _ = tokio::time::sleep_until(at) => None,
+            },
+            None => Some(rx.recv().await),
+        };
+        match next {
+            None => {
+                out.send_batch(std::mem::take(&mut batch)).await;
+                flush_at = None;
             }
-            EventSink::Amqp(broker) => {
-                if channel
-                    .as_ref()
-                    .is_some_and(|(c, _)| !c.status().connected())
-                {
-                    channel = None;
-                }
-                if channel.is_none() && tokio::time::Instant::now() >= retry_at {
-                    match open_event_channel(broker).await {
-                        Ok(c) => channel = Some(c),
-                        Err(e) => {
-                            tracing::debug!(error = %e, "cannot open the events channel");
-                            retry_at = tokio::time::Instant::now() + Duration::from_secs(1);
-                        }
+            Some(None) | Some(Some(Value::Null)) => break,
+            Some(Some(event)) => {
+                // `task-sent` comes from clients, one per publish: sent at once, so a monitor
+                // sees the task before a worker reports on it.
+                let is_task = event
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .is_some_and(|t| t.starts_with("task-") && t != "task-sent");
+                if is_task && out.batches() {
+                    if batch.is_empty() {
+                        flush_at = Some(tokio::time::Instant::now() + BATCH_WINDOW);
                     }
-                }
-                let Some((ch, _)) = &channel else {
-                    dropped.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                };
-                match publish_event(ch, &event).await {
-                    Ok(()) => {
-                        published.fetch_add(1, Ordering::Relaxed);
+                    batch.push(event);
+                    if batch.len() >= BATCH_MAX {
+                        out.send_batch(std::mem::take(&mut batch)).await;
+                        flush_at = None;
                     }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "could not publish an event");
-                        dropped.fetch_add(1, Ordering::Relaxed);
-                        channel = None;
-                    }
+                } else {
+                    out.send_batch(std::mem::take(&mut batch)).await;
+                    flush_at = None;
+                    out.send(event, 1).await;
                 }
             }
         }
     }
-    if let Some((ch, _)) = channel {
+    out.send_batch(batch).await;
+    if let Some((ch, _)) = out.channel {
         let _ = ch.close(200, "events done".into()).await;
+    }
+}
+
+/// The sending end of the publish loop.
+struct Publisher {
+    sink: EventSink,
+    channel: Option<(lapin::Channel, u64)>,
+    retry_at: tokio::time::Instant,
+    published: Arc<AtomicU64>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Publisher {
+    fn batches(&self) -> bool {
+        matches!(self.sink, EventSink::Amqp(_))
+    }
+
+    async fn send_batch(&mut self, mut batch: Vec<Value>) {
+        match batch.len() {
+            0 => {}
+            1 => {
+                let event = batch.pop().unwrap_or(Value::Null);
+                self.send(event, 1).await;
+            }
+            n => self.send(Value::Array(batch), n as u64).await,
+        }
+    }
+
+    /// Publishes one event, or a list of `n` task events.
+    async fn send(&mut self, event: Value, n: u64) {
+        match &self.sink {
+            EventSink::Disabled => {}
+            EventSink::Memory(tx) => {
+                if tx.send(event).is_ok() {
+                    self.published.fetch_add(n, Ordering::Relaxed);
+                } else {
+                    self.dropped.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+            EventSink::Amqp(broker) => {
+                if self
+                    .channel
+                    .as_ref()
+                    .is_some_and(|(c, _)| !c.status().connected())
+                {
+                    self.channel = None;
+                }
+                if self.channel.is_none() && tokio::time::Instant::now() >= self.retry_at {
+                    match open_event_channel(broker).await {
+                        Ok(c) => self.channel = Some(c),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "cannot open the events channel");
+                            self.retry_at = tokio::time::Instant::now() + Duration::from_secs(1);
+                        }
+                    }
+                }
+                let Some((ch, _)) = &self.channel else {
+                    self.dropped.fetch_add(n, Ordering::Relaxed);
+                    return;
+                };
+                match publish_event(ch, &event).await {
+                    Ok(()) => {
+                        self.published.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "could not publish an event");
+                        self.dropped.fetch_add(n, Ordering::Relaxed);
+                        self.channel = None;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -341,8 +423,16 @@ async fn open_event_channel(broker: &AmqpBroker) -> crate::Result<(lapin::Channe
 }
 
 async fn publish_event(ch: &lapin::Channel, event: &Value) -> crate::Result<()> {
-    let kind = event.get("type").and_then(Value::as_str).unwrap_or("");
-    let hostname = event.get("hostname").cloned().unwrap_or(Value::Null);
+    let first = match event {
+        Value::Array(list) => list.first().unwrap_or(&Value::Null),
+        single => single,
+    };
+    let kind = if event.is_array() {
+        "task-multi"
+    } else {
+        first.get("type").and_then(Value::as_str).unwrap_or("")
+    };
+    let hostname = first.get("hostname").cloned().unwrap_or(Value::Null);
     let mut headers = Map::new();
     headers.insert("hostname".into(), hostname);
     let body = serde_json::to_vec(event)?;
