@@ -63,7 +63,8 @@ pub struct Config {
     #[arg(long, env = "MONITOR_EVENTS_QUEUE_EXPIRES", value_parser = parse_duration)]
     pub events_queue_expires: Option<Duration>,
 
-    /// Events written per transaction, at most.
+    /// Events written per transaction, at most (a `task.multi` message may take a batch over it;
+    /// the batch then ends with that message).
     #[arg(long, env = "MONITOR_BATCH_SIZE", default_value_t = 500)]
     pub batch_size: u16,
 

@@ -9,7 +9,7 @@
 //! - **A store outage pauses intake, it loses nothing.** The batch is retried with back-off while
 //!   its messages stay unacknowledged; RabbitMQ keeps the rest (up to the queue's bound).
 //! - **A message that is not an event is dropped and counted**, never retried forever.
-//! - Prefetch equals the batch size, so a batch fills in one round trip.
+//! - Prefetch is two batches: the next batch is read and decoded while one is written.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use serde_json::Value;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::broker::{self, EventsQueue};
 use crate::error::{Error, Result};
@@ -119,8 +119,12 @@ async fn session(
     let connection = broker::connect(&config.broker_url).await?;
     let ch = connection.create_channel().await?;
     config.queue.declare(&ch).await?;
-    ch.basic_qos(config.batch_size.max(1), BasicQosOptions::default())
-        .await?;
+    // Room for the batch being written and the one being read.
+    ch.basic_qos(
+        config.batch_size.max(1).saturating_mul(2),
+        BasicQosOptions::default(),
+    )
+    .await?;
     let mut consumer = ch
         .basic_consume(
             config.queue.name.as_str().into(),
@@ -134,71 +138,129 @@ async fn session(
     status.consuming.store(true, Ordering::Relaxed);
     tracing::info!(queue = config.queue.name, "reading events");
     let max = usize::from(config.batch_size.max(1));
-    loop {
-        let first = tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
-            next = consumer.next() => next,
-        };
-        let first = match first {
-            Some(d) => d?,
-            None => {
-                return Err(Error::Unavailable(
-                    "the events consumer was cancelled".into(),
-                ));
-            }
-        };
-        let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + config.batch_wait;
-        while batch.len() < max {
-            match tokio::time::timeout_at(deadline, consumer.next()).await {
-                Ok(Some(d)) => batch.push(d?),
-                Ok(None) | Err(_) => break,
-            }
-        }
-        let mut events: Vec<Event> = Vec::with_capacity(batch.len());
-        for delivery in &batch {
-            match event::decode(&delivery.data) {
-                Ok(decoded) => events.extend(decoded),
-                Err(e) => {
-                    status.malformed.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, routing_key = %delivery.routing_key, "dropping a message that is not an event");
+    // One batch is read and decoded while the one before it is written: the reader hands
+    // batches to the writer through a channel of one.
+    let (batches, mut to_write) = mpsc::channel::<Batch>(1);
+    let mut reader_stop = stop.clone();
+    let reader = async move {
+        loop {
+            let first = tokio::select! {
+                _ = reader_stop.wait_for(|s| *s) => return Ok(()),
+                next = consumer.next() => next,
+            };
+            let first = match first {
+                Some(d) => d?,
+                None => {
+                    return Err(Error::Unavailable(
+                        "the events consumer was cancelled".into(),
+                    ));
+                }
+            };
+            // A batch ends at `max` events (a `task.multi` message carries many) or when
+            // `batch_wait` has passed since its first message.
+            let mut events: Vec<Event> = Vec::new();
+            let decode = |delivery: &lapin::message::Delivery, events: &mut Vec<Event>| {
+                match event::decode(&delivery.data) {
+                    Ok(decoded) => events.extend(decoded),
+                    Err(e) => {
+                        status.malformed.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(error = %e, routing_key = %delivery.routing_key, "dropping a message that is not an event");
+                    }
+                }
+            };
+            decode(&first, &mut events);
+            let mut deliveries = vec![first];
+            let deadline = tokio::time::Instant::now() + config.batch_wait;
+            while events.len() < max && deliveries.len() < max {
+                match tokio::time::timeout_at(deadline, consumer.next()).await {
+                    Ok(Some(d)) => {
+                        let d = d?;
+                        decode(&d, &mut events);
+                        deliveries.push(d);
+                    }
+                    Ok(None) | Err(_) => break,
                 }
             }
-        }
-        let Some(summary) = write_with_retry(store, &events, stop).await else {
-            // Stopping with the batch unwritten: it stays unacknowledged and comes back.
-            break;
-        };
-        let last = batch.last().expect("a batch has a first delivery");
-        last.acker.ack(BasicAckOptions { multiple: true }).await?;
-        status.batches.fetch_add(1, Ordering::Relaxed);
-        status
-            .events
-            .fetch_add(events.len() as u64, Ordering::Relaxed);
-        let mut newest = f64::MIN;
-        for e in &events {
-            metrics.event(e.get("type").and_then(Value::as_str).unwrap_or(""));
-            if let Some(ts) = e.get("timestamp").and_then(Value::as_f64) {
-                newest = newest.max(ts);
+            let last = deliveries.pop().expect("a batch has a first delivery");
+            if batches.send(Batch { events, last }).await.is_err() {
+                // The writer stopped: what was not written stays unacknowledged.
+                return Ok(());
             }
         }
-        if newest > f64::MIN {
-            metrics.written(newest, task_core::events::unix_now());
+    };
+    let writer = async {
+        while let Some(batch) = to_write.recv().await {
+            let writing = std::time::Instant::now();
+            let Some(summary) = write_with_retry(store, &batch.events, stop).await else {
+                // Stopping with the batch unwritten: it stays unacknowledged and comes back.
+                return Ok(());
+            };
+            batch
+                .last
+                .acker
+                .ack(BasicAckOptions { multiple: true })
+                .await?;
+            record(status, metrics, &batch.events, &summary);
+            tracing::debug!(
+                events = batch.events.len(),
+                tasks = summary.tasks,
+                workers = summary.workers,
+                write_ms = writing.elapsed().as_secs_f64() * 1e3,
+                "batch written"
+            );
         }
-        for c in &summary.completed {
-            metrics.completed(&c.task, c.outcome);
+        Ok::<(), Error>(())
+    };
+    let result = {
+        let mut writer = std::pin::pin!(writer);
+        let first = tokio::select! {
+            r = reader => Err(r),
+            w = &mut writer => Ok(w),
+        };
+        match first {
+            Ok(written) => written,
+            // The reader ends first when told to stop; the writer then finishes what it has.
+            Err(Ok(())) => writer.await,
+            Err(Err(e)) => Err(e),
         }
-        tracing::debug!(
-            events = events.len(),
-            tasks = summary.tasks,
-            workers = summary.workers,
-            "batch written"
-        );
-    }
+    };
     status.consuming.store(false, Ordering::Relaxed);
     let _ = ch.close(200, "stopping".into()).await;
     let _ = connection.close(200, "stopping".into()).await;
-    Ok(())
+    result
+}
+
+/// Decoded events of consecutive deliveries, and the last delivery, whose multiple ack settles
+/// them all.
+struct Batch {
+    events: Vec<Event>,
+    last: lapin::message::Delivery,
+}
+
+/// Counts a committed batch in the status and the metrics.
+fn record(
+    status: &IntakeStatus,
+    metrics: &Metrics,
+    events: &[Event],
+    summary: &crate::store::BatchSummary,
+) {
+    status.batches.fetch_add(1, Ordering::Relaxed);
+    status
+        .events
+        .fetch_add(events.len() as u64, Ordering::Relaxed);
+    let mut newest = f64::MIN;
+    for e in events {
+        metrics.event(e.get("type").and_then(Value::as_str).unwrap_or(""));
+        if let Some(ts) = e.get("timestamp").and_then(Value::as_f64) {
+            newest = newest.max(ts);
+        }
+    }
+    if newest > f64::MIN {
+        metrics.written(newest, task_core::events::unix_now());
+    }
+    for c in &summary.completed {
+        metrics.completed(&c.task, c.outcome);
+    }
 }
 
 /// Writes a batch, retrying with back-off while the store fails; `None` if told to stop first.

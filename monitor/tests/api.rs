@@ -154,15 +154,19 @@ async fn a_run_of_rust_tasks_appears_in_the_task_list_with_its_states() {
     for s in &sleeps {
         s.get(Duration::from_secs(30)).await.unwrap();
     }
-    eventually(
-        "the revoked task to show as REVOKED",
-        Duration::from_secs(30),
-        || async {
-            let t = get_json(&router, &format!("/api/task/info/{waiting_id}")).await;
-            (t["state"] == "REVOKED").then_some(())
-        },
-    )
-    .await;
+    // The worker stores REVOKED in the backend and sends task-revoked; both must agree.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let t = get_json(&router, &format!("/api/task/info/{waiting_id}")).await;
+        if t["state"] == "REVOKED" {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let stored = client.result::<Value>(&waiting_id).meta().await.unwrap();
+            panic!("the revoked task is not REVOKED after 30 s: monitor {t}, backend {stored:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 
     // Workers: inspect replies in Flower's shape, online status from heartbeats.
     let workers = eventually(
