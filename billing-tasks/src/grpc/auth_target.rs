@@ -140,3 +140,43 @@ impl OutboxTarget for AuthGrpcTarget {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::config::BillingArgs;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        billing: BillingArgs,
+    }
+
+    #[tokio::test]
+    async fn auth_grpc_url_selects_the_grpc_target_and_needs_a_token() {
+        let cli = Cli::try_parse_from(["t", "--auth-grpc-url", "http://127.0.0.1:1"]).unwrap();
+        let err = cli.billing.outbox().err().expect("refused").to_string();
+        assert!(err.contains("AUTH_GRPC_TOKEN"), "{err}");
+        let cli = Cli::try_parse_from([
+            "t",
+            "--auth-grpc-url",
+            "http://127.0.0.1:1",
+            "--auth-grpc-token",
+            "a-token",
+            "--outbox-url",
+            "http://127.0.0.1:2/outbox",
+        ])
+        .unwrap();
+        assert!(cli.billing.outbox().unwrap().is_some());
+        let cli = Cli::try_parse_from([
+            "t",
+            "--auth-grpc-url",
+            "not a url",
+            "--auth-grpc-token",
+            "x",
+        ])
+        .unwrap();
+        assert!(cli.billing.outbox().is_err());
+    }
+}
