@@ -117,7 +117,8 @@ impl Services {
     async fn start(name: &str) -> Self {
         let rust_queue = common::unique_queue(&format!("{name}.rs"));
         let py_queue = common::unique_queue(&format!("{name}.py"));
-        let rust = common::WorkerProcess::spawn(&rust_queue, &[]);
+        let node = format!("rs-{rust_queue}@test");
+        let rust = common::WorkerProcess::spawn(&rust_queue, &[("WORKER_HOSTNAME", &node)]);
         let py = python_worker(&py_queue);
         rust.ready().await;
         let client = Client::connect(&common::amqp_url(), &common::redis_url())
@@ -383,8 +384,9 @@ async fn a_chord_of_1000_rust_tasks_runs_its_body_once() {
     let rq = common::unique_queue("chord1k.rs");
     let pq = common::unique_queue("chord1k.py");
     // Two Rust workers race for the last header tasks.
-    let a = common::WorkerProcess::spawn(&rq, &[]);
-    let b = common::WorkerProcess::spawn(&rq, &[]);
+    let (node_a, node_b) = (format!("rs-a-{rq}@test"), format!("rs-b-{rq}@test"));
+    let a = common::WorkerProcess::spawn(&rq, &[("WORKER_HOSTNAME", &node_a)]);
+    let b = common::WorkerProcess::spawn(&rq, &[("WORKER_HOSTNAME", &node_b)]);
     let mut py = python_worker(&pq);
     a.ready().await;
     b.ready().await;
@@ -407,6 +409,15 @@ async fn a_chord_of_1000_rust_tasks_runs_its_body_once() {
 
     let runs = recorded(&key, 1).await;
     assert_eq!(runs.len(), 1, "the body ran once");
+    let fired = [&a, &b]
+        .iter()
+        .map(|w| {
+            w.log_text()
+                .matches("chord complete; sending its body")
+                .count()
+        })
+        .sum::<usize>();
+    assert_eq!(fired, 1, "one worker, once, sent the body");
     let meta = client
         .result::<Value>(sent.id())
         .meta()

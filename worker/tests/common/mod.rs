@@ -53,7 +53,11 @@ impl WorkerProcess {
         let log =
             std::env::temp_dir().join(format!("worker-{}.log", uuid::Uuid::new_v4().simple()));
         let file = std::fs::File::create(&log).expect("worker log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_worker"));
+        // `WORKER_BIN` runs the tests against another build (a release one, an older one).
+        let bin = std::env::var_os("WORKER_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_worker")));
+        let mut cmd = Command::new(bin);
         cmd.env("BROKER_URL", amqp_url())
             .env("RESULT_BACKEND", redis_url())
             .env("WORKER_QUEUES", queue)
