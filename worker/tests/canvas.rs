@@ -209,6 +209,20 @@ async fn python_chains_run_through_rust_and_python_steps() {
     );
     assert_eq!(tail.parent_id.as_deref(), Some(tens));
 
+    // A group inside the chain (Python makes it a chord with the next step) and a group at the
+    // end, both sent on by the Rust worker with its result.
+    let out = canvas_py(json!({"cmd": "apply", "canvas": {"chain": [
+        spec("diag.add", json!([1, 1]), &rq),
+        {"group": [spec("py.mul", json!([3]), &pq), spec("diag.add", json!([5]), &rq)]},
+        spec("py.tsum", json!([]), &pq)]}}))
+    .await;
+    assert_eq!(out["result"], 13, "(2 * 3) + (2 + 5): {out}");
+    let out = canvas_py(json!({"cmd": "apply", "canvas": {"chain": [
+        spec("diag.add", json!([1, 1]), &rq),
+        {"group": [spec("py.mul", json!([3]), &pq), spec("diag.add", json!([5]), &rq)]}]}}))
+    .await;
+    assert_eq!(out["result"], json!([6, 7]), "{out}");
+
     // A failure stops the chain and fails what is left of it, as Celery's worker does.
     let out = canvas_py(json!({"cmd": "apply", "timeout": 30, "canvas": {"chain": [
         spec("diag.fail", json!(["no card"]), &rq), spec("py.mul", json!([10]), &pq)]}}))
@@ -363,6 +377,18 @@ async fn groups_and_group_results_on_both_sides() {
     assert_eq!(restored["result"], json!([2, 4, 30]), "{restored}");
     let member = s.meta(sent.results()[0].id()).await;
     assert_eq!(member.group_id.as_deref(), Some(sent.id()));
+
+    // From Rust, a group between two chain steps becomes a chord, as in Python.
+    let c = chain([
+        sig("diag.add", json!([1, 1]), &rq),
+        group([
+            sig("py.mul", json!([3]), &pq),
+            sig("diag.add", json!([5]), &rq),
+        ]),
+        sig("py.tsum", json!([]), &pq),
+    ]);
+    let sent_chain = s.client.apply(&c).await.unwrap();
+    assert_eq!(sent_chain.get(Duration::from_secs(60)).await.unwrap(), 13);
 
     let out = canvas_py(json!({"cmd": "apply", "save": true, "canvas": {"group": [
         spec("diag.add", json!([5, 5]), &rq), spec("py.add", json!([6, 6]), &pq)]}}))
