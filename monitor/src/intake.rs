@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use serde_json::Value;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::broker::{self, EventsQueue};
 use crate::error::{Error, Result};
@@ -38,6 +38,17 @@ pub struct IntakeConfig {
     pub batch_size: u16,
     /// Longest wait to fill a batch once its first event arrived.
     pub batch_wait: Duration,
+}
+
+/// What a committed batch changed, announced to live pages (`/live`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Update {
+    /// Events written.
+    pub events: usize,
+    /// Task rows written.
+    pub tasks: usize,
+    /// Worker rows written.
+    pub workers: usize,
 }
 
 /// What the intake has done, for `/readyz` and tests.
@@ -84,6 +95,7 @@ pub async fn run(
     store: Store,
     metrics: Metrics,
     status: Arc<IntakeStatus>,
+    updates: broadcast::Sender<Update>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let mut backoff = Duration::from_millis(200);
@@ -91,7 +103,7 @@ pub async fn run(
         if *stop.borrow() {
             return Ok(());
         }
-        let result = session(&config, &store, &metrics, &status, &mut stop).await;
+        let result = session(&config, &store, &metrics, &status, &updates, &mut stop).await;
         status.consuming.store(false, Ordering::Relaxed);
         match result {
             Ok(()) => return Ok(()),
@@ -114,6 +126,7 @@ async fn session(
     store: &Store,
     metrics: &Metrics,
     status: &IntakeStatus,
+    updates: &broadcast::Sender<Update>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<()> {
     let connection = broker::connect(&config.broker_url).await?;
@@ -201,6 +214,12 @@ async fn session(
                 .ack(BasicAckOptions { multiple: true })
                 .await?;
             record(status, metrics, &batch.events, &summary);
+            // Nobody listening is fine: the pages then poll.
+            let _ = updates.send(Update {
+                events: batch.events.len(),
+                tasks: summary.tasks,
+                workers: summary.workers,
+            });
             tracing::debug!(
                 events = batch.events.len(),
                 tasks = summary.tasks,

@@ -54,6 +54,7 @@ struct Shared {
     probe: QueueProbe,
     metrics: Metrics,
     intake: Arc<IntakeStatus>,
+    updates: tokio::sync::broadcast::Sender<intake::Update>,
     inspect_timeout: std::time::Duration,
 }
 
@@ -83,6 +84,7 @@ impl AppState {
                 broker,
                 metrics: Metrics::new(),
                 intake: Arc::default(),
+                updates: tokio::sync::broadcast::channel(64).0,
                 inspect_timeout: config.inspect_timeout,
             }),
         })
@@ -107,6 +109,10 @@ impl AppState {
     /// What the intake has done.
     pub fn intake_status(&self) -> &Arc<IntakeStatus> {
         &self.inner.intake
+    }
+    /// Announcements of committed batches (what `/live` streams).
+    pub fn updates(&self) -> &tokio::sync::broadcast::Sender<intake::Update> {
+        &self.inner.updates
     }
     /// The queue probe.
     pub fn queue_probe(&self) -> &QueueProbe {
@@ -192,6 +198,7 @@ impl Monitor {
             store,
             state.metrics().clone(),
             state.intake_status().clone(),
+            state.updates().clone(),
             stopped,
         ));
         Ok(Monitor {

@@ -610,6 +610,35 @@ pub(crate) async fn queues(
     })
 }
 
+/// `GET /live`: Server-Sent Events, one `batch` event (`{"events", "tasks", "workers"}`) per
+/// committed batch, a keep-alive comment every 15 s. The pages reload on it (at most every 2 s)
+/// and fall back to polling when the stream is unavailable.
+pub(crate) async fn live(
+    State(state): State<AppState>,
+) -> axum::response::sse::Sse<
+    impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let rx = state.updates().subscribe();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(update) => {
+                    let event = Event::default()
+                        .event("batch")
+                        .json_data(update)
+                        .unwrap_or_else(|_| Event::default().event("batch"));
+                    return Some((Ok(event), rx));
+                }
+                // A slow reader missed some: the next one still says "changed".
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -236,3 +236,60 @@ async fn out_of_order_and_batched_events_merge_into_one_row_per_task_and_worker(
     let _ = connection.close(200, "done".into()).await;
     support::drop_database(&db).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_pages_hear_of_each_committed_batch() {
+    use futures_util::StreamExt;
+    let (config, db) = support::config();
+    let monitor = Monitor::start(&config).await.expect("the monitor starts");
+    let response = tower::ServiceExt::oneshot(
+        monitor.router(),
+        axum::http::Request::get("/live")
+            .body(axum::body::Body::empty())
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/event-stream",
+        "{:?}",
+        response.headers()
+    );
+    let mut body = response.into_body().into_data_stream();
+
+    let connection = monitor::broker::connect(&support::amqp_url())
+        .await
+        .unwrap();
+    let ch = connection.create_channel().await.unwrap();
+    let id = uuid::Uuid::new_v4().to_string();
+    publish(
+        &ch,
+        "task.started",
+        &json!({"type": "task-started", "uuid": id,
+        "hostname": "live@test", "timestamp": task_core::events::unix_now()}),
+    )
+    .await;
+    let frame = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let chunk = body.next().await.expect("the stream stays open").unwrap();
+            let text = String::from_utf8_lossy(&chunk).into_owned();
+            if text.contains("event: batch") {
+                return text;
+            }
+        }
+    })
+    .await
+    .expect("a batch event within 30 s");
+    assert!(frame.contains(r#""events":"#), "{frame}");
+    // The page that listens to it, and keeps a no-JavaScript fallback.
+    let (_, html) = support::call(&monitor.router(), "GET", "/workers", "").await;
+    assert!(html.contains(r#"new EventSource("/live")"#), "{html}");
+    assert!(html.contains(r#"<noscript><meta http-equiv="refresh" content="5"></noscript>"#));
+
+    drop(body);
+    monitor.stop().await.unwrap();
+    support::delete_queue(&config.events_queue).await;
+    let _ = connection.close(200, "done".into()).await;
+    support::drop_database(&db).await;
+}

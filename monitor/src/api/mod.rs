@@ -45,6 +45,7 @@ pub fn app(state: AppState) -> Router {
         .route("/task/{id}", get(crate::pages::task))
         .route("/workers", get(crate::pages::workers))
         .route("/queues", get(crate::pages::queues))
+        .route("/live", get(crate::pages::live))
         .route("/metrics", get(health::metrics))
         .route("/livez", get(health::livez))
         .route("/readyz", get(health::readyz))
