@@ -165,3 +165,69 @@ async fn a_custom_state_from_python_is_read_and_waited_past() {
     let done = waiter.await.unwrap().unwrap();
     assert_eq!((done.status, done.result), (TaskState::Success, json!(7)));
 }
+
+/// Header tasks finishing at once on many workers: exactly one of them gets to fire the body,
+/// with every result in header order, and a redelivered copy neither counts twice nor fires it
+/// again afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chord_completes_once_under_concurrent_parts() {
+    use task_core::backend::{ChordPart, ChordProgress};
+    let backend = common::redis().await.with_ttl(Duration::from_secs(120));
+    let gid = id();
+    let n = 200;
+    backend.set_chord_size(&gid, n).await.unwrap();
+    let ids: Vec<String> = (0..n).map(|_| id()).collect();
+    let parts = (0..n as usize).flat_map(|i| [i, i]).map(|i| {
+        let (backend, gid, tid) = (backend.clone(), gid.clone(), ids[i].clone());
+        tokio::spawn(async move {
+            let result = json!(i);
+            let part = ChordPart {
+                group_id: &gid,
+                task_id: &tid,
+                group_index: Some(i as i64),
+                state: TaskState::Success,
+                result: &result,
+                fallback_size: None,
+            };
+            backend.chord_part_return(&part).await.unwrap()
+        })
+    });
+    let mut complete = Vec::new();
+    for p in parts.collect::<Vec<_>>() {
+        if let ChordProgress::Complete { members, claim } = p.await.unwrap() {
+            complete.push((members, claim));
+        }
+    }
+    assert_eq!(complete.len(), 1, "one caller fires the body");
+    let (members, claim) = complete.pop().unwrap();
+    let results: Vec<_> = members.iter().map(|m| m.result.clone()).collect();
+    assert_eq!(results, (0..n).map(|i| json!(i)).collect::<Vec<_>>());
+    assert!(backend.chord_cleanup(&gid, &claim).await.unwrap());
+    let late = json!(0);
+    let again = ChordPart {
+        group_id: &gid,
+        task_id: &ids[0],
+        group_index: Some(0),
+        state: TaskState::Success,
+        result: &late,
+        fallback_size: None,
+    };
+    assert_eq!(
+        backend.chord_part_return(&again).await.unwrap(),
+        ChordProgress::AlreadyDone
+    );
+    let mut conn = redis::Client::open(common::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let left: i64 = conn
+        .exists(format!("celery-taskset-meta-{gid}.j"))
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    let _: () = conn
+        .del(format!("celery-taskset-meta-{gid}.c"))
+        .await
+        .unwrap();
+}
