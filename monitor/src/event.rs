@@ -46,7 +46,8 @@ const PRECEDENCE: [&str; 9] = [
     "SUCCESS", "FAILURE", "", "REVOKED", "STARTED", "RECEIVED", "REJECTED", "RETRY", "PENDING",
 ];
 
-/// The rank of `state` in [`PRECEDENCE`]: lower is stronger.
+/// The rank of `state` in Celery's precedence (SUCCESS, FAILURE, unknown, REVOKED, STARTED,
+/// RECEIVED, REJECTED, RETRY, PENDING): lower is stronger.
 pub fn precedence(state: &str) -> usize {
     PRECEDENCE.iter().position(|s| *s == state).unwrap_or(2)
 }

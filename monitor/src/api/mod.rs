@@ -1,5 +1,6 @@
-//! The HTTP surface: the pages ([`crate::pages`]), Flower's API (`/api/...`, same paths, parameters and JSON shapes as Flower
-//! 2.2, so scripts written for Flower keep working), `/metrics`, `/livez` and `/readyz`.
+//! The HTTP surface: the pages (`/`, `/tasks`, `/task/<id>`, `/workers`, `/queues`, `/live`),
+//! Flower's API (`/api/...`, same paths, parameters and JSON shapes as Flower 2.2, so scripts
+//! written for Flower keep working), `/metrics`, `/livez` and `/readyz`.
 
 mod health;
 mod queues;
