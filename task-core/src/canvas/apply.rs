@@ -498,6 +498,7 @@ async fn apply_chord(
     let root_id = body
         .options
         .get("root_id")
+        .or(options.get("root_id"))
         .and_then(Value::as_str)
         .map(str::to_owned);
     if let Some(Value::String(id)) = options.remove("task_id") {

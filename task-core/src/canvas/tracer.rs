@@ -46,6 +46,24 @@ fn parse_all(message: &TaskMessage, key: &str) -> Vec<Signature> {
         .collect()
 }
 
+/// Sends `sig`; a signature this crate cannot send (a `celery.map`, a malformed chain) is
+/// logged and skipped, since requeueing would only fail again. `None` when skipped.
+async fn send(
+    client: &Client,
+    sig: &Signature,
+    partial: Vec<Value>,
+    extra: Map<String, Value>,
+) -> Result<Option<Value>> {
+    match apply(client, sig, partial, extra).await {
+        Ok(tuple) => Ok(Some(tuple)),
+        Err(crate::Error::Config(reason)) => {
+            tracing::error!(task = %sig.task, %reason, "cannot send a canvas signature; skipping it");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Sends the callbacks and the next chain step after a success; returns the `children` to
 /// store. An error means something could not be published (the caller requeues the message).
 pub(crate) async fn on_success(
@@ -56,8 +74,8 @@ pub(crate) async fn on_success(
     let mut children = Vec::new();
     let callbacks = parse_all(message, "callbacks");
     if callbacks.len() == 1 {
-        children.push(
-            apply(
+        children.extend(
+            send(
                 client,
                 &callbacks[0],
                 vec![result.clone()],
@@ -70,11 +88,11 @@ pub(crate) async fn on_success(
             .into_iter()
             .partition(|s| s.subtask_type.as_deref() == Some("group"));
         for g in &groups {
-            children.push(apply(client, g, vec![result.clone()], lineage(message)).await?);
+            children.extend(send(client, g, vec![result.clone()], lineage(message)).await?);
         }
         if !tasks.is_empty() {
             let g = super::signature::group(tasks);
-            children.push(apply(client, &g, vec![result.clone()], lineage(message)).await?);
+            children.extend(send(client, &g, vec![result.clone()], lineage(message)).await?);
         }
     }
     let mut chain = parse_all(message, "chain");
@@ -84,7 +102,7 @@ pub(crate) async fn on_success(
             "chain".into(),
             Value::Array(chain.iter().map(Signature::to_value).collect()),
         );
-        children.push(apply(client, &next, vec![result.clone()], extra).await?);
+        children.extend(send(client, &next, vec![result.clone()], extra).await?);
     }
     Ok(children)
 }
@@ -130,8 +148,7 @@ pub(crate) async fn after_store(client: &Client, message: &TaskMessage, meta: &T
     }
     let errbacks = parse_all(message, "errbacks");
     if !errbacks.is_empty() {
-        let mut extra = lineage(message);
-        extra.insert("parent_id".into(), message.headers.id.clone().into());
+        let extra = lineage(message);
         let g = super::signature::group(errbacks);
         if let Err(e) = apply(client, &g, vec![json!(message.headers.id)], extra).await {
             tracing::error!(error = %e, "could not send the errbacks");
