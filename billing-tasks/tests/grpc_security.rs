@@ -423,3 +423,100 @@ async fn a_thousand_malformed_requests_get_clear_errors_and_leave_the_ledger_unc
     front.stop().await;
     env.stop().await;
 }
+
+/// Sends raw bytes as the request message, whatever they are.
+#[derive(Debug, Clone, Default)]
+struct RawCodec;
+
+#[derive(Debug)]
+struct RawEncoder;
+
+#[derive(Debug)]
+struct RawDecoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use prost::bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use prost::bytes::Buf;
+        let mut out = vec![0; src.remaining()];
+        src.copy_to_slice(&mut out);
+        Ok(Some(out))
+    }
+}
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_that_are_not_protobuf_are_refused_and_change_nothing() {
+    let env = Env::start().await;
+    let front = GrpcFront::start(&env).await;
+    let user = Uuid::new_v4();
+    env.subscribe(user, CARD_OK).await;
+    let token = front.key.token_for(Uuid::new_v4(), 3600);
+    let before = ledger_digest(&env).await;
+    let channel = Channel::from_shared(format!("http://{}", front.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut codes = std::collections::BTreeMap::<String, u32>::new();
+    for i in 0..100 {
+        let len = rng.usize(1..2000);
+        let mut body: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
+        // Start with a field tag whose wire type (7) does not exist, so it never parses.
+        body[0] = 0x0f;
+        grpc.ready().await.unwrap();
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+            "/billing.v1.Billing/StartSubscription",
+        );
+        let e = grpc
+            .unary(req(body, Some(token.as_str())), path, RawCodec)
+            .await
+            .expect_err("garbage is refused");
+        assert!(
+            matches!(e.code(), Code::Internal | Code::InvalidArgument),
+            "request {i}: {e:?}"
+        );
+        assert!(
+            e.message().contains("decode"),
+            "request {i}: {}",
+            e.message()
+        );
+        *codes.entry(format!("{:?}", e.code())).or_default() += 1;
+    }
+    println!("100 garbage bodies answered: {codes:?}");
+    assert_eq!(ledger_digest(&env).await, before, "the ledger is unchanged");
+    front.stop().await;
+    env.stop().await;
+}
