@@ -428,3 +428,42 @@ async fn a_recurrent_notification_is_recorded_and_acknowledged() {
     assert_eq!(before, after, "nothing else changed");
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_reordered_and_duplicated_notifications_are_applied_once() {
+    use billing_tasks::ledger::topic;
+    let env = Env::start_with(Options {
+        webhook_mischief: Some((std::time::Duration::from_millis(300), 1.0)),
+        ..Options::default()
+    })
+    .await;
+    for _ in 0..4 {
+        env.subscribe(Uuid::new_v4(), CARD_OK).await;
+    }
+    eventually(
+        "every Pay notification, twice",
+        std::time::Duration::from_secs(20),
+        || async {
+            let (sent, _) = env.fake.webhook_counts();
+            (sent >= 4 * 3).then_some(())
+        },
+    )
+    .await;
+    eventually(
+        "the Pay notifications to be processed",
+        std::time::Duration::from_secs(20),
+        || async {
+            (env.scalar_i64(
+                "SELECT count(*) FROM gateway_event WHERE kind = 'pay' AND processed_at IS NOT NULL",
+            )
+            .await
+                == 4)
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(env.outbox(topic::ACCOUNTING_ATTENTION).await.is_empty());
+    assert_eq!(env.outbox(topic::AUTH_GRANT).await.len(), 4);
+    env.assert_ledger_matches_gateway().await;
+    env.stop().await;
+}

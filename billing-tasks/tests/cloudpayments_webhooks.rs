@@ -311,3 +311,46 @@ async fn token_refund_void_confirm_and_recurrent_notifications() {
     assert_eq!(recurrent.status.as_deref(), Some("PastDue"));
     assert_eq!(recurrent.amount, rub(29_900));
 }
+
+#[tokio::test]
+async fn notifications_can_arrive_late_out_of_order_and_twice() {
+    let receiver = Receiver::start().await;
+    let (fake, client) = start_with(
+        FakeConfig::default().with_fault_seed(3).with_webhooks(
+            receiver
+                .webhooks()
+                .with_mischief(Duration::from_millis(300), 1.0),
+        ),
+    )
+    .await;
+    let mut sent = Vec::new();
+    for _ in 0..6 {
+        sent.push(paid(&client, CARD_OK, &id("acc")).await.transaction_id);
+    }
+    let pays = eventually("every Pay twice", Duration::from_secs(10), || async {
+        let r = receiver.received("pay");
+        (r.len() == 12).then_some(r)
+    })
+    .await;
+    let ids: Vec<i64> = pays
+        .iter()
+        .map(|r| {
+            let body = String::from_utf8_lossy(&r.body).into_owned();
+            body.split('&')
+                .find_map(|kv| kv.strip_prefix("TransactionId="))
+                .and_then(|v| v.parse().ok())
+                .expect("a TransactionId")
+        })
+        .collect();
+    for t in &sent {
+        assert_eq!(ids.iter().filter(|i| *i == t).count(), 2, "{t} twice");
+    }
+    let mut first_seen: Vec<i64> = Vec::new();
+    for i in &ids {
+        if !first_seen.contains(i) {
+            first_seen.push(*i);
+        }
+    }
+    assert_ne!(first_seen, sent, "delays reorder them (seed 3)");
+    fake.shutdown().await;
+}

@@ -112,6 +112,8 @@ pub struct Options {
     pub webhooks: bool,
     /// Where the worker's `billing.deliver_outbox` posts (`OUTBOX_URL`); unset: nowhere.
     pub outbox_url: Option<String>,
+    /// Notifications delayed by up to this, and delivered twice with this probability.
+    pub webhook_mischief: Option<(Duration, f64)>,
 }
 
 impl Default for Options {
@@ -130,6 +132,7 @@ impl Default for Options {
             client_timeout: Duration::from_secs(2),
             webhooks: true,
             outbox_url: None,
+            webhook_mischief: None,
         }
     }
 }
@@ -177,12 +180,15 @@ impl Env {
         // The webhook receiver listens first, so the fake can be pointed at it.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let webhook_addr = listener.local_addr().unwrap();
-        let webhooks = if opts.webhooks {
+        let mut webhooks = if opts.webhooks {
             WebhookConfig::compressed()
                 .all_to(&format!("http://{webhook_addr}/webhooks/cloudpayments"))
         } else {
             WebhookConfig::compressed()
         };
+        if let Some((delay, duplicates)) = opts.webhook_mischief {
+            webhooks = webhooks.with_mischief(delay, duplicates);
+        }
         let fake = FakeGateway::start(opts.fake.with_webhooks(webhooks))
             .await
             .expect("the fake gateway starts");

@@ -72,6 +72,12 @@ pub struct WebhookConfig {
     /// How many delivery attempts [`super::FakeGateway::webhook_deliveries`] remembers (oldest
     /// dropped first), so a long benchmark does not grow memory without bound.
     pub log_limit: usize,
+    /// Each notification (but Check) first waits a random time up to this, so notifications
+    /// arrive late and out of order, as in the gateway's bad hours. Zero: sent at once.
+    pub delay_up_to: Duration,
+    /// The chance that a notification accepted by the receiver is delivered once more (the
+    /// gateway re-sends when it misses the answer).
+    pub duplicate_probability: f64,
 }
 
 impl Default for WebhookConfig {
@@ -86,6 +92,8 @@ impl Default for WebhookConfig {
             max_attempts: 100,
             timeout: Duration::from_secs(30),
             log_limit: 10_000,
+            delay_up_to: Duration::ZERO,
+            duplicate_probability: 0.0,
         }
     }
 }
@@ -113,6 +121,15 @@ impl WebhookConfig {
                 format!("{base}/{}", kind.as_str().to_ascii_lowercase()),
             );
         }
+        self
+    }
+
+    /// Delays notifications by a random time up to `delay_up_to` (so they also arrive out of
+    /// order) and delivers an accepted one again with `duplicate_probability`. The draws follow
+    /// the fake's fault seed.
+    pub fn with_mischief(mut self, delay_up_to: Duration, duplicate_probability: f64) -> Self {
+        self.delay_up_to = delay_up_to;
+        self.duplicate_probability = duplicate_probability.clamp(0.0, 1.0);
         self
     }
 

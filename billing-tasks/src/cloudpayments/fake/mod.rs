@@ -123,8 +123,10 @@ fn validate(config: &FakeConfig) -> Result<(), FakeError> {
 
 impl FakeGateway {
     /// Binds `config.bind` (port 0 for a free one) and serves until shut down.
-    pub async fn start(config: FakeConfig) -> Result<FakeGateway, FakeError> {
+    pub async fn start(mut config: FakeConfig) -> Result<FakeGateway, FakeError> {
         validate(&config)?;
+        // One seed for every random draw of the fake, reported by `fault_seed`.
+        let seed = *config.fault_seed.get_or_insert_with(|| fastrand::u64(..));
         let listener = TcpListener::bind(config.bind)
             .await
             .map_err(|source| FakeError::Bind {
@@ -136,7 +138,7 @@ impl FakeGateway {
             source,
         })?;
         let (stop, stopped) = watch::channel(false);
-        let notifier = Notifier::new(config.webhooks.clone(), stopped.clone())
+        let notifier = Notifier::new(config.webhooks.clone(), stopped.clone(), seed ^ 0x5eed)
             .map_err(|e| FakeError::Config(format!("webhook HTTP client: {e}")))?;
         let acs_url = config
             .acs_url

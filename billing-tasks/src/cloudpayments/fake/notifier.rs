@@ -67,6 +67,8 @@ pub(crate) struct Notifier {
     attempts: AtomicU64,
     accepted: AtomicU64,
     shutdown: watch::Receiver<bool>,
+    /// Draws for delays and duplicates (seeded with the fake's fault seed).
+    rng: Mutex<fastrand::Rng>,
 }
 
 impl std::fmt::Debug for Notifier {
@@ -84,6 +86,7 @@ impl Notifier {
     pub(crate) fn new(
         config: WebhookConfig,
         shutdown: watch::Receiver<bool>,
+        seed: u64,
     ) -> Result<Notifier, reqwest::Error> {
         let http = reqwest::Client::builder()
             .timeout(config.timeout)
@@ -96,6 +99,7 @@ impl Notifier {
             attempts: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             shutdown,
+            rng: Mutex::new(fastrand::Rng::with_seed(seed)),
         })
     }
 
@@ -147,9 +151,20 @@ impl Notifier {
         let Some(url) = self.config.urls.get(&kind).cloned() else {
             return;
         };
+        let (delay, duplicate) = {
+            let mut rng = self.rng.lock().unwrap_or_else(PoisonError::into_inner);
+            let delay = self.config.delay_up_to.mul_f64(rng.f64());
+            (delay, rng.f64() < self.config.duplicate_probability)
+        };
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let mut shutdown = this.shutdown.clone();
+            if !delay.is_zero() {
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
+            }
             for attempt in 1..=this.config.max_attempts.max(1) {
                 let delivery = this.attempt(kind, &url, attempt, transaction_id, &secret, &fields);
                 let result = tokio::select! {
@@ -157,6 +172,15 @@ impl Notifier {
                     _ = shutdown.wait_for(|stop| *stop) => return,
                 };
                 if result == DeliveryResult::Accepted {
+                    if duplicate {
+                        // As if the gateway had missed the answer: the same notification again.
+                        let again =
+                            this.attempt(kind, &url, attempt + 1, transaction_id, &secret, &fields);
+                        tokio::select! {
+                            _ = again => {}
+                            _ = shutdown.wait_for(|stop| *stop) => {}
+                        }
+                    }
                     return;
                 }
                 tokio::select! {
