@@ -973,16 +973,16 @@ impl BillingService {
         self.get_payment(req.user_id, payment_id).await
     }
 
-    /// Whether a payment awaiting 3-D Secure already has the payer's answer (its charge is then
-    /// under way).
+    /// Whether a payment's 3-D Secure challenge no longer waits for the payer: the answer was
+    /// given (its charge is under way) or the attempt has moved on since it was read.
     pub async fn three_ds_answered(&self, payment_id: Uuid) -> Result<bool> {
-        Ok(
-            sqlx::query_scalar::<_, bool>("SELECT pa_res IS NOT NULL FROM payment WHERE id = $1")
-                .bind(payment_id)
-                .fetch_optional(self.billing.db())
-                .await?
-                .unwrap_or(false),
+        Ok(sqlx::query_scalar::<_, bool>(
+            "SELECT pa_res IS NOT NULL OR status <> 'awaiting_3ds' FROM payment WHERE id = $1",
         )
+        .bind(payment_id)
+        .fetch_optional(self.billing.db())
+        .await?
+        .unwrap_or(false))
     }
 
     /// Switches the payer's live subscription to `tariff` from its next renewal (the renewal
