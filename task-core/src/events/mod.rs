@@ -101,9 +101,18 @@ struct Inner {
     clock: Arc<LamportClock>,
     task_events: AtomicBool,
     tx: Option<mpsc::Sender<Value>>,
+    /// Task events waiting for the next `task.multi` publish (AMQP only). Filled without waking
+    /// the publisher, which takes the whole buffer every [`BATCH_WINDOW`] or when it is full.
+    batch: Option<Arc<Batch>>,
     published: Arc<AtomicU64>,
     dropped: Arc<AtomicU64>,
     publisher: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+#[derive(Debug, Default)]
+struct Batch {
+    events: std::sync::Mutex<Vec<Value>>,
+    full: tokio::sync::Notify,
 }
 
 impl Events {
@@ -122,11 +131,18 @@ impl Events {
     ) -> Self {
         let published = Arc::new(AtomicU64::new(0));
         let dropped = Arc::new(AtomicU64::new(0));
+        let batch = matches!(sink, EventSink::Amqp(_)).then(|| Arc::new(Batch::default()));
         let (tx, publisher) = match sink {
             EventSink::Disabled => (None, None),
             sink => {
                 let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-                let task = tokio::spawn(publish_loop(sink, rx, published.clone(), dropped.clone()));
+                let task = tokio::spawn(publish_loop(
+                    sink,
+                    rx,
+                    batch.clone(),
+                    published.clone(),
+                    dropped.clone(),
+                ));
                 (Some(tx), Some(task))
             }
         };
@@ -137,6 +153,7 @@ impl Events {
                 clock,
                 task_events: AtomicBool::new(task_events),
                 tx,
+                batch,
                 published,
                 dropped,
                 publisher: std::sync::Mutex::new(publisher),
@@ -190,6 +207,24 @@ impl Events {
         event.insert("utcoffset".into(), json!(0));
         event.insert("pid".into(), json!(self.inner.pid));
         event.insert("clock".into(), json!(self.inner.clock.forward()));
+        // `task-sent` comes from clients, one per publish: sent at once, so a monitor sees the
+        // task before a worker reports on it. Worker events too go at once (after the batch).
+        if let Some(batch) = &self.inner.batch
+            && kind.starts_with("task-")
+            && kind != "task-sent"
+        {
+            let mut events = batch.events.lock().expect("events batch lock");
+            if events.len() >= QUEUE_CAPACITY {
+                drop(events);
+                self.inner.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            events.push(Value::Object(event));
+            if events.len() == BATCH_MAX {
+                batch.full.notify_one();
+            }
+            return;
+        }
         if tx.try_send(Value::Object(event)).is_err() {
             self.inner.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -275,6 +310,7 @@ const BATCH_WINDOW: Duration = Duration::from_millis(100);
 async fn publish_loop(
     sink: EventSink,
     mut rx: mpsc::Receiver<Value>,
+    batch: Option<Arc<Batch>>,
     published: Arc<AtomicU64>,
     dropped: Arc<AtomicU64>,
 ) {
@@ -286,50 +322,38 @@ async fn publish_loop(
         dropped,
     };
     // Task events are batched as Celery's own worker batches them (a JSON list under routing key
-    // `task.multi`, which Celery's receiver, Flower and our monitor all read): three events per
-    // task would otherwise triple the broker's work. Worker events go out at once, after the
-    // batch, so the order of events from this node is kept.
-    let mut batch: Vec<Value> = Vec::new();
-    let mut flush_at: Option<tokio::time::Instant> = None;
+    // `task.multi`, which Celery's receiver, Flower and our monitor all read): one publish, and
+    // one wake-up of this loop, per event would cost the worker a third of its throughput.
+    let take = |batch: &Option<Arc<Batch>>| -> Vec<Value> {
+        batch
+            .as_ref()
+            .map(|b| std::mem::take(&mut *b.events.lock().expect("events batch lock")))
+            .unwrap_or_default()
+    };
+    let mut tick = tokio::time::interval(BATCH_WINDOW);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let next = match flush_at {
-            Some(at) => tokio::select! {
-                e = rx.recv() => Some(e),
-                _ = tokio::time::sleep_until(at) => None,
-            },
-            None => Some(rx.recv().await),
-        };
-        match next {
-            None => {
-                out.send_batch(std::mem::take(&mut batch)).await;
-                flush_at = None;
+        // A fresh wait each round: `notify_one` keeps a permit when nobody waits, so a batch
+        // that filled up meanwhile is not missed.
+        let full = async {
+            match &batch {
+                Some(b) => b.full.notified().await,
+                None => std::future::pending().await,
             }
-            Some(None) | Some(Some(Value::Null)) => break,
-            Some(Some(event)) => {
-                // `task-sent` comes from clients, one per publish: sent at once, so a monitor
-                // sees the task before a worker reports on it.
-                let is_task = event
-                    .get("type")
-                    .and_then(Value::as_str)
-                    .is_some_and(|t| t.starts_with("task-") && t != "task-sent");
-                if is_task && out.batches() {
-                    if batch.is_empty() {
-                        flush_at = Some(tokio::time::Instant::now() + BATCH_WINDOW);
-                    }
-                    batch.push(event);
-                    if batch.len() >= BATCH_MAX {
-                        out.send_batch(std::mem::take(&mut batch)).await;
-                        flush_at = None;
-                    }
-                } else {
-                    out.send_batch(std::mem::take(&mut batch)).await;
-                    flush_at = None;
+        };
+        tokio::select! {
+            event = rx.recv() => match event {
+                None | Some(Value::Null) => break,
+                Some(event) => {
+                    out.send_batch(take(&batch)).await;
                     out.send(event, 1).await;
                 }
-            }
+            },
+            _ = full => out.send_batch(take(&batch)).await,
+            _ = tick.tick() => out.send_batch(take(&batch)).await,
         }
     }
-    out.send_batch(batch).await;
+    out.send_batch(take(&batch)).await;
     if let Some((ch, _)) = out.channel {
         let _ = ch.close(200, "events done".into()).await;
     }
@@ -345,10 +369,6 @@ struct Publisher {
 }
 
 impl Publisher {
-    fn batches(&self) -> bool {
-        matches!(self.sink, EventSink::Amqp(_))
-    }
-
     async fn send_batch(&mut self, mut batch: Vec<Value>) {
         match batch.len() {
             0 => {}
