@@ -58,7 +58,93 @@ return 0
     ))
 });
 
+/// KEYS: conc key, rate key. ARGV: rate interval µs (0: none), limit, holder, lease ms.
+/// 0 if admitted (a permit taken and a rate slot used), the rate wait in µs, or -1 if every
+/// permit is taken.
+static ADMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{NOW}{LEASES}{}",
+        r"
+local held = redis.call('ZSCORE', KEYS[1], ARGV[3])
+if not held and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  return -1
+end
+local interval = tonumber(ARGV[1])
+if interval > 0 then
+  local tat = tonumber(redis.call('GET', KEYS[2]))
+  if tat and tat > now_us then return tat - now_us end
+  redis.call('SET', KEYS[2], int(now_us + interval), 'PX', int(math.max(1, math.ceil(interval / 1000))))
+end
+redis.call('ZADD', KEYS[1], int(now_ms + tonumber(ARGV[4])), ARGV[3])
+expire_with_last_lease()
+return 0
+"
+    ))
+});
+
+/// What [`Coordinator::try_admit`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// A permit is held and a rate slot was used.
+    Granted,
+    /// Every permit is taken.
+    Busy,
+    /// A permit is free but the next rate slot is this far away (nothing was taken).
+    Wait(Duration),
+}
+
 impl Coordinator {
+    /// Takes a permit of `key` (one of `limit`, as `holder`, for `lease`) and a start slot of
+    /// the same key's `rate` together, in one round trip: the per-key limit of a task type that
+    /// has both. Nothing is taken unless both are free.
+    pub async fn try_admit(
+        &self,
+        key: &str,
+        limit: u32,
+        rate: Option<crate::backoff::RateLimit>,
+        holder: &str,
+        lease: Duration,
+    ) -> Result<Admit> {
+        let interval = match rate {
+            Some(r) => Some(super::rate::interval(r)?),
+            None => None,
+        };
+        match self {
+            Coordinator::Redis(r) => {
+                let n: i64 = ADMIT
+                    .key(r.keyed("conc", key))
+                    .key(r.keyed("rate", key))
+                    .arg(interval.map_or(0, |i| u64::try_from(i.as_micros()).unwrap_or(u64::MAX)))
+                    .arg(limit)
+                    .arg(holder)
+                    .arg(millis(lease))
+                    .invoke_async(&mut r.conn())
+                    .await?;
+                Ok(match n {
+                    0 => Admit::Granted,
+                    n if n < 0 => Admit::Busy,
+                    n => Admit::Wait(Duration::from_micros(n.unsigned_abs())),
+                })
+            }
+            Coordinator::Memory(m) => {
+                if !m.try_acquire(key, Some(limit), holder, lease) {
+                    return Ok(Admit::Busy);
+                }
+                if let Some(interval) = interval
+                    && let Some(wait) = m.rate_wait(key, interval)
+                {
+                    m.state()
+                        .conc
+                        .entry(key.to_owned())
+                        .or_default()
+                        .remove(holder);
+                    return Ok(Admit::Wait(wait));
+                }
+                Ok(Admit::Granted)
+            }
+        }
+    }
+
     /// Takes one of `limit` permits for `key` as `holder`, for `lease`; `false` if all are taken.
     ///
     /// A holder that already holds a permit keeps it and gets a fresh lease (acquiring is

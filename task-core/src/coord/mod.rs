@@ -141,6 +141,7 @@ mod revoked;
 
 use std::time::Duration;
 
+pub use self::concurrency::Admit;
 pub use self::locks::KeyLock;
 pub use self::memory::MemoryCoordinator;
 pub use self::redis::RedisCoordinator;

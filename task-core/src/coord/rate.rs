@@ -37,7 +37,7 @@ return 0
 
 /// The spacing between starts, in whole microseconds (the resolution of Redis's clock), or a
 /// configuration error naming the bad rate.
-fn interval(rate: RateLimit) -> Result<Duration> {
+pub(super) fn interval(rate: RateLimit) -> Result<Duration> {
     let per_second = rate.per_second;
     if per_second.is_nan() || per_second <= 0.0 {
         return Err(Error::Config(format!(
@@ -131,6 +131,10 @@ impl Coordinator {
 }
 
 impl MemoryCoordinator {
+    pub(super) fn rate_wait(&self, key: &str, interval: Duration) -> Option<Duration> {
+        self.try_rate(key, interval)
+    }
+
     fn try_rate(&self, key: &str, interval: Duration) -> Option<Duration> {
         let now = Instant::now();
         let mut s = self.state();

@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 
 use super::State;
 use crate::backoff::RateLimit;
-use crate::coord::Coordinator;
+use crate::coord::{Admit, Coordinator};
 use crate::protocol::TaskMessage;
 use crate::task::{KeyLimit, LimitKey, TaskOptions};
 
@@ -131,17 +131,21 @@ pub(super) async fn admit(
         let Some(key) = limit_key(name, limit, &message.args, &message.kwargs, fields) else {
             continue;
         };
-        if let Some(rate) = limit.rate
-            && let Some(a) = wait_rate(&waiting, &coord, &format!("key:{key}"), rate, name).await
-        {
-            return a;
-        }
-        if let Some(n) = limit.concurrency {
-            let key = format!("key:{key}");
-            match wait_permit(&waiting, &coord, &key, n, &permits.holder, name).await {
-                None => permits.held.push(key),
-                Some(a) => return a,
+        let key = format!("key:{key}");
+        match (limit.concurrency, limit.rate) {
+            // Both in one round trip: the permit and the rate slot are taken together.
+            (Some(n), rate) => {
+                match wait_permit(&waiting, &coord, &key, n, rate, &permits.holder, name).await {
+                    None => permits.held.push(key),
+                    Some(a) => return a,
+                }
             }
+            (None, Some(rate)) => {
+                if let Some(a) = wait_rate(&waiting, &coord, &key, rate, name).await {
+                    return a;
+                }
+            }
+            (None, None) => {}
         }
     }
     if !permits.held.is_empty() {
@@ -223,6 +227,7 @@ async fn wait_permit(
     coord: &Coordinator,
     key: &str,
     limit: u32,
+    rate: Option<RateLimit>,
     holder: &str,
     task: &str,
 ) -> Option<Admission> {
@@ -230,23 +235,31 @@ async fn wait_permit(
     let mut poll = Duration::from_millis(5);
     let mut waited = Duration::ZERO;
     loop {
-        match coord.try_acquire(key, limit, holder, LEASE).await {
-            Ok(true) => return None,
-            Ok(false) => {}
-            Err(e) => tracing::warn!(key, error = %e, "concurrency limiter unavailable"),
-        }
+        let wait = match coord.try_admit(key, limit, rate, holder, LEASE).await {
+            Ok(Admit::Granted) => return None,
+            // A permit is free; the key's next start slot is this far.
+            Ok(Admit::Wait(wait)) => wait,
+            Ok(Admit::Busy) => {
+                let p = poll;
+                poll = (poll * 2).min(Duration::from_millis(100));
+                p
+            }
+            Err(e) => {
+                tracing::warn!(key, error = %e, "concurrency limiter unavailable");
+                Duration::from_millis(200)
+            }
+        };
         waiting.delayed(task);
-        if too_long(state, waited + poll) {
-            return Some(Admission::Defer(Duration::from_secs(1)));
+        if too_long(state, waited + wait) {
+            return Some(Admission::Defer(wait.max(Duration::from_secs(1))));
         }
-        if super::execute::wait_or_stop(state, tokio::time::sleep(poll))
+        if super::execute::wait_or_stop(state, tokio::time::sleep(wait))
             .await
             .is_none()
         {
             return Some(Admission::Stopped);
         }
-        waited += poll;
-        poll = (poll * 2).min(Duration::from_millis(100));
+        waited += wait;
     }
 }
 
