@@ -191,6 +191,29 @@ impl Coordinator {
         }
     }
 
+    /// Releases many permits (`(key, holder)` pairs) in one round trip.
+    pub async fn release_many(&self, permits: &[(String, String)]) -> Result<()> {
+        match self {
+            Coordinator::Redis(r) => {
+                if permits.is_empty() {
+                    return Ok(());
+                }
+                let mut pipe = ::redis::pipe();
+                for (key, holder) in permits {
+                    pipe.zrem(r.keyed("conc", key), holder).ignore();
+                }
+                let () = pipe.query_async(&mut r.conn()).await?;
+                Ok(())
+            }
+            Coordinator::Memory(_) => {
+                for (key, holder) in permits {
+                    Box::pin(self.release(key, holder)).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Gives `holder`'s permit for `key` back at once (nothing happens if it holds none).
     pub async fn release(&self, key: &str, holder: &str) -> Result<()> {
         match self {

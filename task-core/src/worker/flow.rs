@@ -39,7 +39,7 @@ pub(super) enum Admission {
 pub(super) struct Permits {
     held: Vec<String>,
     holder: String,
-    coord: Option<Coordinator>,
+    releases: Option<tokio::sync::mpsc::UnboundedSender<(String, String)>>,
     renewal: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -48,18 +48,15 @@ impl Drop for Permits {
         if let Some(r) = self.renewal.take() {
             r.abort();
         }
-        if let Some(coord) = self.coord.take()
+        if let Some(releases) = self.releases.take()
             && !self.held.is_empty()
         {
-            let held = std::mem::take(&mut self.held);
             let holder = std::mem::take(&mut self.holder);
-            tokio::spawn(async move {
-                for key in held {
-                    if let Err(e) = coord.release(&key, &holder).await {
-                        tracing::warn!(key, error = %e, "could not release a concurrency permit; it expires with its lease");
-                    }
-                }
-            });
+            for key in std::mem::take(&mut self.held) {
+                // The worker's release loop gives them back in batches (one round trip each);
+                // if it is gone, the permit expires with its lease.
+                let _ = releases.send((key, holder.clone()));
+            }
         }
     }
 }
@@ -123,7 +120,7 @@ pub(super) async fn admit(
             message.headers.id,
             uuid::Uuid::new_v4().simple()
         ),
-        coord: Some(coord.clone()),
+        releases: Some(state.releases.clone()),
         held: Vec::new(),
         renewal: None,
     };
@@ -268,6 +265,41 @@ async fn wait_permit(
 fn too_long(state: &State, wait: Duration) -> bool {
     let waiters = state.limit_waiters.load(Ordering::Relaxed);
     wait > HOLD || waiters > state.concurrency.load(Ordering::Relaxed).max(1)
+}
+
+/// Gives released permits back in batches until stopped, then once more for what is left.
+pub(super) async fn release_loop(
+    coordinator: Coordinator,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            first = rx.recv() => match first {
+                Some(p) => batch.push(p),
+                None => break,
+            },
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        while batch.len() < 512
+            && let Ok(p) = rx.try_recv()
+        {
+            batch.push(p);
+        }
+        release(&coordinator, &mut batch).await;
+    }
+    while let Ok(p) = rx.try_recv() {
+        batch.push(p);
+    }
+    release(&coordinator, &mut batch).await;
+}
+
+async fn release(coordinator: &Coordinator, batch: &mut Vec<(String, String)>) {
+    if let Err(e) = coordinator.release_many(batch).await {
+        tracing::warn!(permits = batch.len(), error = %e, "could not release concurrency permits; they expire with their leases");
+    }
+    batch.clear();
 }
 
 #[cfg(test)]

@@ -196,6 +196,9 @@ pub(crate) struct State {
     pub(crate) started: std::time::Instant,
     pub(crate) commands: mpsc::Sender<Command>,
     pub(crate) limit_waiters: AtomicUsize,
+    /// Concurrency permits to give back (see `flow::release_loop`).
+    pub(crate) releases: mpsc::UnboundedSender<(String, String)>,
+    releases_rx: Mutex<Option<mpsc::UnboundedReceiver<(String, String)>>>,
 }
 
 impl State {
@@ -249,6 +252,7 @@ impl Worker {
     ) -> Self {
         let (stop_tx, stopping) = watch::channel(false);
         let (commands, commands_rx) = mpsc::channel(64);
+        let (releases, releases_rx) = mpsc::unbounded_channel();
         let concurrency = config.concurrency.max(1);
         let slots = Arc::new(Semaphore::new(concurrency));
         let clock = Arc::new(LamportClock::default());
@@ -278,6 +282,8 @@ impl Worker {
                 started: std::time::Instant::now(),
                 commands,
                 limit_waiters: AtomicUsize::new(0),
+                releases,
+                releases_rx: Mutex::new(Some(releases_rx)),
                 config,
             }),
             commands: commands_rx,
@@ -331,6 +337,13 @@ impl Worker {
         let (bg_stop, bg_stopped) = watch::channel(false);
         let mut background = JoinSet::new();
         background.spawn(revoked::sync_loop(state.clone(), bg_stopped.clone()));
+        if let Some(rx) = state.releases_rx.lock().expect("releases lock").take() {
+            background.spawn(flow::release_loop(
+                state.coordinator(),
+                rx,
+                bg_stopped.clone(),
+            ));
+        }
         if let AnyBroker::Amqp(amqp) = state.broker() {
             let handler: Arc<dyn crate::control::Handler> =
                 Arc::new(control::Commands(state.clone()));
