@@ -17,9 +17,23 @@ use grpc_support::{GrpcFront, SigningKey};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use uuid::Uuid;
 
+/// A file of this checkout: found from the working directory (nextest runs a test in its
+/// package's directory) so a binary built from another checkout sharing the target directory
+/// still finds this one's files; else from where this file was compiled.
+fn checkout_path(relative: &str) -> std::path::PathBuf {
+    let cwd = std::env::current_dir().unwrap();
+    cwd.ancestors()
+        .map(|d| d.join(relative))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join(relative)
+        })
+}
+
 fn python() -> std::path::PathBuf {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let py = root.join(".venv/bin/python");
+    let py = checkout_path(".venv/bin/python");
     assert!(
         py.exists(),
         "run scripts/python-venv first (it installs grpcio and grpcio-tools into .venv)"
@@ -68,24 +82,21 @@ async fn run_python(
         .map(|n| (n, Uuid::new_v4()))
         .collect();
     let mut cmd = tokio::process::Command::new(python());
-    cmd.arg(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/python/grpc_flow.py"
-    ))
-    .env("PROTO_DIR", concat!(env!("CARGO_MANIFEST_DIR"), "/proto"))
-    .env("BILLING_GRPC_TARGET", target.to_string())
-    .env("CRYPTO_OK", fake::test_cryptogram(CARD_OK, EXP))
-    .env("CRYPTO_3DS", fake::test_cryptogram(CARD_3DS_OK, EXP))
-    .env("CRYPTO_NSF", fake::test_cryptogram(CARD_NSF, EXP))
-    .env(
-        "CRYPTO_TOKEN_NSF",
-        fake::test_cryptogram(CARD_TOKEN_NSF, EXP),
-    )
-    .env("PA_RES_OK", fake::PA_RES_OK)
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit())
-    .kill_on_drop(true);
+    cmd.arg(checkout_path("billing-tasks/tests/python/grpc_flow.py"))
+        .env("PROTO_DIR", checkout_path("billing-tasks/proto"))
+        .env("BILLING_GRPC_TARGET", target.to_string())
+        .env("CRYPTO_OK", fake::test_cryptogram(CARD_OK, EXP))
+        .env("CRYPTO_3DS", fake::test_cryptogram(CARD_3DS_OK, EXP))
+        .env("CRYPTO_NSF", fake::test_cryptogram(CARD_NSF, EXP))
+        .env(
+            "CRYPTO_TOKEN_NSF",
+            fake::test_cryptogram(CARD_TOKEN_NSF, EXP),
+        )
+        .env("PA_RES_OK", fake::PA_RES_OK)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
     for (name, user) in &users {
         cmd.env(format!("TOKEN_{name}"), key.token_for(*user, 3600));
     }
