@@ -284,6 +284,7 @@ mod tests {
                 "billing.enqueue_renewals",
                 "billing.expire_subscriptions",
                 "billing.purge_cryptograms",
+                "billing.reconcile_day",
                 "billing.reconcile_payments",
                 "billing.reconcile_refunds",
                 "billing.retry_due_invoices",
