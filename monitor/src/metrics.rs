@@ -3,7 +3,7 @@
 //!
 //! - From the event intake: `tq_monitor_events_received_total{type}`,
 //!   `tq_monitor_event_lag_seconds` (now minus the newest event's timestamp, at its write),
-//!   `tq_monitor_last_event_timestamp_seconds`, `tq_tasks_completed_total{task,outcome}`.
+//!   `tq_monitor_last_event_timestamp_seconds`, `tq_monitor_tasks_completed_total{task,outcome}`.
 //! - Collected at scrape time: `tq_worker_up{worker}` from the stored heartbeats (a worker drops
 //!   out of the series an hour after its last event, so pod churn does not pile up series),
 //!   `tq_queue_messages{queue,state="ready"}` and `tq_queue_consumers{queue}` for every queue the
@@ -104,8 +104,8 @@ impl Metrics {
         );
         let completed = Family::<Completed, Counter>::default();
         registry.register(
-            "tasks_completed",
-            "Tasks that finished an attempt, by task and outcome, from their events",
+            "monitor_tasks_completed",
+            "Tasks that finished an attempt, by task and outcome, from their events (the workers' own count is tq_tasks_completed_total)",
             completed.clone(),
         );
         let lag = FloatGauge::default();
@@ -243,7 +243,7 @@ mod tests {
         for line in [
             r#"tq_monitor_events_received_total{type="task-succeeded"} 1"#,
             r#"tq_monitor_events_received_total{type="other"} 1"#,
-            r#"tq_tasks_completed_total{task="diag.add",outcome="success"} 1"#,
+            r#"tq_monitor_tasks_completed_total{task="diag.add",outcome="success"} 1"#,
             "tq_monitor_event_lag_seconds 0.5",
             "tq_monitor_last_event_timestamp_seconds 100.0",
             r#"tq_worker_up{worker="w1@h"} 1"#,
