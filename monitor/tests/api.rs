@@ -216,9 +216,8 @@ async fn a_run_of_rust_tasks_appears_in_the_task_list_with_its_states() {
         );
     }
     assert!(
-        metrics.lines().any(
-            |l| l.starts_with(r#"tq_monitor_tasks_completed_total{task="diag.add",outcome="success"}"#)
-        ),
+        metrics.lines().any(|l| l
+            .starts_with(r#"tq_monitor_tasks_completed_total{task="diag.add",outcome="success"}"#)),
         "{metrics}"
     );
 

@@ -211,9 +211,8 @@ async fn out_of_order_and_batched_events_merge_into_one_row_per_task_and_worker(
     .await;
     let metrics = support::call(&router, "GET", "/metrics", "").await.1;
     assert!(
-        metrics.lines().any(
-            |l| l.starts_with(r#"tq_monitor_tasks_completed_total{task="diag.add",outcome="failure"}"#)
-        ),
+        metrics.lines().any(|l| l
+            .starts_with(r#"tq_monitor_tasks_completed_total{task="diag.add",outcome="failure"}"#)),
         "{metrics}"
     );
     assert!(
