@@ -43,8 +43,6 @@ use crate::vault;
 
 /// How long the gateway replays an `X-Request-ID` (an hour), with a margin.
 const REPLAY_WINDOW: chrono::Duration = chrono::Duration::minutes(55);
-/// After this long without any record at the gateway, an unknown attempt is taken as never made.
-const GIVE_UP_UNKNOWN: chrono::Duration = chrono::Duration::minutes(10);
 /// Tries for a call the gateway certainly did not process (429, connection refused).
 const SEND_TRIES: u32 = 3;
 
@@ -454,6 +452,12 @@ pub async fn reconcile(billing: &Billing, payment_id: Uuid) -> Result<Step> {
         attempt
     };
     let sent_at = attempt.sent_at.unwrap_or(now);
+    let give_up = billing.policy().unknown_give_up;
+    // Looked at again twice per lease (four times while a replay is possible).
+    let every = (billing.policy().processing_lease / 2)
+        .to_std()
+        .unwrap_or_default()
+        .max(Duration::from_secs(1));
     let replayable = attempt.method == "token" && now - sent_at < REPLAY_WINDOW;
     let learnt = if replayable {
         replay(billing, &attempt).await
@@ -464,14 +468,14 @@ pub async fn reconcile(billing: &Billing, payment_id: Uuid) -> Result<Step> {
         Learnt::Answer(outcome) => {
             match settle(billing, payment_id, *outcome, Actor::Worker).await? {
                 // An answer that is not this attempt's (a mismatched approval): keep looking.
-                PaymentStatus::Processing => Ok(Step::RetryAfter(Duration::from_secs(60))),
+                PaymentStatus::Processing => Ok(Step::RetryAfter(every)),
                 settled => Ok(Step::Settled(settled)),
             }
         }
         // The gateway answered, and has nothing final for the attempt after all this time (no
         // record of it, or a 3-D Secure challenge nobody answered): no money moved, and the
         // customer or the dunning ladder tries again.
-        Learnt::Pending(why) if !replayable && now - sent_at >= GIVE_UP_UNKNOWN => {
+        Learnt::Pending(why) if !replayable && now - sent_at >= give_up => {
             let why = format!(
                 "unresolved after {} minutes: {why}",
                 (now - sent_at).num_minutes()
@@ -487,21 +491,21 @@ pub async fn reconcile(billing: &Billing, payment_id: Uuid) -> Result<Step> {
         }
         Learnt::Pending(why) => {
             tracing::info!(payment_id = %payment_id, why, "attempt still unresolved");
-            Ok(Step::RetryAfter(Duration::from_secs(if replayable {
-                30
+            Ok(Step::RetryAfter(if replayable {
+                (every / 2).max(Duration::from_secs(1))
             } else {
-                60
-            })))
+                every
+            }))
         }
         // No answer: the money may have moved, so the attempt stays `processing` (which blocks
         // any new attempt for the invoice) until the gateway answers; people are told once it
         // has been unresolved for long.
         Learnt::NoAnswer(why) => {
-            if now - sent_at >= GIVE_UP_UNKNOWN {
+            if now - sent_at >= give_up {
                 alert_unresolved(billing, &attempt, &why, now).await?;
             }
             tracing::warn!(payment_id = %payment_id, why, "no answer from the gateway about the attempt");
-            Ok(Step::RetryAfter(Duration::from_secs(60)))
+            Ok(Step::RetryAfter(every))
         }
     }
 }
@@ -1159,7 +1163,7 @@ fn next_attempt(
 ) -> DateTime<Utc> {
     if to == PaymentStatus::Failed {
         // Nothing reached the card: try again soon.
-        return now + chrono::Duration::minutes(10);
+        return now + billing.policy().not_processed_retry;
     }
     let grace_until = period_end.unwrap_or(now) + billing.policy().grace;
     match billing

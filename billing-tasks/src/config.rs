@@ -57,6 +57,15 @@ pub struct BillingArgs {
     #[arg(long, env = "BILLING_GATEWAY_MAX_PROCESSING", default_value_t = 360, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub gateway_max_processing: u64,
 
+    /// Seconds after which an attempt the gateway still has no record of is taken as never made
+    /// (and may be tried again); at least BILLING_GATEWAY_MAX_PROCESSING.
+    #[arg(long, env = "BILLING_UNKNOWN_GIVE_UP", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub unknown_give_up: u64,
+
+    /// Seconds before a renewal attempt that never reached the card is tried again.
+    #[arg(long, env = "BILLING_NOT_PROCESSED_RETRY", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub not_processed_retry: u64,
+
     /// Calls per second allowed per gateway terminal, across every worker (`10/s`, `600/m`);
     /// unset: no limit. One charge per payer is in flight at a time regardless.
     #[arg(long, env = "BILLING_GATEWAY_RATE")]
@@ -156,6 +165,13 @@ impl BillingArgs {
                 self.processing_lease, self.cloudpayments_timeout
             )));
         }
+        if self.unknown_give_up < self.gateway_max_processing {
+            // "No record" means nothing only once the gateway can no longer be processing it.
+            return Err(BillingError::invalid(format!(
+                "BILLING_UNKNOWN_GIVE_UP ({} s) must be at least BILLING_GATEWAY_MAX_PROCESSING ({} s)",
+                self.unknown_give_up, self.gateway_max_processing
+            )));
+        }
         if let Some(spec) = &self.vault_keys {
             let vault = crate::vault::Vault::from_spec(&Secret::new(spec.clone()))?;
             // Already configured (a second context in this process): the first keys stay.
@@ -166,6 +182,8 @@ impl BillingArgs {
         let policy = Policy {
             processing_lease: chrono::Duration::seconds(self.processing_lease as i64),
             gateway_max_processing: chrono::Duration::seconds(self.gateway_max_processing as i64),
+            unknown_give_up: chrono::Duration::seconds(self.unknown_give_up as i64),
+            not_processed_retry: chrono::Duration::seconds(self.not_processed_retry as i64),
             ..Policy::default()
         };
         Ok(

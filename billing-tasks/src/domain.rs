@@ -244,6 +244,12 @@ pub struct Policy {
     /// duplicate of a request still in flight is not documented. No call is replayed or looked up
     /// before this has passed since it was sent.
     pub gateway_max_processing: Duration,
+    /// An attempt the gateway still answers it has no record of this long after it was sent is
+    /// taken as never made (and may be tried again). At least [`Policy::gateway_max_processing`].
+    pub unknown_give_up: Duration,
+    /// A renewal attempt that never reached the card (a refusal, no record at the gateway) is
+    /// tried again after this.
+    pub not_processed_retry: Duration,
     /// A 3-D Secure challenge left unanswered this long expires.
     pub three_ds_timeout: Duration,
     /// An unpaid primary payment never sent to the gateway is given up after this long.
@@ -259,6 +265,8 @@ impl Default for Policy {
             full_refund_window: Duration::days(3),
             processing_lease: Duration::minutes(2),
             gateway_max_processing: Duration::minutes(6),
+            unknown_give_up: Duration::minutes(10),
+            not_processed_retry: Duration::minutes(10),
             three_ds_timeout: Duration::hours(1),
             created_timeout: Duration::minutes(15),
         }

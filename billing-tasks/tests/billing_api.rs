@@ -68,6 +68,16 @@ async fn a_bad_setting_stops_billing_api_with_a_line_naming_it() {
             "BILLING_PROCESSING_LEASE",
         ),
         (
+            "giving up on an unknown outcome while the gateway may still process it",
+            {
+                let mut c = api(&env.db_url, &gateway);
+                c.env("BILLING_UNKNOWN_GIVE_UP", "60")
+                    .env("BILLING_GATEWAY_MAX_PROCESSING", "360");
+                c
+            },
+            "BILLING_UNKNOWN_GIVE_UP",
+        ),
+        (
             "a vault key that is not one",
             {
                 let mut c = api(&env.db_url, &gateway);

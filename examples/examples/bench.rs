@@ -22,9 +22,7 @@
 //!    maximum, so no mode is measured with a backlog.
 //! 4. The worker's peak RSS, during the plain runs and with 1,000 tasks in flight.
 
-#[path = "common/mod.rs"]
-mod common;
-use common::worker_binary;
+use examples::worker_binary;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

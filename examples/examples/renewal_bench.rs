@@ -15,9 +15,7 @@
 //! checks that every subscription was charged exactly once at the gateway and that the ledger
 //! agrees. Webhooks are off (no receiver runs), so the ledger learns outcomes from the calls only.
 
-#[path = "common/mod.rs"]
-mod common;
-use common::worker_binary;
+use examples::worker_binary;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};

@@ -76,6 +76,7 @@ pub(crate) struct FaultPlan {
     random: Vec<(Target, Fault, f64)>,
     rng: fastrand::Rng,
     seed: u64,
+    injected: u64,
 }
 
 impl Default for FaultPlan {
@@ -92,6 +93,7 @@ impl FaultPlan {
             random: Vec::new(),
             rng: fastrand::Rng::with_seed(seed),
             seed,
+            injected: 0,
         }
     }
 
@@ -121,20 +123,28 @@ impl FaultPlan {
         self.queue.len()
     }
 
+    /// How many faults requests have been given so far.
+    pub(crate) fn injected(&self) -> u64 {
+        self.injected
+    }
+
     /// The fault for a request to `path`, if any.
     pub(crate) fn take(&mut self, path: &str, is_payment: bool) -> Option<Fault> {
-        if let Some(i) = self
+        let fault = if let Some(i) = self
             .queue
             .iter()
             .position(|(t, f)| t.matches(path, *f, is_payment))
         {
-            return self.queue.remove(i).map(|(_, f)| f);
-        }
-        let rng = &mut self.rng;
-        self.random
-            .iter()
-            .find(|(t, f, p)| t.matches(path, *f, is_payment) && rng.f64() < *p)
-            .map(|(_, f, _)| *f)
+            self.queue.remove(i).map(|(_, f)| f)
+        } else {
+            let rng = &mut self.rng;
+            self.random
+                .iter()
+                .find(|(t, f, p)| t.matches(path, *f, is_payment) && rng.f64() < *p)
+                .map(|(_, f, _)| *f)
+        };
+        self.injected += u64::from(fault.is_some());
+        fault
     }
 }
 

@@ -350,6 +350,11 @@ impl FakeGateway {
         self.gw.faults().pending()
     }
 
+    /// How many requests have been answered with a fault (queued or random) so far.
+    pub fn faults_injected(&self) -> u64 {
+        self.gw.faults().injected()
+    }
+
     /// The latest notification delivery attempts (bounded by the webhook `log_limit`).
     pub fn webhook_deliveries(&self) -> Vec<WebhookDelivery> {
         self.gw.notifier.deliveries()
