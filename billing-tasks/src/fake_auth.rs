@@ -2,6 +2,10 @@
 //! told and refuses stale sequence numbers (FAILED_PRECONDITION, `STALE_SEQUENCE`), so a test can
 //! see that role changes arrive in order. A repeated idempotency key answers the first result.
 //! Every applied change is kept in a log, in the order applied.
+//!
+//! It also stands in for the auth service's login: [`issue_access_token`] signs a user access
+//! token (ES256, the claims billing checks) with a demo key, so the demo and a hand-written client
+//! can call `billing.v1` as the frontend does.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -13,6 +17,34 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::grpc::proto::auth::v1 as pb;
 use crate::secret::Secret;
+
+/// Signs an access token for `user`, as the auth service would after a login: ES256 with the
+/// P-256 private key `signing_key_pem` (PKCS#8 PEM), `iss`/`aud` as given, valid for `ttl`.
+/// Billing accepts it when the matching public key is in `BILLING_JWT_PUBLIC_KEYS`.
+pub fn issue_access_token(
+    signing_key_pem: &[u8],
+    user: uuid::Uuid,
+    issuer: &str,
+    audience: &str,
+    ttl: std::time::Duration,
+) -> crate::Result<String> {
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(signing_key_pem).map_err(|e| {
+        crate::BillingError::invalid(format!(
+            "the signing key is not a P-256 private key in PKCS#8 PEM: {e}"
+        ))
+    })?;
+    let now = chrono::Utc::now().timestamp();
+    let claims = serde_json::json!({
+        "sub": user.to_string(), "iss": issuer, "aud": audience,
+        "iat": now, "exp": now + i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2),
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &claims,
+        &key,
+    )
+    .map_err(|e| crate::BillingError::invalid(format!("could not sign the access token: {e}")))
+}
 
 /// One change the fake applied.
 #[derive(Debug, Clone, PartialEq, Eq)]

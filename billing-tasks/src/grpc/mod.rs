@@ -14,6 +14,10 @@ pub mod metrics;
 pub mod server;
 pub mod status;
 
+/// The `tonic` the generated clients are built on, so a client (the demo, another back-end in
+/// this workspace) uses `billing_tasks::grpc::tonic::Request` without a matching dependency.
+pub use tonic;
+
 /// Generated code: messages, the server traits and the clients.
 #[allow(
     missing_docs,
