@@ -5,7 +5,8 @@
 //! timestamps with or without a UTC offset. Headers this crate does not model are kept in `extra` so a
 //! republished message (a retry, a delayed hop) carries them unchanged.
 
-use chrono::{DateTime, NaiveDateTime, SecondsFormat, TimeZone, Utc};
+use chrono::{DateTime, NaiveDateTime, Offset, SecondsFormat, TimeZone, Utc};
+use chrono_tz::Tz;
 use serde_json::{Map, Value};
 
 use super::ProtocolError;
@@ -99,8 +100,14 @@ impl TaskHeaders {
         }
     }
 
-    /// Parses a header table. `task` and `id` are required; everything else is optional.
+    /// Parses a header table. `task` and `id` are required; everything else is optional. A naive
+    /// `eta` or `expires` is read as UTC.
     pub fn from_map(map: &Map<String, Value>) -> Result<Self, ProtocolError> {
+        Self::from_map_in(map, chrono_tz::UTC)
+    }
+
+    /// [`TaskHeaders::from_map`], reading a naive `eta` or `expires` as local time in `timezone`.
+    pub fn from_map_in(map: &Map<String, Value>, timezone: Tz) -> Result<Self, ProtocolError> {
         let task = required_str(map, "task")?;
         let id = required_str(map, "id")?;
         let (time_limit, soft_time_limit) = parse_timelimit(map.get("timelimit"))?;
@@ -118,8 +125,8 @@ impl TaskHeaders {
             group: opt_str(map, "group")?,
             group_index: opt_int(map, "group_index")?,
             shadow: opt_str(map, "shadow")?,
-            eta: opt_time(map, "eta")?,
-            expires: opt_time(map, "expires")?,
+            eta: opt_time(map, "eta", timezone)?,
+            expires: opt_time(map, "expires", timezone)?,
             retries: opt_int(map, "retries")?
                 .map(|r| u32::try_from(r.max(0)).unwrap_or(u32::MAX))
                 .unwrap_or(0),
@@ -264,10 +271,11 @@ fn parse_timelimit(v: Option<&Value>) -> Result<(Option<f64>, Option<f64>), Prot
 fn opt_time(
     map: &Map<String, Value>,
     name: &'static str,
+    timezone: Tz,
 ) -> Result<Option<DateTime<Utc>>, ProtocolError> {
     match map.get(name) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => parse_datetime(s)
+        Some(Value::String(s)) => parse_datetime_in(s, timezone)
             .map(Some)
             .ok_or_else(|| bad(name, format!("not an ISO-8601 time: {s:?}"))),
         Some(Value::Number(n)) => n
@@ -282,6 +290,14 @@ fn opt_time(
 /// Parses the ISO-8601 forms Celery writes: with an offset (`+00:00`, `Z`) or naive (taken as UTC,
 /// which is what Celery means with its default `enable_utc`).
 pub fn parse_datetime(s: &str) -> Option<DateTime<Utc>> {
+    parse_datetime_in(s, chrono_tz::UTC)
+}
+
+/// [`parse_datetime`], reading a naive time as local time in `timezone`, as Celery's
+/// `maybe_make_aware(dt, app.timezone)` does. A local time that occurs twice (the hour after
+/// clocks go back) is the first of the two; one that does not occur (clocks went forward) is read
+/// with the offset before the change, as Python's `zoneinfo` does with `fold=0`.
+pub fn parse_datetime_in(s: &str, timezone: Tz) -> Option<DateTime<Utc>> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Some(t.with_timezone(&Utc));
     }
@@ -294,13 +310,31 @@ pub fn parse_datetime(s: &str) -> Option<DateTime<Utc>> {
     .find_map(|fmt| {
         NaiveDateTime::parse_from_str(s, fmt)
             .ok()
-            .map(|n| n.and_utc())
+            .and_then(|n| localize(n, timezone))
             .or_else(|| {
                 DateTime::parse_from_str(s, fmt)
                     .ok()
                     .map(|t| t.with_timezone(&Utc))
             })
     })
+}
+
+fn localize(naive: NaiveDateTime, timezone: Tz) -> Option<DateTime<Utc>> {
+    use chrono::offset::LocalResult;
+    match timezone.from_local_datetime(&naive) {
+        LocalResult::Single(t) | LocalResult::Ambiguous(t, _) => Some(t.with_timezone(&Utc)),
+        LocalResult::None => {
+            // In a gap: take the offset in force just before it.
+            let before = naive - chrono::Duration::hours(3);
+            let offset = timezone
+                .from_local_datetime(&before)
+                .earliest()?
+                .offset()
+                .fix()
+                .local_minus_utc();
+            Some((naive - chrono::Duration::seconds(offset.into())).and_utc())
+        }
+    }
 }
 
 /// Formats a time the way Python's `datetime.isoformat()` does for an aware UTC time:

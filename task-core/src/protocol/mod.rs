@@ -14,7 +14,7 @@ pub mod compat;
 mod headers;
 
 pub use codec::{Bytes, ContentType, decode_value, encode_value};
-pub use headers::{TaskHeaders, format_datetime, parse_datetime};
+pub use headers::{TaskHeaders, format_datetime, parse_datetime, parse_datetime_in};
 
 use serde_json::{Map, Value};
 
@@ -137,7 +137,14 @@ impl TaskMessage {
     }
 
     /// Decodes a broker message. Accepts protocol v2 (header `task`) and v1 (all in the body).
+    /// A naive `eta` or `expires` is read as UTC.
     pub fn decode(raw: &RawMessage) -> Result<Self, ProtocolError> {
+        Self::decode_in(raw, chrono_tz::UTC)
+    }
+
+    /// [`TaskMessage::decode`], reading a naive `eta` or `expires` as local time in `timezone`
+    /// (what a Celery worker does with its `timezone` setting).
+    pub fn decode_in(raw: &RawMessage, timezone: chrono_tz::Tz) -> Result<Self, ProtocolError> {
         let content_type = ContentType::from_mime(raw.properties.content_type.as_deref())?;
         let body = match raw.headers.get("compression").and_then(Value::as_str) {
             Some(scheme) => {
@@ -146,7 +153,7 @@ impl TaskMessage {
             None => codec::decode_value(content_type, &raw.body)?,
         };
         if raw.headers.contains_key("task") {
-            let headers = TaskHeaders::from_map(&raw.headers)?;
+            let headers = TaskHeaders::from_map_in(&raw.headers, timezone)?;
             let (args, kwargs, embed) = split_v2_body(body)?;
             Ok(TaskMessage {
                 headers,
@@ -158,7 +165,7 @@ impl TaskMessage {
                 reply_to: raw.properties.reply_to.clone(),
             })
         } else {
-            Self::from_v1(body, content_type, &raw.properties)
+            Self::from_v1(body, content_type, &raw.properties, timezone)
         }
     }
 
@@ -167,6 +174,7 @@ impl TaskMessage {
         body: Value,
         content_type: ContentType,
         properties: &Properties,
+        timezone: chrono_tz::Tz,
     ) -> Result<Self, ProtocolError> {
         let Value::Object(mut map) = body else {
             return Err(ProtocolError::MissingHeader("task"));
@@ -196,7 +204,7 @@ impl TaskMessage {
         if let Some(group) = map.remove("taskset") {
             map.insert("group".into(), group);
         }
-        let headers = TaskHeaders::from_map(&map)?;
+        let headers = TaskHeaders::from_map_in(&map, timezone)?;
         Ok(TaskMessage {
             headers,
             args,

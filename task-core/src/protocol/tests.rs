@@ -246,3 +246,36 @@ proptest! {
         prop_assert_eq!(back.headers.retries, retries);
     }
 }
+
+#[test]
+fn naive_times_are_read_in_the_configured_timezone() {
+    use chrono::TimeZone;
+    let mut headers = celery_headers();
+    headers.insert("eta".into(), json!("2026-07-01T12:00:00"));
+    headers.insert("expires".into(), json!("2026-07-01T13:00:00+00:00"));
+    let m = raw(headers, "application/json", b"[[], {}, {}]".to_vec());
+    let utc = TaskMessage::decode(&m).unwrap();
+    assert_eq!(
+        utc.headers.eta,
+        Some(chrono::Utc.with_ymd_and_hms(2026, 7, 1, 12, 0, 0).unwrap())
+    );
+    let moscow = TaskMessage::decode_in(&m, chrono_tz::Europe::Moscow).unwrap();
+    assert_eq!(
+        moscow.headers.eta,
+        Some(chrono::Utc.with_ymd_and_hms(2026, 7, 1, 9, 0, 0).unwrap()),
+        "12:00 in Moscow (UTC+3) is 09:00 UTC"
+    );
+    // An aware time keeps its own offset.
+    assert_eq!(moscow.headers.expires, utc.headers.expires);
+    // Summer time: 12:00 in Berlin in July is 10:00 UTC; the hour that does not exist when the
+    // clocks go forward is read with the winter offset.
+    let berlin = |s: &str| crate::protocol::parse_datetime_in(s, chrono_tz::Europe::Berlin);
+    assert_eq!(
+        berlin("2026-07-01T12:00:00"),
+        Some(chrono::Utc.with_ymd_and_hms(2026, 7, 1, 10, 0, 0).unwrap())
+    );
+    assert_eq!(
+        berlin("2026-03-29T02:30:00"),
+        Some(chrono::Utc.with_ymd_and_hms(2026, 3, 29, 1, 30, 0).unwrap())
+    );
+}
