@@ -48,6 +48,7 @@ struct ClientInner {
     serializer: ContentType,
     origin: String,
     sent_events: Option<crate::events::Events>,
+    routes: Routes,
 }
 
 impl std::fmt::Debug for Client {
@@ -71,6 +72,7 @@ impl Client {
                 serializer: ContentType::Json,
                 origin: format!("gen{}@{}", std::process::id(), crate::hostname()),
                 sent_events: None,
+                routes: Routes::default(),
             }),
         }
     }
@@ -90,6 +92,7 @@ impl Client {
             serializer: self.inner.serializer,
             origin: self.inner.origin.clone(),
             sent_events: self.inner.sent_events.clone(),
+            routes: self.inner.routes.clone(),
         };
         f(&mut inner);
         Client {
@@ -101,6 +104,30 @@ impl Client {
     pub fn with_default_queue(&self, queue: impl Into<String>) -> Self {
         let queue = queue.into();
         self.with(|i| i.default_queue = queue)
+    }
+
+    /// A client that picks the queue of a task by its name (Celery's `task_routes`) when the call
+    /// and the task name none.
+    ///
+    /// ```
+    /// # async fn demo(client: task_core::Client) {
+    /// use task_core::client::Routes;
+    /// let client = client.with_routes(
+    ///     Routes::new().route("billing.*", "billing").route("diag.sleep", "slow"),
+    /// );
+    /// # let _ = client; }
+    /// ```
+    pub fn with_routes(&self, routes: Routes) -> Self {
+        self.with(|i| i.routes = routes)
+    }
+
+    /// The queue a task of this name goes to when the call and the task name none: the first
+    /// matching route, else the default queue.
+    pub fn queue_for(&self, task: &str) -> &str {
+        self.inner
+            .routes
+            .queue_for(task)
+            .unwrap_or(&self.inner.default_queue)
     }
 
     /// A client encoding bodies with `serializer`.
@@ -223,6 +250,7 @@ impl Client {
             },
             sensitive: Vec::new(),
             fields: None,
+            siblings: None,
             _output: PhantomData,
         }
     }
@@ -249,6 +277,64 @@ impl Client {
             _output: PhantomData,
         }
     }
+}
+
+/// Which queue each task name goes to, as Celery's `task_routes`: glob patterns (`*` any run of
+/// characters, `?` one character) tried in order, the first match wins.
+///
+/// An explicit [`Call::queue`] and a task's own [`TaskOptions::queue`] take precedence, as
+/// `apply_async(queue=…)` and `Task.queue` do in Celery.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routes {
+    routes: Vec<(String, String)>,
+}
+
+impl Routes {
+    /// No routes: everything goes to the default queue.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sends tasks whose name matches `pattern` to `queue`.
+    pub fn route(mut self, pattern: impl Into<String>, queue: impl Into<String>) -> Self {
+        self.routes.push((pattern.into(), queue.into()));
+        self
+    }
+
+    /// The queue of the first route matching `task`.
+    pub fn queue_for(&self, task: &str) -> Option<&str> {
+        self.routes
+            .iter()
+            .find(|(pattern, _)| glob_match(pattern.as_bytes(), task.as_bytes()))
+            .map(|(_, queue)| queue.as_str())
+    }
+}
+
+/// Shell-style matching with `*` and `?` (what Celery's `task_routes` globs use in practice).
+fn glob_match(pattern: &[u8], name: &[u8]) -> bool {
+    let (mut p, mut n) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while n < name.len() {
+        match pattern.get(p) {
+            Some(b'*') => {
+                star = Some((p, n));
+                p += 1;
+            }
+            Some(&c) if c == b'?' || c == name[n] => {
+                p += 1;
+                n += 1;
+            }
+            _ => match star {
+                Some((sp, sn)) => {
+                    p = sp + 1;
+                    n = sn + 1;
+                    star = Some((sp, sn + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
 }
 
 /// Per-call options, as Celery's `apply_async`.
@@ -287,6 +373,8 @@ pub struct Call<'a, O> {
     options: SendOptions,
     sensitive: Vec<String>,
     fields: Option<&'static [&'static str]>,
+    /// The sending task's list of children, when sent with [`Call::parent`].
+    siblings: Option<Arc<std::sync::Mutex<Vec<String>>>>,
     _output: PhantomData<fn() -> O>,
 }
 
@@ -355,10 +443,12 @@ impl<'a, O> Call<'a, O> {
         self.options.ignore_result = yes;
         self
     }
-    /// Marks the call as sent by another task.
+    /// Marks the call as sent by another task: it becomes one of that task's `children` in its
+    /// stored result (as a task applied inside a Celery task is).
     pub fn parent(mut self, ctx: &crate::TaskContext) -> Self {
         self.options.parent_id = Some(ctx.id.clone());
         self.options.root_id = ctx.root_id.clone().or_else(|| Some(ctx.id.clone()));
+        self.siblings = Some(ctx.children.clone());
         self
     }
     /// Replaces every option at once.
@@ -404,12 +494,17 @@ impl<'a, O> Call<'a, O> {
     /// Publishes the call (waiting for the broker's confirm) and returns a handle on its result.
     pub async fn send(self) -> Result<AsyncResult<O>> {
         let message = self.message()?;
-        let queue = self
-            .options
-            .queue
-            .as_deref()
-            .unwrap_or(&self.client.inner.default_queue);
+        let queue = match self.options.queue.as_deref() {
+            Some(queue) => queue,
+            None => self.client.queue_for(&self.name),
+        };
         self.client.publish(queue, &message).await?;
+        if let Some(children) = &self.siblings {
+            children
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(message.headers.id.clone());
+        }
         if let Some(events) = &self.client.inner.sent_events {
             let h = &message.headers;
             let mut f = Map::new();
@@ -517,5 +612,28 @@ impl<O: Serialize> AsyncResult<O> {
             backend: self.backend,
             _output: PhantomData,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_match_globs_in_order() {
+        let routes = Routes::new()
+            .route("billing.charge", "charges")
+            .route("billing.*", "billing")
+            .route("diag.?leep", "slow")
+            .route("*.report*", "reports");
+        assert_eq!(routes.queue_for("billing.charge"), Some("charges"));
+        assert_eq!(routes.queue_for("billing.refund"), Some("billing"));
+        assert_eq!(routes.queue_for("diag.sleep"), Some("slow"));
+        assert_eq!(routes.queue_for("diag.sleepy"), None);
+        assert_eq!(routes.queue_for("x.reports.daily"), Some("reports"));
+        assert_eq!(routes.queue_for("diag.add"), None);
+        assert!(glob_match(b"*", b""));
+        assert!(!glob_match(b"a*b", b"ac"));
+        assert!(glob_match(b"a*b*c", b"a-b-b-c"));
     }
 }

@@ -30,6 +30,7 @@ pub mod protocol;
 pub mod redact;
 mod registry;
 pub mod shutdown;
+pub mod signals;
 pub mod task;
 pub mod telemetry;
 pub mod worker;

@@ -6,11 +6,19 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 use serde_json::{Map, Value};
 
+use crate::backend::{ExceptionInfo, TaskState};
 use crate::task::{Task, TaskContext, TaskError, TaskOptions, decode_args};
 
 /// A task run whose arguments have been decoded, ready to start.
 pub(crate) type PreparedRun =
-    Box<dyn FnOnce(TaskContext) -> BoxFuture<'static, Result<Value, TaskError>> + Send>;
+    Box<dyn FnOnce(TaskContext) -> BoxFuture<'static, Result<Returned, TaskError>> + Send>;
+
+/// What a successful run returned: the value to store, and the task's `on_success` hook, to call
+/// with the typed output once the value is stored.
+pub(crate) struct Returned {
+    pub(crate) value: Value,
+    pub(crate) on_success: Box<dyn FnOnce(&TaskContext) + Send>,
+}
 
 /// A registered task, independent of its argument and result types.
 pub(crate) trait ErasedTask: Send + Sync {
@@ -19,6 +27,12 @@ pub(crate) trait ErasedTask: Send + Sync {
     fn fields(&self) -> Option<&'static [&'static str]>;
     /// Decodes the arguments; an error is a reason for dead-lettering (wrong argument shape).
     fn prepare(&self, args: Vec<Value>, kwargs: Map<String, Value>) -> Result<PreparedRun, String>;
+    /// [`Task::on_failure`].
+    fn on_failure(&self, ctx: &TaskContext, exception: &ExceptionInfo);
+    /// [`Task::on_retry`].
+    fn on_retry(&self, ctx: &TaskContext, exception: &ExceptionInfo);
+    /// [`Task::after_return`].
+    fn after_return(&self, ctx: &TaskContext, state: TaskState);
 }
 
 struct Entry<T: Task> {
@@ -41,14 +55,30 @@ impl<T: Task> ErasedTask for Entry<T> {
         Ok(Box::new(move |ctx| {
             Box::pin(async move {
                 let output = task.run(ctx, args).await?;
-                serde_json::to_value(output).map_err(|e| {
+                let value = serde_json::to_value(&output).map_err(|e| {
                     TaskError::abort(
-                        "EncodeError",
+                        "kombu.exceptions.EncodeError",
                         format!("the result cannot be serialized: {e}"),
                     )
+                })?;
+                Ok(Returned {
+                    value,
+                    on_success: Box::new(move |ctx| task.on_success(ctx, &output)),
                 })
             })
         }))
+    }
+
+    fn on_failure(&self, ctx: &TaskContext, exception: &ExceptionInfo) {
+        self.task.on_failure(ctx, exception);
+    }
+
+    fn on_retry(&self, ctx: &TaskContext, exception: &ExceptionInfo) {
+        self.task.on_retry(ctx, exception);
+    }
+
+    fn after_return(&self, ctx: &TaskContext, state: TaskState) {
+        self.task.after_return(ctx, state);
     }
 }
 

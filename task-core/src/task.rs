@@ -25,8 +25,8 @@
 //! work; tuples take positional arguments only.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -34,7 +34,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use crate::backend::ExceptionInfo;
+use crate::backend::{ExceptionInfo, TaskState};
 use crate::backoff::{Backoff, RateLimit};
 use crate::client::Client;
 
@@ -58,6 +58,31 @@ pub trait Task: Send + Sync + 'static {
         ctx: TaskContext,
         args: Self::Args,
     ) -> impl Future<Output = Result<Self::Output, TaskError>> + Send;
+
+    /// Called after a success is stored (Celery's `Task.on_success`).
+    ///
+    /// Hooks are for instrumentation and must be quick: they run on the worker's task, between
+    /// storing the result and acknowledging the message. A panic in a hook is caught and logged.
+    fn on_success(&self, ctx: &TaskContext, output: &Self::Output) {
+        let _ = (ctx, output);
+    }
+
+    /// Called after a failure is stored: an error the task returned, a panic, a time limit
+    /// (Celery's `Task.on_failure`).
+    fn on_failure(&self, ctx: &TaskContext, exception: &ExceptionInfo) {
+        let _ = (ctx, exception);
+    }
+
+    /// Called when a retry has been scheduled (Celery's `Task.on_retry`).
+    fn on_retry(&self, ctx: &TaskContext, exception: &ExceptionInfo) {
+        let _ = (ctx, exception);
+    }
+
+    /// Called last, whatever the outcome, with the state the run ended in (Celery's
+    /// `Task.after_return`).
+    fn after_return(&self, ctx: &TaskContext, state: TaskState) {
+        let _ = (ctx, state);
+    }
 }
 
 /// Per-task options. Per-message values (time limits, expiry, priority, queue) override these.
@@ -90,6 +115,113 @@ pub struct TaskOptions {
     /// Argument names whose values never appear in events, inspect replies, stored results'
     /// extended fields, logs or error reports (they print as `'***'`).
     pub sensitive: Vec<String>,
+    /// Acknowledge the message after the result is stored (the default: a worker that dies
+    /// mid-run leaves the message to be redelivered). `false` acknowledges just before the task
+    /// starts, as Celery's default `task_acks_late=False`: at most one start, and a crash loses it.
+    pub acks_late: bool,
+    /// When a worker died while running the task (the message comes back after its start): run it
+    /// again (`true`, the default here) or store FAILURE `WorkerLostError` and drop it (`false`,
+    /// Celery's default `task_reject_on_worker_lost=False`).
+    pub reject_on_worker_lost: bool,
+    /// Store FAILURE even when results are ignored (Celery's `task_store_errors_even_if_ignored`).
+    pub store_errors_even_if_ignored: bool,
+    /// Errors that are retried automatically (Celery's `autoretry_for`).
+    pub autoretry: Option<AutoRetry>,
+}
+
+/// Automatic retries for errors of some kinds, as Celery's `autoretry_for`, `retry_kwargs`,
+/// `retry_backoff`, `retry_backoff_max`, `retry_jitter` and `dont_autoretry_for`.
+///
+/// It applies to [`TaskError::Failed`] (an error the task raised), never to
+/// [`TaskError::Abort`] (a failure the task says is permanent). Kinds are matched by name: the
+/// exception type (`ConnectionError`) or the qualified name (`billing.GatewayTimeout`);
+/// `Exception` matches every kind, as catching `Exception` does in Python.
+///
+/// ```
+/// use std::time::Duration;
+/// use task_core::task::{AutoRetry, TaskOptions};
+///
+/// let options = TaskOptions::default().autoretry(
+///     AutoRetry::on(["ConnectionError", "TimeoutError"])
+///         .max_retries(Some(5))
+///         .backoff(Duration::from_secs(2), Duration::from_secs(120)),
+/// );
+/// # let _ = options;
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoRetry {
+    /// Kinds retried.
+    pub on: Vec<String>,
+    /// Kinds never retried even when `on` matches (`dont_autoretry_for`).
+    pub except: Vec<String>,
+    /// Retry budget for these retries; `None` keeps the task's `max_retries`.
+    pub max_retries: Option<Option<u32>>,
+    /// Wait between these retries; `None` uses the task's back-off.
+    pub backoff: Option<Backoff>,
+}
+
+impl AutoRetry {
+    /// Retries errors of these kinds.
+    pub fn on<I, S>(kinds: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        AutoRetry {
+            on: kinds.into_iter().map(Into::into).collect(),
+            except: Vec::new(),
+            max_retries: None,
+            backoff: None,
+        }
+    }
+
+    /// Never retries these kinds (Celery's `dont_autoretry_for`).
+    pub fn except<I, S>(mut self, kinds: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.except.extend(kinds.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets the retry budget for these errors (`retry_kwargs={'max_retries': n}`).
+    pub fn max_retries(mut self, n: Option<u32>) -> Self {
+        self.max_retries = Some(n);
+        self
+    }
+
+    /// Exponential back-off with jitter: the `n`-th retry waits about `min(max, factor × 2ⁿ)`
+    /// (Celery's `retry_backoff=factor`, `retry_backoff_max=max`, `retry_jitter=True`).
+    pub fn backoff(mut self, factor: Duration, max: Duration) -> Self {
+        self.backoff = Some(Backoff {
+            base: factor,
+            max,
+            jitter: true,
+        });
+        self
+    }
+
+    /// Sets the back-off exactly.
+    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = Some(backoff);
+        self
+    }
+
+    /// Whether an error of this kind is retried.
+    pub fn matches(&self, exception: &ExceptionInfo) -> bool {
+        let qualified = format!("{}.{}", exception.exc_module, exception.exc_type);
+        let hit = |kinds: &[String]| {
+            kinds
+                .iter()
+                .any(|k| *k == exception.exc_type || *k == qualified)
+        };
+        let any = self
+            .on
+            .iter()
+            .any(|k| k == "Exception" || k == "builtins.Exception");
+        (any || hit(&self.on)) && !hit(&self.except)
+    }
 }
 
 /// Which key a [`KeyLimit`] counts against.
@@ -157,6 +289,10 @@ impl Default for TaskOptions {
             track_started: false,
             key_limits: Vec::new(),
             sensitive: Vec::new(),
+            acks_late: true,
+            reject_on_worker_lost: true,
+            store_errors_even_if_ignored: false,
+            autoretry: None,
         }
     }
 }
@@ -222,6 +358,38 @@ impl TaskOptions {
         self.track_started = yes;
         self
     }
+    /// Waits `delay` before every retry that does not say how long (Celery's
+    /// `default_retry_delay`; without it the back-off grows from 1 s).
+    pub fn default_retry_delay(mut self, delay: Duration) -> Self {
+        self.backoff = Backoff {
+            base: delay,
+            max: delay,
+            jitter: false,
+        };
+        self
+    }
+    /// Acknowledges after the result is stored (`true`, the default) or just before the task
+    /// starts (`false`, Celery's default); see [`TaskOptions::acks_late`].
+    pub fn acks_late(mut self, yes: bool) -> Self {
+        self.acks_late = yes;
+        self
+    }
+    /// Runs a task again after its worker died mid-run (`true`, the default) or stores FAILURE
+    /// `WorkerLostError` (`false`); see [`TaskOptions::reject_on_worker_lost`].
+    pub fn reject_on_worker_lost(mut self, yes: bool) -> Self {
+        self.reject_on_worker_lost = yes;
+        self
+    }
+    /// Stores failures even when results are ignored.
+    pub fn store_errors_even_if_ignored(mut self, yes: bool) -> Self {
+        self.store_errors_even_if_ignored = yes;
+        self
+    }
+    /// Retries errors of some kinds automatically (see [`AutoRetry`]).
+    pub fn autoretry(mut self, policy: AutoRetry) -> Self {
+        self.autoretry = Some(policy);
+        self
+    }
 }
 
 /// How a task run ended when it did not succeed.
@@ -236,6 +404,18 @@ pub enum TaskError {
         reason: String,
         /// How long to wait; `None` uses the task's back-off.
         after: Option<Duration>,
+        /// The error that caused the retry, stored with RETRY and, once retries run out, with
+        /// FAILURE (Celery's `self.retry(exc=…)`); `None` stores Celery's `Retry`.
+        cause: Option<ExceptionInfo>,
+    },
+    /// An error the task raised: FAILURE, unless the task's [`AutoRetry`] policy retries this
+    /// kind (Python's uncaught exception).
+    #[error("{kind}: {message}")]
+    Failed {
+        /// Exception type Python sees (`ConnectionError`, or `module.Name`).
+        kind: String,
+        /// Message.
+        message: String,
     },
     /// A permanent failure: store FAILURE and never retry (a declined card, invalid input).
     #[error("{kind}: {message}")]
@@ -253,6 +433,7 @@ impl TaskError {
         TaskError::Retry {
             reason: reason.into(),
             after: None,
+            cause: None,
         }
     }
 
@@ -261,7 +442,35 @@ impl TaskError {
         TaskError::Retry {
             reason: reason.into(),
             after: Some(after),
+            cause: None,
         }
+    }
+
+    /// A retry caused by an error of `kind` (Celery's `self.retry(exc=Kind(message))`): RETRY is
+    /// stored with that exception, and when retries run out the task fails with it.
+    pub fn retry_because(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        let message = message.into();
+        TaskError::Retry {
+            cause: Some(exception_of(&kind.into(), &message)),
+            reason: message,
+            after: None,
+        }
+    }
+
+    /// An error the task raised, retried when the task's [`AutoRetry`] policy names its kind.
+    pub fn fail(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        TaskError::Failed {
+            kind: kind.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Sets the wait of a retry (no effect on other errors).
+    pub fn after(mut self, wait: Duration) -> Self {
+        if let TaskError::Retry { after, .. } = &mut self {
+            *after = Some(wait);
+        }
+        self
     }
 
     /// A permanent failure with an exception type and message.
@@ -273,16 +482,31 @@ impl TaskError {
     }
 
     /// The exception stored in the result backend for this error.
+    ///
+    /// A kind without a module is a Python built-in (`ValueError` is `builtins.ValueError`, which
+    /// Python's `AsyncResult.get()` raises as `ValueError`); `module.Name` keeps its module, and
+    /// Python raises that class when the module is imported, else a class of that name it makes
+    /// up under `celery.exceptions`.
     pub fn exception(&self) -> ExceptionInfo {
         match self {
+            TaskError::Retry {
+                cause: Some(cause), ..
+            } => cause.clone(),
             TaskError::Retry { reason, .. } => {
                 ExceptionInfo::new("celery.exceptions", "Retry", reason.clone())
             }
-            TaskError::Abort { kind, message } => match kind.rsplit_once('.') {
-                Some((module, name)) => ExceptionInfo::new(module, name, message.clone()),
-                None => ExceptionInfo::new("builtins", kind, message.clone()),
-            },
+            TaskError::Abort { kind, message } | TaskError::Failed { kind, message } => {
+                exception_of(kind, message)
+            }
         }
+    }
+}
+
+/// The exception for a kind (`ValueError`, `module.Name`) and a message.
+fn exception_of(kind: &str, message: &str) -> ExceptionInfo {
+    match kind.rsplit_once('.') {
+        Some((module, name)) => ExceptionInfo::new(module, name, message),
+        None => ExceptionInfo::new("builtins", kind, message),
     }
 }
 
@@ -314,6 +538,9 @@ pub struct TaskContext {
     pub(crate) client: Client,
     pub(crate) soft: SoftLimit,
     pub(crate) coordinator: Option<crate::coord::Coordinator>,
+    /// Ids of the tasks sent with [`crate::client::Call::parent`] during the run: the
+    /// `children` stored with the result.
+    pub(crate) children: Arc<Mutex<Vec<String>>>,
 }
 
 impl std::fmt::Debug for TaskContext {

@@ -90,9 +90,19 @@ struct Cli {
     #[arg(long, env = "WORKER_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     shutdown_timeout: u64,
 
+    /// Time zone a naive `eta` or `expires` (one without a UTC offset) is read in: Celery's
+    /// `timezone` setting, an IANA name such as Europe/Moscow.
+    #[arg(long, env = "WORKER_TIMEZONE", default_value = "UTC", value_parser = parse_timezone)]
+    timezone: task_core::clock::Tz,
+
     /// Seconds results are kept in the backend.
     #[arg(long, env = "RESULT_EXPIRES", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
     result_expires: u64,
+}
+
+fn parse_timezone(name: &str) -> Result<task_core::clock::Tz, String> {
+    name.parse()
+        .map_err(|_| format!("`{name}` is not an IANA time zone name (e.g. UTC, Europe/Moscow)"))
 }
 
 #[tokio::main]
@@ -184,6 +194,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         shutdown_timeout: Duration::from_secs(cli.shutdown_timeout),
         task_events: cli.task_events,
         revoke_ttl: Duration::from_secs(cli.revoke_ttl),
+        clock: task_core::Clock::system().with_timezone(cli.timezone),
         ..WorkerConfig::default()
     };
     let worker = Worker::new(config, registry, broker.clone(), backend)

@@ -106,6 +106,38 @@ impl ExceptionInfo {
         }
     }
 
+    /// An exception whose arguments are given as values (`TimeLimitExceeded(30)`).
+    pub fn with_args(module: &str, kind: &str, args: Vec<Value>) -> Self {
+        ExceptionInfo {
+            exc_type: kind.to_owned(),
+            exc_message: args,
+            exc_module: module.to_owned(),
+        }
+    }
+
+    /// The traceback text stored with a failure of a Rust task, shaped as Python's so that
+    /// `AsyncResult.traceback`, Flower and log tools show it as they show Python's: the frame names
+    /// the task, the last line is what `traceback.format_exception` prints for this exception.
+    pub fn traceback(&self, task: &str) -> String {
+        format!(
+            "Traceback (most recent call last):\n  File \"<rust>\", line 0, in {task}\n{}\n",
+            self.python_line()
+        )
+    }
+
+    /// `ValueError: message` (built-ins unqualified, others as `module.Type`), as Python prints
+    /// the last line of a traceback.
+    fn python_line(&self) -> String {
+        let name = match self.exc_module.as_str() {
+            "builtins" | "__main__" | "" => self.exc_type.clone(),
+            module => format!("{module}.{}", self.exc_type),
+        };
+        match self.exc_message.as_slice() {
+            [] => name,
+            _ => format!("{name}: {}", self.message()),
+        }
+    }
+
     /// The message arguments joined as text.
     pub fn message(&self) -> String {
         self.exc_message
@@ -217,10 +249,21 @@ impl TaskMeta {
         Ok(serde_json::to_vec(self)?)
     }
 
-    /// Parses stored JSON bytes.
+    /// Parses stored bytes: JSON, or msgpack as a Celery worker with `result_serializer='msgpack'`
+    /// stores them (a JSON meta always starts with `{`, a msgpack map never does).
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
-        serde_json::from_slice(bytes)
-            .map_err(|e| Error::Backend(format!("unreadable task meta: {e}")))
+        let json = bytes
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_none_or(|b| *b == b'{');
+        if json {
+            return serde_json::from_slice(bytes)
+                .map_err(|e| Error::Backend(format!("unreadable task meta: {e}")));
+        }
+        let value = crate::protocol::decode_value(crate::protocol::ContentType::Msgpack, bytes)
+            .map_err(|e| Error::Backend(format!("unreadable task meta (msgpack): {e}")))?;
+        serde_json::from_value(value)
+            .map_err(|e| Error::Backend(format!("unreadable task meta (msgpack): {e}")))
     }
 }
 

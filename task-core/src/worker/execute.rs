@@ -27,7 +27,7 @@ use crate::task::{SoftLimit, TaskContext, TaskError};
 
 /// How a run ended.
 enum Outcome {
-    Returned(Result<Value, TaskError>),
+    Returned(Result<crate::registry::Returned, TaskError>),
     Panicked(String),
     SoftLimit(f64),
     HardLimit(f64),
@@ -47,7 +47,7 @@ struct Request {
 
 /// Handles one delivery completely. Never panics; every path settles the delivery.
 pub(super) async fn handle(state: Arc<State>, delivery: Delivery) {
-    let message = match TaskMessage::decode(&delivery.message) {
+    let message = match TaskMessage::decode_in(&delivery.message, state.config.clock.timezone()) {
         Ok(m) => m,
         Err(e) => {
             let label = task_label(&state, delivery.message.task_name().unwrap_or_default());
@@ -219,7 +219,32 @@ async fn run_task(
         return revoke(&state, delivery, &request, Revoked::Expired).await;
     }
 
-    if delivery.redelivered
+    if !options.reject_on_worker_lost {
+        // Every start is counted, so a second one means the first never finished: its worker
+        // died. Celery's default then is FAILURE `WorkerLostError`, not another run.
+        if let Some(n) = started_before(&state, message).await {
+            drop(tracked);
+            state
+                .metrics
+                .completed(&name, &delivery.queue, Metric::Failure, None);
+            let exc = ExceptionInfo::new(
+                "celery.exceptions",
+                "WorkerLostError",
+                format!(
+                    "Worker exited prematurely: the task started {} time(s) before without finishing",
+                    n - 1
+                ),
+            );
+            let meta = failure(&state, &request, &delivery.queue, exc);
+            return match store(&state, &meta).await {
+                Ok(()) => {
+                    canvas::after_store(&state.client, message, &meta).await;
+                    settle(delivery, true).await
+                }
+                Err(_) => settle(delivery, false).await,
+            };
+        }
+    } else if delivery.redelivered
         && let Some(n) = poisoned(&state, message).await
     {
         drop(tracked);
@@ -243,6 +268,7 @@ async fn run_task(
         .queue_wait(&name, &delivery.queue, request.received.elapsed());
     state.events.task("task-started", &id, Map::new());
     let ignore_result = message.headers.ignore_result || options.ignore_result;
+    let store_errors = !ignore_result || options.store_errors_even_if_ignored;
     if options.track_started && !ignore_result {
         let meta = base_meta(
             &state,
@@ -285,138 +311,318 @@ async fn run_task(
             watched: Arc::default(),
         },
         coordinator: Some(state.coordinator()),
+        children: Arc::default(),
     };
+    let hook_ctx = ctx.clone();
+    // Celery's `task_acks_late=False`: acknowledged as it starts, so it never starts twice (and
+    // is lost if this process dies while it runs).
+    let held = if options.acks_late {
+        Held::Unacked(delivery)
+    } else {
+        let early = Held::Acked {
+            queue: delivery.queue.clone(),
+            message: delivery.message.clone(),
+        };
+        settle(delivery, true).await;
+        early
+    };
+    let queue = held.queue().to_owned();
+    crate::signals::prerun(&crate::signals::Prerun {
+        task_id: &id,
+        task: &name,
+        args: &request.args,
+        kwargs: &request.kwargs,
+        retries: message.headers.retries,
+        hostname: &state.hostname,
+    });
     tracing::debug!("started");
     let clock = tokio::time::Instant::now();
     let outcome = execute(run, ctx, soft, hard, &tracked).await;
     let runtime = clock.elapsed();
     state.count_total(&name);
 
-    let mut meta = match outcome {
-        Outcome::Returned(Ok(value)) => {
+    let mut on_success = None;
+    let mut meta = match ended(outcome, &options) {
+        Ended::Success(returned) => {
+            let value = returned.value;
+            on_success = Some(returned.on_success);
             state.stats.succeeded.fetch_add(1, Ordering::Relaxed);
             state
                 .metrics
-                .completed(&name, &delivery.queue, Metric::Success, Some(runtime));
+                .completed(&name, &queue, Metric::Success, Some(runtime));
             tracing::debug!("succeeded");
             let mut fields = Map::new();
             fields.insert("result".into(), repr::repr(&value).into());
             fields.insert("runtime".into(), json!(runtime.as_secs_f64()));
             state.events.task("task-succeeded", &id, fields);
             // Celery's tracer: callbacks and the next chain step go out before the result is
-            // stored, and what was sent becomes `children`.
-            let children = match canvas::on_success(&state.client, message, &value).await {
-                Ok(children) => children,
+            // stored, and what was sent becomes `children` (after the tasks the run sent itself).
+            let mut children = sent_children(&hook_ctx);
+            match canvas::on_success(&state.client, message, &value).await {
+                Ok(sent) => children.extend(sent),
                 Err(e) => {
                     tracing::error!(error = %e, "could not send the callbacks or the next chain step; requeueing");
-                    return settle(delivery, false).await;
+                    return held.settle(false).await;
                 }
-            };
-            let mut meta = base_meta(&state, &request, &delivery.queue, TaskState::Success, value);
-            meta.children = Value::Array(children);
-            if ignore_result {
-                canvas::after_store(&state.client, message, &meta).await;
-                return settle(delivery, true).await;
             }
+            let mut meta = base_meta(&state, &request, &queue, TaskState::Success, value);
+            meta.children = Value::Array(children);
             meta
         }
-        Outcome::Returned(Err(TaskError::Retry { reason, after })) => {
-            match retry(&state, &delivery, &request, &options, &reason, after).await {
-                Ok(Some(meta)) => {
-                    let outcome = if meta.status == TaskState::Retry {
-                        Metric::Retry
-                    } else {
-                        Metric::Failure
-                    };
-                    state
-                        .metrics
-                        .completed(&name, &delivery.queue, outcome, Some(runtime));
-                    meta
-                }
-                Ok(None) => {
-                    state
-                        .metrics
-                        .completed(&name, &delivery.queue, Metric::Retry, Some(runtime));
-                    return settle(delivery, true).await;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "could not schedule the retry; requeueing");
-                    return requeue_after_failure(&state, delivery, "the retry publish").await;
-                }
+        Ended::Retry(retry_with) => match retry(&state, &held, &request, &retry_with).await {
+            Ok(Some(meta)) => {
+                let outcome = if meta.status == TaskState::Retry {
+                    Metric::Retry
+                } else {
+                    Metric::Failure
+                };
+                state
+                    .metrics
+                    .completed(&name, &queue, outcome, Some(runtime));
+                meta
             }
-        }
-        Outcome::Terminated => {
+            Ok(None) => {
+                state
+                    .metrics
+                    .completed(&name, &queue, Metric::Retry, Some(runtime));
+                let exc = retry_with.stored_exception();
+                hooks_after(
+                    &task,
+                    &hook_ctx,
+                    TaskState::Retry,
+                    Some(&exc),
+                    None,
+                    runtime,
+                );
+                return held.settle(true).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not schedule the retry; requeueing");
+                return match held {
+                    Held::Unacked(delivery) => {
+                        requeue_after_failure(&state, delivery, "the retry publish").await
+                    }
+                    Held::Acked { .. } => tracing::error!(
+                        "the retry is lost: the message was acknowledged before the run (acks_late off)"
+                    ),
+                };
+            }
+        },
+        Ended::Terminated => {
             state
                 .metrics
-                .completed(&name, &delivery.queue, Metric::Revoked, Some(runtime));
-            return revoke(&state, delivery, &request, Revoked::Terminated).await;
+                .completed(&name, &queue, Metric::Revoked, Some(runtime));
+            hooks_after(&task, &hook_ctx, TaskState::Revoked, None, None, runtime);
+            return match held {
+                Held::Unacked(delivery) => {
+                    revoke(&state, delivery, &request, Revoked::Terminated).await
+                }
+                Held::Acked { .. } => {
+                    revoke_acked(&state, &queue, &request, Revoked::Terminated).await
+                }
+            };
         }
-        Outcome::Returned(Err(e)) => {
+        Ended::Failure(exc) => {
             state
                 .metrics
-                .completed(&name, &delivery.queue, Metric::Failure, Some(runtime));
-            failure(&state, &request, &delivery.queue, e.exception())
-        }
-        Outcome::Panicked(msg) => {
-            state
-                .metrics
-                .completed(&name, &delivery.queue, Metric::Failure, Some(runtime));
-            failure(
-                &state,
-                &request,
-                &delivery.queue,
-                ExceptionInfo::new("builtins", "RuntimeError", format!("task panicked: {msg}")),
-            )
-        }
-        Outcome::SoftLimit(secs) => {
-            state
-                .metrics
-                .completed(&name, &delivery.queue, Metric::Failure, Some(runtime));
-            failure(
-                &state,
-                &request,
-                &delivery.queue,
-                ExceptionInfo::new(
-                    "celery.exceptions",
-                    "SoftTimeLimitExceeded",
-                    format!("soft time limit ({secs}s) exceeded"),
-                ),
-            )
-        }
-        Outcome::HardLimit(secs) => {
-            state
-                .metrics
-                .completed(&name, &delivery.queue, Metric::Failure, Some(runtime));
-            failure(
-                &state,
-                &request,
-                &delivery.queue,
-                ExceptionInfo::new("celery.exceptions", "TimeLimitExceeded", format!("{secs}")),
-            )
+                .completed(&name, &queue, Metric::Failure, Some(runtime));
+            failure(&state, &request, &queue, exc)
         }
     };
     meta.date_started = Some(started);
-    let stored = if ignore_result && meta.status == TaskState::Success {
-        Ok(())
-    } else {
-        store(&state, &meta).await
+    let stored = match meta.status {
+        TaskState::Success if ignore_result => Ok(()),
+        TaskState::Failure if !store_errors => Ok(()),
+        _ => store(&state, &meta).await,
     };
     match stored {
         Ok(()) => {
             canvas::after_store(&state.client, message, &meta).await;
-            settle(delivery, true).await
+            let exc = meta.exception_info();
+            if meta.status == TaskState::Success
+                && let Some(hook) = on_success
+                && std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook(&hook_ctx)))
+                    .is_err()
+            {
+                tracing::error!("the task's on_success hook panicked");
+            }
+            let retval = (meta.status == TaskState::Success).then_some(&meta.result);
+            hooks_after(&task, &hook_ctx, meta.status, exc.as_ref(), retval, runtime);
+            held.settle(true).await
         }
         // The next attempt is already published: requeueing this one would run the task twice,
         // and a RETRY state is only informational.
         Err(e) if meta.status == TaskState::Retry => {
             tracing::warn!(error = %e, "could not store RETRY; the retry is scheduled anyway");
-            settle(delivery, true).await
+            held.settle(true).await
         }
         Err(e) => {
             tracing::error!(error = %e, "could not store the result; requeueing the message");
-            settle(delivery, false).await
+            held.settle(false).await
         }
     }
+}
+
+/// The delivery while its task runs: still unacknowledged (acks late, the default), or
+/// acknowledged as it started.
+// One per running task, on its stack: boxing the delivery would buy nothing.
+#[allow(clippy::large_enum_variant)]
+enum Held {
+    Unacked(Delivery),
+    Acked { queue: String, message: RawMessage },
+}
+
+impl Held {
+    fn queue(&self) -> &str {
+        match self {
+            Held::Unacked(d) => &d.queue,
+            Held::Acked { queue, .. } => queue,
+        }
+    }
+
+    fn message(&self) -> &RawMessage {
+        match self {
+            Held::Unacked(d) => &d.message,
+            Held::Acked { message, .. } => message,
+        }
+    }
+
+    async fn settle(self, ack: bool) {
+        match self {
+            Held::Unacked(delivery) => settle(delivery, ack).await,
+            Held::Acked { .. } if !ack => tracing::error!(
+                "cannot give the message back: it was acknowledged before the run (acks_late off)"
+            ),
+            Held::Acked { .. } => {}
+        }
+    }
+}
+
+/// How a run ended, once the task's retry policy has had its say.
+enum Ended {
+    Success(crate::registry::Returned),
+    Retry(RetryWith),
+    Failure(ExceptionInfo),
+    Terminated,
+}
+
+/// A retry to schedule.
+struct RetryWith {
+    reason: String,
+    after: Option<Duration>,
+    /// The error that caused it (Celery's `retry(exc=…)`): stored with RETRY, and the FAILURE
+    /// once retries run out.
+    cause: Option<ExceptionInfo>,
+    max_retries: Option<u32>,
+    backoff: crate::Backoff,
+}
+
+impl RetryWith {
+    fn stored_exception(&self) -> ExceptionInfo {
+        self.cause.clone().unwrap_or_else(|| {
+            ExceptionInfo::new("celery.exceptions", "Retry", self.reason.clone())
+        })
+    }
+}
+
+fn ended(outcome: Outcome, options: &crate::TaskOptions) -> Ended {
+    match outcome {
+        Outcome::Returned(Ok(returned)) => Ended::Success(returned),
+        Outcome::Returned(Err(TaskError::Retry {
+            reason,
+            after,
+            cause,
+        })) => Ended::Retry(RetryWith {
+            reason,
+            after,
+            cause,
+            max_retries: options.max_retries,
+            backoff: options.backoff,
+        }),
+        Outcome::Returned(Err(e @ TaskError::Failed { .. })) => {
+            let exc = e.exception();
+            match &options.autoretry {
+                Some(policy) if policy.matches(&exc) => Ended::Retry(RetryWith {
+                    reason: exc.to_string(),
+                    after: None,
+                    cause: Some(exc),
+                    max_retries: policy.max_retries.unwrap_or(options.max_retries),
+                    backoff: policy.backoff.unwrap_or(options.backoff),
+                }),
+                _ => Ended::Failure(exc),
+            }
+        }
+        Outcome::Returned(Err(e)) => Ended::Failure(e.exception()),
+        Outcome::Panicked(msg) => Ended::Failure(ExceptionInfo::new(
+            "builtins",
+            "RuntimeError",
+            format!("task panicked: {msg}"),
+        )),
+        Outcome::SoftLimit(secs) => Ended::Failure(ExceptionInfo::new(
+            "celery.exceptions",
+            "SoftTimeLimitExceeded",
+            format!("soft time limit ({secs}s) exceeded"),
+        )),
+        // As Celery's worker: `TimeLimitExceeded(<hard limit>)`, a number.
+        Outcome::HardLimit(secs) => Ended::Failure(ExceptionInfo::with_args(
+            "celery.exceptions",
+            "TimeLimitExceeded",
+            vec![seconds_value(secs)],
+        )),
+        Outcome::Terminated => Ended::Terminated,
+    }
+}
+
+/// Seconds as Python would print them: `30` for a whole number, `2.5` otherwise.
+fn seconds_value(secs: f64) -> Value {
+    if secs.fract() == 0.0 && secs.abs() < 1e15 {
+        Value::from(secs as i64)
+    } else {
+        Value::from(secs)
+    }
+}
+
+/// The tasks the run sent with [`crate::client::Call::parent`], as Celery's child tuples.
+fn sent_children(ctx: &TaskContext) -> Vec<Value> {
+    ctx.children
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|id| json!([[id, null], null]))
+        .collect()
+}
+
+/// The task's own hooks for how the run ended, then `after_return` and the `task_postrun` signal.
+/// A panic in a hook is logged and goes no further.
+fn hooks_after(
+    task: &Arc<dyn crate::registry::ErasedTask>,
+    ctx: &TaskContext,
+    state: TaskState,
+    exception: Option<&ExceptionInfo>,
+    retval: Option<&Value>,
+    runtime: Duration,
+) {
+    let guarded = |what: &str, f: &dyn Fn()| {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+            tracing::error!(hook = what, "a task hook panicked");
+        }
+    };
+    if let Some(exc) = exception {
+        match state {
+            TaskState::Failure => guarded("on_failure", &|| task.on_failure(ctx, exc)),
+            TaskState::Retry => guarded("on_retry", &|| task.on_retry(ctx, exc)),
+            _ => {}
+        }
+    }
+    guarded("after_return", &|| task.after_return(ctx, state));
+    crate::signals::postrun(&crate::signals::Postrun {
+        task_id: &ctx.id,
+        task: &ctx.name,
+        state,
+        retval,
+        exception,
+        runtime,
+    });
 }
 
 /// The fields of `task-received`, the only event Celery's state takes the name and arguments
@@ -435,22 +641,13 @@ fn received_fields(request: &Request) -> Map<String, Value> {
     f
 }
 
-fn exception_fields(exc: &ExceptionInfo) -> Map<String, Value> {
+fn exception_fields(exc: &ExceptionInfo, task: &str) -> Map<String, Value> {
     let mut f = Map::new();
     f.insert(
         "exception".into(),
         repr::exception_repr(&exc.exc_type, &exc.message()).into(),
     );
-    f.insert(
-        "traceback".into(),
-        format!(
-            "Traceback (most recent call last):\n  (Rust task)\n{}.{}: {}",
-            exc.exc_module,
-            exc.exc_type,
-            exc.message()
-        )
-        .into(),
-    );
+    f.insert("traceback".into(), exc.traceback(task).into());
     f
 }
 
@@ -458,7 +655,8 @@ fn failure(state: &State, request: &Request, queue: &str, exc: ExceptionInfo) ->
     state.stats.failed.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(exception = %exc, "failed");
     let id = &request.message.headers.id;
-    let fields = exception_fields(&exc);
+    let task = &request.message.headers.task;
+    let fields = exception_fields(&exc, task);
     // A panic is reported by Sentry's panic hook already, inside the task's scope.
     let panicked = exc.exc_type == "RuntimeError" && exc.message().starts_with("task panicked");
     if !panicked {
@@ -472,6 +670,7 @@ fn failure(state: &State, request: &Request, queue: &str, exc: ExceptionInfo) ->
     state.events.task("task-failed", id, fields);
     let mut meta = base_meta(state, request, queue, TaskState::Failure, Value::Null);
     meta.result = serde_json::to_value(&exc).unwrap_or(Value::Null);
+    meta.traceback = Some(exc.traceback(task));
     meta
 }
 
@@ -505,8 +704,9 @@ async fn execute(
     let handle = &mut guard.0;
     let terminated = tracked.terminated();
     tokio::pin!(terminated);
-    let joined = |r: std::result::Result<Result<Value, TaskError>, tokio::task::JoinError>| match r
-    {
+    type Joined =
+        std::result::Result<Result<crate::registry::Returned, TaskError>, tokio::task::JoinError>;
+    let joined = |r: Joined| match r {
         Ok(r) => Outcome::Returned(r),
         Err(e) if e.is_panic() => {
             let payload = e.into_panic();
@@ -652,6 +852,24 @@ async fn poisoned(state: &State, message: &TaskMessage) -> Option<u64> {
     }
 }
 
+/// Counts a start of a task that is not to run again after its worker died; `Some(n)` when
+/// this is its `n`-th start (n > 1): an earlier one never finished.
+async fn started_before(state: &State, message: &TaskMessage) -> Option<u64> {
+    let key = format!("starts:{}:{}", message.headers.id, message.headers.retries);
+    match state
+        .coordinator
+        .count(&key, Duration::from_secs(24 * 3600))
+        .await
+    {
+        Ok(n) if n > 1 => Some(n),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot count starts");
+            None
+        }
+    }
+}
+
 /// Gives a message back after a failure of ours (a publish the broker refused or could not
 /// take), waiting first so the next delivery does not fail the same way at once, and
 /// dead-letters it after [`MAX_REQUEUES`] such failures instead of cycling for ever.
@@ -704,15 +922,26 @@ enum Revoked {
 }
 
 async fn revoke(state: &State, delivery: Delivery, request: &Request, why: Revoked) {
+    let queue = delivery.queue.clone();
+    match record_revoke(state, &queue, request, why).await {
+        Ok(()) => settle(delivery, true).await,
+        Err(_) => settle(delivery, false).await,
+    }
+}
+
+/// [`revoke`] for a task whose message was acknowledged as it started.
+async fn revoke_acked(state: &State, queue: &str, request: &Request, why: Revoked) {
+    let _ = record_revoke(state, queue, request, why).await;
+}
+
+/// Counts, announces and stores a revoke.
+async fn record_revoke(state: &State, queue: &str, request: &Request, why: Revoked) -> Result<()> {
     let message = &request.message;
     state.stats.revoked.fetch_add(1, Ordering::Relaxed);
     if why != Revoked::Terminated {
-        state.metrics.completed(
-            &message.headers.task,
-            &delivery.queue,
-            Metric::Revoked,
-            None,
-        );
+        state
+            .metrics
+            .completed(&message.headers.task, queue, Metric::Revoked, None);
     }
     tracing::info!(reason = ?why, "revoked; not running it");
     let text = match why {
@@ -735,18 +964,9 @@ async fn revoke(state: &State, delivery: Delivery, request: &Request, why: Revok
         .events
         .task("task-revoked", &message.headers.id, fields);
     let exc = ExceptionInfo::new("celery.exceptions", "TaskRevokedError", text);
-    let mut meta = base_meta(
-        state,
-        request,
-        &delivery.queue,
-        TaskState::Revoked,
-        Value::Null,
-    );
+    let mut meta = base_meta(state, request, queue, TaskState::Revoked, Value::Null);
     meta.result = serde_json::to_value(&exc).unwrap_or(Value::Null);
-    match store(state, &meta).await {
-        Ok(()) => settle(delivery, true).await,
-        Err(_) => settle(delivery, false).await,
-    }
+    store(state, &meta).await
 }
 
 /// Hands a message back to the broker's delay queues to come back after `wait`.
@@ -771,29 +991,33 @@ async fn defer(state: &State, delivery: Delivery, wait: Duration) {
 /// `Ok(None)`: retried, nothing to store (results ignored).
 async fn retry(
     state: &State,
-    delivery: &Delivery,
+    held: &Held,
     request: &Request,
-    options: &crate::TaskOptions,
-    reason: &str,
-    after: Option<Duration>,
+    with: &RetryWith,
 ) -> Result<Option<TaskMeta>> {
     let message = &request.message;
+    let queue = held.queue();
     let retries = message.headers.retries;
-    if options.max_retries.is_some_and(|max| retries >= max) {
-        let exc = ExceptionInfo::new(
-            "celery.exceptions",
-            "MaxRetriesExceededError",
-            format!(
-                "Can't retry {}[{}]: {} retries used; last error: {reason}",
-                message.headers.task, message.headers.id, retries
-            ),
-        );
+    let reason = &with.reason;
+    if with.max_retries.is_some_and(|max| retries >= max) {
         tracing::warn!(task_id = %message.headers.id, %reason, "retries exhausted");
-        return Ok(Some(failure(state, request, &delivery.queue, exc)));
+        // As Celery's `Task.retry`: the error that caused the retries, else
+        // `MaxRetriesExceededError`.
+        let exc = with.cause.clone().unwrap_or_else(|| {
+            ExceptionInfo::new(
+                "celery.exceptions",
+                "MaxRetriesExceededError",
+                format!(
+                    "Can't retry {}[{}]: {} retries used; last error: {reason}",
+                    message.headers.task, message.headers.id, retries
+                ),
+            )
+        });
+        return Ok(Some(failure(state, request, queue, exc)));
     }
-    let wait = after.unwrap_or_else(|| options.backoff.delay(retries));
+    let wait = with.after.unwrap_or_else(|| with.backoff.delay(retries));
     let eta = state.config.clock.now() + chrono::Duration::from_std(wait).unwrap_or_default();
-    let mut next: RawMessage = delivery.message.clone();
+    let mut next: RawMessage = held.message().clone();
     next.headers
         .insert("retries".into(), Value::from(retries + 1));
     next.headers
@@ -801,28 +1025,31 @@ async fn retry(
     // Before the next attempt exists: sent after, its `task-received` can overtake this event
     // and leave Celery's state at RETRY for a task that went on to succeed. If the publish
     // fails the message is requeued, so the task is retried all the same.
-    let exc = ExceptionInfo::new("celery.exceptions", "Retry", reason.to_owned());
-    state
-        .events
-        .task("task-retried", &message.headers.id, exception_fields(&exc));
+    let exc = with.stored_exception();
+    state.events.task(
+        "task-retried",
+        &message.headers.id,
+        exception_fields(&exc, &message.headers.task),
+    );
     state
         .broker()
-        .publish_delayed(&delivery.queue, &next, wait)
+        .publish_delayed(queue, &next, wait)
         .await
         .map_err(|e| Error::Broker(format!("retry publish: {e}")))?;
     state.stats.retried.fetch_add(1, Ordering::Relaxed);
     tracing::info!(task_id = %message.headers.id, %reason, ?wait, retry = retries + 1, "retry scheduled");
-    if message.headers.ignore_result || options.ignore_result {
+    if message.headers.ignore_result
+        || state
+            .registry
+            .options(&message.headers.task)
+            .is_some_and(|o| o.ignore_result)
+    {
         return Ok(None);
     }
-    let mut meta = base_meta(
-        state,
-        request,
-        &delivery.queue,
-        TaskState::Retry,
-        Value::Null,
-    );
+    // Celery stores the exception that caused the retry, with its traceback.
+    let mut meta = base_meta(state, request, queue, TaskState::Retry, Value::Null);
     meta.result = serde_json::to_value(&exc).unwrap_or(Value::Null);
+    meta.traceback = Some(exc.traceback(&message.headers.task));
     Ok(Some(meta))
 }
 
