@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::card_check::{self, CardCheckView};
 use crate::context::Billing;
 use crate::domain::{InvoiceStatus, PaymentStatus, Period, SubscriptionStatus, Transition};
 use crate::error::{BillingError, Result};
@@ -422,8 +423,13 @@ impl BillingService {
         )
         .fetch_optional(&mut *tx)
         .await?
-        .filter(|r| r.payer_id == user_id)
-        .ok_or_else(|| BillingError::NotFound(format!("payment {payment_id}")))?;
+        .filter(|r| r.payer_id == user_id);
+        let Some(row) = row else {
+            drop(tx);
+            return self
+                .complete_card_check_3ds(user_id, payment_id, transaction_id, pa_res)
+                .await;
+        };
         if PaymentStatus::parse(&row.status)? != PaymentStatus::AwaitingThreeDs {
             return Err(BillingError::precondition(format!(
                 "payment {payment_id} is not awaiting 3-D Secure"
@@ -446,6 +452,26 @@ impl BillingService {
         tx.commit().await?;
         self.enqueue_charge(payment_id).await;
         self.get_payment(user_id, payment_id).await
+    }
+
+    /// Complete3DS for a new card's check (see [`Self::update_payment_method`]).
+    async fn complete_card_check_3ds(
+        &self,
+        user_id: Uuid,
+        id: Uuid,
+        transaction_id: i64,
+        pa_res: Secret<String>,
+    ) -> Result<PaymentView> {
+        card_check::answer_3ds(&self.billing, user_id, id, transaction_id, &pa_res).await?;
+        self.enqueue_check_card(id).await;
+        self.get_payment(user_id, id).await
+    }
+
+    async fn enqueue_check_card(&self, id: Uuid) {
+        // If this fails the check stays where it is and the reconciler enqueues it.
+        if let Err(e) = tasks::enqueue_check_card(&self.billing, id).await {
+            tracing::error!(card_check_id = %id, error = %e, "could not enqueue the card check; the reconciler will");
+        }
     }
 
     async fn enqueue_charge(&self, payment_id: Uuid) {
@@ -492,8 +518,14 @@ impl BillingService {
         )
         .fetch_optional(self.billing.db())
         .await?
-        .filter(|p| p.payer_id == user_id)
-        .ok_or_else(|| BillingError::NotFound(format!("payment {payment_id}")))?;
+        .filter(|p| p.payer_id == user_id);
+        let Some(p) = p else {
+            // A new card's check is followed like a payment (UpdatePaymentMethod answers one).
+            return card_check::view(&self.billing, user_id, payment_id)
+                .await?
+                .map(card_check_payment)
+                .ok_or_else(|| BillingError::NotFound(format!("payment {payment_id}")));
+        };
         let status = PaymentStatus::parse(&p.status)?;
         let challenge = match (status, p.acs_url, p.pa_req, p.gateway_transaction_id) {
             (PaymentStatus::AwaitingThreeDs, Some(acs_url), Some(pa_req), Some(transaction_id)) => {
@@ -875,9 +907,13 @@ impl BillingService {
         self.subscription_by_id(user_id, s.0).await
     }
 
-    /// Pays the payer's overdue renewal with a new card (the way out of `past_due`): a cryptogram
-    /// attempt on the open renewal invoice, charged like a primary payment; on success the card
-    /// is saved and used for the renewals after it.
+    /// A new card for the payer's subscription. With a renewal due (the way out of `past_due`):
+    /// a cryptogram attempt on the open renewal invoice, charged like a primary payment; on
+    /// success the card is saved and used for the renewals after it. With nothing due: a card
+    /// check ([`card_check`]), a small authorisation that is voided at once, after which the card
+    /// renews the subscription. Either way the answer is followed like a payment
+    /// ([`Self::get_payment`], Complete3DS when the bank asks for 3-D Secure); the old card stays
+    /// until the new one is approved.
     pub async fn update_payment_method(&self, req: UpdatePaymentMethod) -> Result<PaymentView> {
         // The card fields are checked exactly as for a new subscription.
         validate_start(&StartSubscription {
@@ -906,8 +942,20 @@ impl BillingService {
             drop(tx);
             return self.get_payment(req.user_id, id).await;
         }
-        let sub = sqlx::query_scalar::<_, Uuid>(
-            "SELECT id FROM subscription WHERE payer_id = $1 AND status IN ('active', 'past_due') FOR UPDATE",
+        if let Some((id, payer)) =
+            card_check::by_idempotency_key(&mut tx, &req.idempotency_key).await?
+        {
+            if payer != req.user_id {
+                return Err(BillingError::invalid(
+                    "idempotency_key was already used by another user",
+                ));
+            }
+            drop(tx);
+            return self.get_payment(req.user_id, id).await;
+        }
+        let (sub, sub_status, currency) = sqlx::query_as::<_, (Uuid, String, String)>(
+            "SELECT s.id, s.status, t.currency FROM subscription s JOIN tariff t ON t.id = s.tariff_id
+             WHERE s.payer_id = $1 AND s.status IN ('active', 'past_due') FOR UPDATE OF s",
         )
         .bind(req.user_id)
         .fetch_optional(&mut *tx)
@@ -921,12 +969,34 @@ impl BillingService {
         )
         .bind(sub)
         .fetch_optional(&mut *tx)
-        .await?
-        .ok_or_else(|| {
-            BillingError::precondition(
-                "no renewal is due: a new card is taken when a renewal has failed",
+        .await?;
+        let Some(invoice) = invoice else {
+            if SubscriptionStatus::parse(&sub_status)? != SubscriptionStatus::Active {
+                return Err(BillingError::precondition(
+                    "the overdue renewal is being charged; try the new card when it has finished",
+                ));
+            }
+            // Nothing is due: prove the card (an authorisation, voided) for the next renewal.
+            let id = card_check::create(
+                &mut tx,
+                &self.billing,
+                card_check::NewCheck {
+                    subscription_id: sub,
+                    payer_id: req.user_id,
+                    currency: &currency,
+                    idempotency_key: &req.idempotency_key,
+                    ip_address: &req.ip_address,
+                    cardholder_name: req.cardholder_name.as_deref(),
+                    cryptogram: &req.cryptogram,
+                },
+                now,
             )
-        })?;
+            .await?;
+            tx.commit().await?;
+            tracing::info!(card_check_id = %id, subscription_id = %sub, "new card for the next renewal; check enqueued");
+            self.enqueue_check_card(id).await;
+            return self.get_payment(req.user_id, id).await;
+        };
         let payment_id = Uuid::now_v7();
         let sealed = vault::seal(
             &self.billing,
@@ -977,7 +1047,9 @@ impl BillingService {
     /// given (its charge is under way) or the attempt has moved on since it was read.
     pub async fn three_ds_answered(&self, payment_id: Uuid) -> Result<bool> {
         Ok(sqlx::query_scalar::<_, bool>(
-            "SELECT pa_res IS NOT NULL OR status <> 'awaiting_3ds' FROM payment WHERE id = $1",
+            "SELECT pa_res IS NOT NULL OR status <> 'awaiting_3ds' FROM payment WHERE id = $1
+             UNION ALL
+             SELECT pa_res IS NOT NULL OR status <> 'awaiting_3ds' FROM card_check WHERE id = $1",
         )
         .bind(payment_id)
         .fetch_optional(self.billing.db())
@@ -1035,7 +1107,27 @@ impl BillingService {
     }
 }
 
-/// A new card for the payer's overdue renewal.
+/// A card check as the payment the frontend follows.
+fn card_check_payment(c: CardCheckView) -> PaymentView {
+    PaymentView {
+        id: c.id,
+        subscription_id: c.subscription_id,
+        status: c.status,
+        amount: c.amount,
+        reason_code: c.reason_code,
+        reason: c.reason,
+        card_holder_message: c.card_holder_message,
+        challenge: c
+            .challenge
+            .map(|(acs_url, pa_req, transaction_id)| ThreeDsView {
+                acs_url,
+                pa_req,
+                transaction_id,
+            }),
+    }
+}
+
+/// A new card for the payer's subscription: for the overdue renewal, or for the next one.
 #[derive(Debug, Clone)]
 pub struct UpdatePaymentMethod {
     /// The auth user id.

@@ -5,13 +5,14 @@
 //! | task | args | what |
 //! |---|---|---|
 //! | `billing.charge_payment` | payment_id | one gateway attempt (cryptogram, token or 3-D Secure completion) |
+//! | `billing.check_card` | card_check_id | a new card's authorisation (or its lookup), then the void of its hold |
 //! | `billing.charge_invoice` | invoice_id | the next attempt on a renewal invoice |
 //! | `billing.charge_invoices` | invoice_ids | the same for a batch of invoices, in parallel |
 //! | `billing.enqueue_renewals` | – | renewal invoices for periods ending soon, and their charges |
 //! | `billing.retry_due_invoices` | – | charges for invoices whose dunning step is due |
 //! | `billing.expire_subscriptions` | – | grace periods and expiries, with role revocation |
 //! | `billing.refund` | refund_id | one refund at the gateway |
-//! | `billing.reconcile_payments` | – | unknown outcomes, stale 3-D Secure, lost charge tasks |
+//! | `billing.reconcile_payments` | – | unknown outcomes, stale 3-D Secure, lost charge tasks, card checks and holds left unfinished |
 //! | `billing.reconcile_refunds` | – | refunds whose task was lost or whose outcome is unknown |
 //! | `billing.reconcile_day` | day (optional) | the gateway's operations of a day (yesterday) against the ledger |
 //! | `billing.purge_cryptograms` | – | cryptograms never used in time are wiped |
@@ -43,6 +44,7 @@ pub const QUEUE: &str = "billing";
 pub fn register(registry: &mut Registry, billing: Billing, outbox: Option<Arc<dyn OutboxTarget>>) {
     registry
         .register(ChargePayment(billing.clone()))
+        .register(CheckCard(billing.clone()))
         .register(ChargeInvoice(billing.clone()))
         .register(ChargeInvoices(billing.clone()))
         .register(EnqueueRenewals(billing.clone()))
@@ -116,6 +118,18 @@ pub async fn enqueue_charge_payment(billing: &Billing, payment_id: Uuid) -> task
     enqueue::<ChargePayment>(billing, PaymentArgs { payment_id }).await
 }
 
+/// One id argument.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CardCheckArgs {
+    /// The card check.
+    pub card_check_id: Uuid,
+}
+
+/// Enqueues `billing.check_card`.
+pub async fn enqueue_check_card(billing: &Billing, card_check_id: Uuid) -> task_core::Result<()> {
+    enqueue::<CheckCard>(billing, CardCheckArgs { card_check_id }).await
+}
+
 /// Enqueues `billing.refund`.
 pub async fn enqueue_refund(billing: &Billing, refund_id: Uuid) -> task_core::Result<()> {
     enqueue::<Refund>(billing, RefundArgs { refund_id }).await
@@ -174,6 +188,33 @@ impl Task for ChargePayment {
         {
             Step::Settled(status) => Ok(status.to_string()),
             Step::RetryAfter(d) => Err(TaskError::retry_after(d, "gateway outcome pending")),
+        }
+    }
+}
+
+/// `billing.check_card(card_check_id)`.
+#[derive(Debug, Clone)]
+pub struct CheckCard(pub Billing);
+
+impl Task for CheckCard {
+    const NAME: &'static str = "billing.check_card";
+    type Args = CardCheckArgs;
+    type Output = String;
+
+    fn options() -> TaskOptions {
+        charge_options()
+    }
+
+    async fn run(&self, _ctx: TaskContext, a: CardCheckArgs) -> Result<String, TaskError> {
+        match crate::card_check::run(&self.0, a.card_check_id)
+            .await
+            .map_err(task_error)?
+        {
+            Step::Settled(status) => Ok(status.to_string()),
+            Step::RetryAfter(d) => Err(TaskError::retry_after(
+                d,
+                "card check outcome or void pending",
+            )),
         }
     }
 }
@@ -426,6 +467,23 @@ impl Task for ReconcilePayments {
             &self.0,
             lost.into_iter()
                 .map(|payment_id| PaymentArgs { payment_id })
+                .collect(),
+        )
+        .await?;
+        let expired = crate::card_check::expire_stale(&self.0)
+            .await
+            .map_err(task_error)?;
+        if expired > 0 {
+            tracing::info!(expired, "card checks the payer left were expired");
+        }
+        let checks = crate::card_check::unfinished(&self.0)
+            .await
+            .map_err(task_error)?;
+        enqueue_all::<CheckCard>(
+            &self.0,
+            checks
+                .into_iter()
+                .map(|card_check_id| CardCheckArgs { card_check_id })
                 .collect(),
         )
         .await?;

@@ -312,7 +312,7 @@ async fn check(billing: &Billing, p: &PaymentDetails) -> Result<WebhookAnswer> {
     .fetch_optional(billing.db())
     .await?
     else {
-        return Ok(WebhookAnswer::InvalidInvoiceId);
+        return check_card_check(billing, invoice_id, p).await;
     };
     if p.account_id.as_deref() != Some(inv.payer_id.to_string().as_str()) {
         return Ok(WebhookAnswer::InvalidAccountId);
@@ -324,6 +324,48 @@ async fn check(billing: &Billing, p: &PaymentDetails) -> Result<WebhookAnswer> {
         return Ok(WebhookAnswer::Rejected);
     }
     Ok(WebhookAnswer::Ok)
+}
+
+/// Check for a card check's authorisation (its InvoiceId is the check's id): its payer, its
+/// amount, and only while it is being sent.
+async fn check_card_check(
+    billing: &Billing,
+    id: Uuid,
+    p: &PaymentDetails,
+) -> Result<WebhookAnswer> {
+    let Some((status, payer, amount_minor, currency)) =
+        sqlx::query_as::<_, (String, Uuid, i64, String)>(
+            "SELECT status, payer_id, amount_minor, currency FROM card_check WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(billing.db())
+        .await?
+    else {
+        return Ok(WebhookAnswer::InvalidInvoiceId);
+    };
+    if p.account_id.as_deref() != Some(payer.to_string().as_str()) {
+        return Ok(WebhookAnswer::InvalidAccountId);
+    }
+    if p.amount.minor != amount_minor || p.amount.currency.code() != currency {
+        return Ok(WebhookAnswer::InvalidAmount);
+    }
+    if !matches!(status.as_str(), "processing" | "awaiting_3ds") {
+        return Ok(WebhookAnswer::Rejected);
+    }
+    Ok(WebhookAnswer::Ok)
+}
+
+/// Whether an InvoiceId is a card check's (card_check.rs): those are settled there.
+async fn card_check_of(billing: &Billing, invoice_id: Option<Uuid>) -> Result<Option<Uuid>> {
+    let Some(id) = invoice_id else {
+        return Ok(None);
+    };
+    Ok(
+        sqlx::query_scalar::<_, Uuid>("SELECT id FROM card_check WHERE id = $1")
+            .bind(id)
+            .fetch_optional(billing.db())
+            .await?,
+    )
 }
 
 fn text_i64(v: &Value) -> Option<i64> {
@@ -351,6 +393,14 @@ async fn apply_payment(
         .invoice_id
         .as_deref()
         .and_then(|i| Uuid::parse_str(i).ok());
+    if let Some(check) = card_check_of(billing, invoice_id).await? {
+        // The same idempotent settling as the worker's; an approval's hold is then voided.
+        let status = crate::card_check::settle(billing, check, outcome, Actor::Webhook).await?;
+        if let Err(e) = crate::tasks::enqueue_check_card(billing, check).await {
+            tracing::warn!(card_check_id = %check, error = %e, "could not enqueue the card check; the reconciler will");
+        }
+        return Ok(format!("card check {check} {status}"));
+    }
     let candidates = sqlx::query!(
         "SELECT id, status, sent_at, gateway_transaction_id FROM payment
          WHERE gateway_transaction_id = $1 OR gateway_transaction_id = $2

@@ -22,6 +22,8 @@ async fn assert_history_complete(env: &Env) {
         ("invoice", "invoice"),
         ("payment", "payment"),
         ("refund", "refund"),
+        ("card_check", "card_check"),
+        ("card_hold", "card_hold"),
     ] {
         let rows = sqlx::query_as::<_, (Uuid, String)>(sqlx::AssertSqlSafe(format!(
             "SELECT id, status FROM {table}"

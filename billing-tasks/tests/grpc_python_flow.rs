@@ -150,6 +150,17 @@ async fn python_grpcio_client_runs_the_whole_flow() {
     assert!(metrics.contains("billing_grpc_request_duration_seconds_bucket"));
     settle_everything(&env).await;
     env.assert_ledger_matches_gateway().await;
+    // The card check of a healthy subscription's new card holds no money once it is done.
+    eventually("the card check's hold to be released", Duration::from_secs(30), || async {
+        let held = sqlx::query_as::<_, (i64, i64)>(
+            "SELECT count(*) FILTER (WHERE status = 'held'), count(*) FILTER (WHERE status = 'released') FROM card_hold",
+        )
+        .fetch_one(&env.db)
+        .await
+        .unwrap();
+        (held == (0, 1)).then_some(())
+    })
+    .await;
     front.stop().await;
     env.stop().await;
 }

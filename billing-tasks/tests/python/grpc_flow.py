@@ -176,6 +176,26 @@ p = start("C", "CRYPTO_OK")
 assert watch("C", p.id)[-1].status == pb.PAYMENT_STATUS_SUCCEEDED
 result["abandon_3ds"] = "EXPIRED, then another card SUCCEEDED"
 
+# C replaces the card of a healthy subscription (nothing due): a 1.00 authorisation, through
+# 3-D Secure here, voided at once; the new card renews from then on. The same key answers the same.
+key = str(uuid.uuid4())
+u = api.UpdatePaymentMethod(pb.UpdatePaymentMethodRequest(
+    cryptogram=os.environ["CRYPTO_3DS"], ip_address="203.0.113.7", idempotency_key=key),
+    metadata=md("C"), timeout=10)
+assert u.amount.minor == 100, u
+last = watch("C", u.id)[-1]
+assert last.status == pb.PAYMENT_STATUS_AWAITING_3DS, last
+api.Complete3DS(pb.Complete3DSRequest(payment_id=u.id, transaction_id=last.three_ds.transaction_id,
+                                      pa_res=os.environ["PA_RES_OK"]), metadata=md("C"), timeout=10)
+assert watch("C", u.id)[-1].status == pb.PAYMENT_STATUS_SUCCEEDED
+again = api.UpdatePaymentMethod(pb.UpdatePaymentMethodRequest(
+    cryptogram=os.environ["CRYPTO_3DS"], ip_address="203.0.113.7", idempotency_key=key),
+    metadata=md("C"), timeout=10)
+assert again.id == u.id and again.status == pb.PAYMENT_STATUS_SUCCEEDED, again
+s = api.GetSubscription(pb.GetSubscriptionRequest(), metadata=md("C"), timeout=5)
+assert s.status == pb.SUBSCRIPTION_STATUS_ACTIVE and s.card_mask.endswith("4242"), s
+result["update_card_healthy"] = "1.00 authorised through 3-D Secure, SUCCEEDED, card 4242"
+
 # A bad request: a clear INVALID_ARGUMENT naming the field.
 try:
     api.GetPayment(pb.GetPaymentRequest(payment_id="not-a-uuid"), metadata=md("C"), timeout=5)
