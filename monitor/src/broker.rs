@@ -118,13 +118,18 @@ pub async fn connect(url: &str) -> Result<Connection> {
         .map_err(|e| Error::Unavailable(format!("cannot connect to BROKER_URL {shown}: {e}")))
 }
 
-/// What a passive declare says about a queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the broker says about a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct QueueStats {
     /// Messages ready for delivery.
     pub messages: u64,
     /// Consumers attached.
     pub consumers: u64,
+    /// Messages delivered and not yet acknowledged (only the management API tells).
+    pub unacked: Option<u64>,
+    /// Seconds the head message has waited (only the management API tells, and only for a
+    /// message with a `timestamp` property; 0 for an empty queue).
+    pub oldest_age: Option<f64>,
 }
 
 /// Reads queue statistics on a connection of its own, reconnecting when it was lost.
@@ -172,6 +177,7 @@ impl QueueProbe {
                 Ok(Some(QueueStats {
                     messages: u64::from(q.message_count()),
                     consumers: u64::from(q.consumer_count()),
+                    ..QueueStats::default()
                 }))
             }
             Err(e) if soft_error(&e) == Some(AMQPSoftError::NOTFOUND) => Ok(None),

@@ -38,6 +38,13 @@ pub struct Config {
     )]
     pub broker_url: String,
 
+    /// RabbitMQ's management HTTP API, as Flower's `--broker-api`
+    /// (`http://guest:guest@127.0.0.1:15672/api/`): with it the monitor lists every queue, with
+    /// unacknowledged counts and the oldest message's age; without it only the queues workers
+    /// consume, from AMQP.
+    #[arg(long, env = "MONITOR_BROKER_API", hide_env_values = true)]
+    pub broker_api: Option<String>,
+
     /// Redis result backend (read for /api/task/result and task details).
     #[arg(
         long,

@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod broker;
+pub mod broker_api;
 pub mod config;
 mod error;
 pub mod event;
@@ -35,6 +36,7 @@ pub use error::{Error, Result};
 pub use store::Store;
 
 use crate::broker::{EventsQueue, QueueProbe, QueueStats};
+use crate::broker_api::BrokerApi;
 use crate::inspect::Inspector;
 use crate::intake::{IntakeConfig, IntakeStatus};
 use crate::metrics::Metrics;
@@ -52,6 +54,7 @@ struct Shared {
     broker: AmqpBroker,
     inspector: Inspector,
     probe: QueueProbe,
+    broker_api: Option<BrokerApi>,
     metrics: Metrics,
     intake: Arc<IntakeStatus>,
     updates: tokio::sync::broadcast::Sender<intake::Update>,
@@ -71,8 +74,14 @@ impl AppState {
                 ));
             }
         };
+        let broker_api = config
+            .broker_api
+            .as_deref()
+            .map(|api| BrokerApi::new(api, &broker_api::vhost_of(&config.broker_url)))
+            .transpose()?;
         Ok(AppState {
             inner: Arc::new(Shared {
+                broker_api,
                 store,
                 inspector: Inspector::new(
                     broker.clone(),
@@ -148,8 +157,32 @@ impl AppState {
         .await?)
     }
 
-    /// Statistics of every queue the workers report consuming (missing queues left out).
+    /// Whether [`AppState::queue_stats`] lists every queue (the management API is configured).
+    pub fn lists_all_queues(&self) -> bool {
+        self.inner.broker_api.is_some()
+    }
+
+    /// Statistics of every lasting queue of the virtual host when the management API is
+    /// configured (`MONITOR_BROKER_API`); otherwise of every queue the workers report consuming
+    /// (missing queues left out), without unacknowledged counts or ages.
     pub async fn queue_stats(&self) -> Result<Vec<(String, QueueStats)>> {
+        if let Some(api) = &self.inner.broker_api {
+            let now = task_core::events::unix_now();
+            return Ok(api
+                .queues()
+                .await?
+                .into_iter()
+                .map(|q| {
+                    let stats = QueueStats {
+                        messages: q.messages_ready.unwrap_or(0),
+                        consumers: q.consumers.unwrap_or(0),
+                        unacked: q.messages_unacknowledged,
+                        oldest_age: q.oldest_age(now),
+                    };
+                    (q.name, stats)
+                })
+                .collect());
+        }
         let mut out = Vec::new();
         for name in self.inner.inspector.queue_names().await? {
             if let Some(stats) = self.inner.probe.stats(&name).await? {

@@ -6,7 +6,11 @@
 //!   `tq_monitor_last_event_timestamp_seconds`, `tq_monitor_tasks_completed_total{task,outcome}`.
 //! - Collected at scrape time: `tq_worker_up{worker}` from the stored heartbeats (a worker drops
 //!   out of the series an hour after its last event, so pod churn does not pile up series),
-//!   `tq_queue_messages{queue,state="ready"}` and `tq_queue_consumers{queue}` for every queue the
+//!   `tq_queue_messages{queue,state="ready"|"unacked"}`, `tq_queue_consumers{queue}`,
+//!   `tq_queue_oldest_message_age_seconds{queue}` and `tq_dead_letter_messages{queue}` (the
+//!   messages in `<queue>.dlq`) for every queue of the virtual host when the management API is
+//!   configured (`MONITOR_BROKER_API`; the age only where the head message carries a timestamp,
+//!   which task-core's client sets), otherwise ready and consumers for every queue the
 //!   workers report consuming, from the broker.
 //!
 //! Cardinality: `type` is bounded by Celery's event kinds (others count as `other`), `task` by
@@ -20,6 +24,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
+
+use crate::broker::QueueStats;
 
 /// The content type of [`Metrics::encode`].
 pub const OPENMETRICS_CONTENT_TYPE: &str = task_core::health::OPENMETRICS_CONTENT_TYPE;
@@ -78,6 +84,8 @@ struct Inner {
     worker_up: Family<WorkerLabel, Gauge>,
     queue_messages: Family<QueueState, Gauge>,
     queue_consumers: Family<QueueLabel, Gauge>,
+    queue_oldest_age: Family<QueueLabel, FloatGauge>,
+    dead_letters: Family<QueueLabel, Gauge>,
 }
 
 /// The monitor's metrics. Cheap to clone.
@@ -130,14 +138,27 @@ impl Metrics {
         let queue_messages = Family::<QueueState, Gauge>::default();
         registry.register(
             "queue_messages",
-            "Messages in a queue the workers consume, by state",
+            "Messages in a queue, by state (ready; unacked with the management API)",
             queue_messages.clone(),
         );
         let queue_consumers = Family::<QueueLabel, Gauge>::default();
         registry.register(
             "queue_consumers",
-            "Consumers of a queue the workers consume",
+            "Consumers of a queue",
             queue_consumers.clone(),
+        );
+        let queue_oldest_age = Family::<QueueLabel, FloatGauge>::default();
+        registry.register_with_unit(
+            "queue_oldest_message_age",
+            "How long the message at the head of a queue has waited (0 when empty; absent when unknown)",
+            Unit::Seconds,
+            queue_oldest_age.clone(),
+        );
+        let dead_letters = Family::<QueueLabel, Gauge>::default();
+        registry.register(
+            "dead_letter_messages",
+            "Messages in a queue's dead-letter queue (<queue>.dlq), by the original queue",
+            dead_letters.clone(),
         );
         Metrics {
             inner: Arc::new(Inner {
@@ -149,6 +170,8 @@ impl Metrics {
                 worker_up,
                 queue_messages,
                 queue_consumers,
+                queue_oldest_age,
+                dead_letters,
             }),
         }
     }
@@ -198,22 +221,51 @@ impl Metrics {
         }
     }
 
-    /// Replaces the queue gauges with `queues` (name, ready messages, consumers).
-    pub fn set_queues(&self, queues: impl IntoIterator<Item = (String, u64, u64)>) {
-        self.inner.queue_messages.clear();
-        self.inner.queue_consumers.clear();
-        for (queue, ready, consumers) in queues {
-            self.inner
+    /// Replaces the queue gauges with `queues`.
+    pub fn set_queues(&self, queues: impl IntoIterator<Item = (String, QueueStats)>) {
+        let inner = &self.inner;
+        inner.queue_messages.clear();
+        inner.queue_consumers.clear();
+        inner.queue_oldest_age.clear();
+        inner.dead_letters.clear();
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        for (queue, s) in queues {
+            // task_core::broker::dead_letter_queue names them `<queue>.dlq`.
+            if let Some(original) = queue.strip_suffix(".dlq") {
+                inner
+                    .dead_letters
+                    .get_or_create(&QueueLabel {
+                        queue: original.to_owned(),
+                    })
+                    .set(gauge(s.messages + s.unacked.unwrap_or(0)));
+                continue;
+            }
+            let state = |state: &str| QueueState {
+                queue: queue.clone(),
+                state: state.into(),
+            };
+            inner
                 .queue_messages
-                .get_or_create(&QueueState {
-                    queue: queue.clone(),
-                    state: "ready".into(),
-                })
-                .set(i64::try_from(ready).unwrap_or(i64::MAX));
-            self.inner
+                .get_or_create(&state("ready"))
+                .set(gauge(s.messages));
+            if let Some(unacked) = s.unacked {
+                inner
+                    .queue_messages
+                    .get_or_create(&state("unacked"))
+                    .set(gauge(unacked));
+            }
+            if let Some(age) = s.oldest_age {
+                inner
+                    .queue_oldest_age
+                    .get_or_create(&QueueLabel {
+                        queue: queue.clone(),
+                    })
+                    .set(age);
+            }
+            inner
                 .queue_consumers
                 .get_or_create(&QueueLabel { queue })
-                .set(i64::try_from(consumers).unwrap_or(i64::MAX));
+                .set(gauge(s.consumers));
         }
     }
 
@@ -238,7 +290,24 @@ mod tests {
         m.completed("diag.add", "success");
         m.written(100.0, 100.5);
         m.set_workers([("w1@h".to_owned(), true)]);
-        m.set_queues([("celery".to_owned(), 3, 1)]);
+        m.set_queues([
+            (
+                "celery".to_owned(),
+                QueueStats {
+                    messages: 3,
+                    consumers: 1,
+                    unacked: Some(2),
+                    oldest_age: Some(7.5),
+                },
+            ),
+            (
+                "celery.dlq".to_owned(),
+                QueueStats {
+                    messages: 4,
+                    ..QueueStats::default()
+                },
+            ),
+        ]);
         let text = m.encode();
         for line in [
             r#"tq_monitor_events_received_total{type="task-succeeded"} 1"#,
@@ -249,6 +318,9 @@ mod tests {
             r#"tq_worker_up{worker="w1@h"} 1"#,
             r#"tq_queue_messages{queue="celery",state="ready"} 3"#,
             r#"tq_queue_consumers{queue="celery"} 1"#,
+            r#"tq_queue_messages{queue="celery",state="unacked"} 2"#,
+            r#"tq_queue_oldest_message_age_seconds{queue="celery"} 7.5"#,
+            r#"tq_dead_letter_messages{queue="celery"} 4"#,
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

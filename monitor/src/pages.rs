@@ -14,6 +14,7 @@ use axum::response::{Html, IntoResponse, Response};
 use chrono::{DateTime, Utc};
 
 use crate::AppState;
+use crate::broker::QueueStats;
 use crate::event::TaskRecord;
 use crate::store::TaskQuery;
 
@@ -107,6 +108,35 @@ struct QueueRow {
     name: String,
     messages: u64,
     consumers: u64,
+    /// "–" where the broker does not tell (no management API).
+    unacked: String,
+    oldest: String,
+}
+
+impl From<(String, QueueStats)> for QueueRow {
+    fn from((name, s): (String, QueueStats)) -> Self {
+        QueueRow {
+            name,
+            messages: s.messages,
+            consumers: s.consumers,
+            unacked: s.unacked.map_or_else(|| "–".to_owned(), |n| n.to_string()),
+            oldest: s.oldest_age.map_or_else(|| "–".to_owned(), duration),
+        }
+    }
+}
+
+/// Seconds as a short duration: `850 ms`, `12.3 s`, `4 min 05 s`, `2 h 03 min`.
+fn duration(secs: f64) -> String {
+    match secs {
+        s if s < 1.0 => format!("{:.0} ms", s * 1000.0),
+        s if s < 60.0 => format!("{s:.1} s"),
+        s if s < 3600.0 => format!("{} min {:02} s", (s / 60.0) as u64, (s % 60.0) as u64),
+        s => format!(
+            "{} h {:02} min",
+            (s / 3600.0) as u64,
+            ((s % 3600.0) / 60.0) as u64
+        ),
+    }
 }
 
 #[derive(Debug)]
@@ -219,14 +249,7 @@ pub(crate) async fn dashboard(
         states,
         failure_rate,
         chart: chart(&buckets, from, 31),
-        queues: queues
-            .into_iter()
-            .map(|(name, s)| QueueRow {
-                name,
-                messages: s.messages,
-                consumers: s.consumers,
-            })
-            .collect(),
+        queues: queues.into_iter().map(QueueRow::from).collect(),
         failures: failures
             .into_iter()
             .map(|(task, class, count, latest, example)| FailureRow {
@@ -583,6 +606,7 @@ struct Queues {
     nav: &'static str,
     refresh: u32,
     error: Option<String>,
+    all_queues: bool,
     queues: Vec<QueueRow>,
 }
 
@@ -599,14 +623,8 @@ pub(crate) async fn queues(
         nav: "queues",
         refresh: refresh(&params),
         error,
-        queues: queues
-            .into_iter()
-            .map(|(name, s)| QueueRow {
-                name,
-                messages: s.messages,
-                consumers: s.consumers,
-            })
-            .collect(),
+        all_queues: state.lists_all_queues(),
+        queues: queues.into_iter().map(QueueRow::from).collect(),
     })
 }
 

@@ -31,11 +31,7 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
         Err(e) => tracing::warn!(error = %e, "cannot read workers for /metrics"),
     }
     match state.queue_stats().await {
-        Ok(queues) => state.metrics().set_queues(
-            queues
-                .into_iter()
-                .map(|(name, s)| (name, s.messages, s.consumers)),
-        ),
+        Ok(queues) => state.metrics().set_queues(queues),
         Err(e) => tracing::warn!(error = %e, "cannot read queues for /metrics"),
     }
     (
