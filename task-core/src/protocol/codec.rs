@@ -154,7 +154,16 @@ fn unwrap_kombu(v: Value) -> Value {
                     (map.get(TYPE_KEY), map.get(VALUE_KEY))
             {
                 match t.as_str() {
-                    "datetime" | "date" | "time" | "decimal" | "uuid" => return inner.clone(),
+                    // kombu 5.3+ writes `{"hex": "<32 hex digits>"}`; older ones the string.
+                    "uuid" => {
+                        if let Some(hex) = inner.get("hex").and_then(Value::as_str)
+                            && let Ok(id) = uuid::Uuid::parse_str(hex)
+                        {
+                            return Value::String(id.to_string());
+                        }
+                        return inner.clone();
+                    }
+                    "datetime" | "date" | "time" | "decimal" => return inner.clone(),
                     _ => return Value::Object(map),
                 }
             }

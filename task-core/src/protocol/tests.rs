@@ -77,6 +77,25 @@ fn resolves_kombu_type_wrappers() {
 }
 
 #[test]
+fn kombu_uuids_decode_into_uuid_arguments() {
+    // What kombu 5.7's `dumps(uuid.UUID(...))` writes, and what older versions wrote.
+    let body = json!([[{"__type__": "uuid", "__value__": {"hex": "72424c8301cb429aa579eecd0171c1bd"}}],
+        {"old": {"__type__": "uuid", "__value__": "72424c83-01cb-429a-a579-eecd0171c1bd"}}, {}]);
+    let m = TaskMessage::decode(&raw(
+        celery_headers(),
+        "application/json",
+        serde_json::to_vec(&body).unwrap(),
+    ))
+    .unwrap();
+    let id: uuid::Uuid = serde_json::from_value(m.args[0].clone()).unwrap();
+    assert_eq!(id.to_string(), "72424c83-01cb-429a-a579-eecd0171c1bd");
+    assert_eq!(
+        m.kwargs["old"],
+        json!("72424c83-01cb-429a-a579-eecd0171c1bd")
+    );
+}
+
+#[test]
 fn msgpack_round_trip_keeps_bytes_as_bin() {
     let mut m = TaskMessage::new("diag.echo", "id-1");
     m.content_type = ContentType::Msgpack;

@@ -8,7 +8,8 @@ as JSON. Used by the interop tests in this directory's parent.
 
 Settings (JSON): broker, backend, queue, serializer (json or msgpack), task, args, kwargs,
 options (passed to send_task: countdown, expires, priority, time_limit, soft_time_limit, ...),
-naive_eta_in / naive_expires_in (a time zone: eta / expires as a naive local time there,
+uuids (true: strings in args and kwargs that are UUIDs are sent as `uuid.UUID`, which kombu
+wraps as `{"__type__": "uuid", ...}`), naive_eta_in / naive_expires_in (a time zone: eta / expires as a naive local time there,
 `eta_in` / `expires_in` seconds from now), timezone (the app's `timezone` setting), timeout.
 
 `batch` sends without waiting and prints the ids; `max_priority` declares the queue with
@@ -23,6 +24,7 @@ import datetime
 import json
 import sys
 import time
+import uuid
 import zoneinfo
 
 import celery.exceptions
@@ -89,7 +91,23 @@ def send(app, cfg, serializer):
             local = datetime.datetime.now(zoneinfo.ZoneInfo(zone))
             at = local + datetime.timedelta(seconds=cfg[f"{key}_in"])
             options[key] = at.replace(tzinfo=None)
-    return app.send_task(cfg["task"], args=cfg.get("args", []), kwargs=cfg.get("kwargs", {}), **options)
+    args, kwargs = cfg.get("args", []), cfg.get("kwargs", {})
+    if cfg.get("uuids"):
+        args, kwargs = as_uuids(args), as_uuids(kwargs)
+    return app.send_task(cfg["task"], args=args, kwargs=kwargs, **options)
+
+
+def as_uuids(value):
+    if isinstance(value, list):
+        return [as_uuids(v) for v in value]
+    if isinstance(value, dict):
+        return {k: as_uuids(v) for k, v in value.items()}
+    if isinstance(value, str):
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            return value
+    return value
 
 
 def outcome(result, cfg, sent_at):
