@@ -29,6 +29,19 @@ pub enum Error {
         reason: String,
     },
 
+    /// RabbitMQ, reachable and healthy, refused an operation with a channel error (403 access
+    /// refused, 404 not found, 406 precondition failed: an oversize message, a bad property, a
+    /// missing exchange). It is not retried: the same request would be refused again.
+    #[error("RabbitMQ refused {what}: {code} {text}")]
+    Refused {
+        /// What was refused, naming its target (`the publish to queue `q``).
+        what: String,
+        /// The AMQP reply code.
+        code: u16,
+        /// The broker's reply text.
+        text: String,
+    },
+
     /// The result backend (Redis or the in-memory backend) failed.
     #[error("result backend error: {0}")]
     Backend(String),

@@ -29,11 +29,23 @@ fn message(n: u32) -> RawMessage {
 }
 
 async fn next(consumer: &mut task_core::broker::Consumer) -> task_core::broker::Delivery {
-    tokio::time::timeout(Duration::from_secs(10), consumer.next())
+    next_within(consumer, Duration::from_secs(10)).await
+}
+
+async fn next_within(
+    consumer: &mut task_core::broker::Consumer,
+    limit: Duration,
+) -> task_core::broker::Delivery {
+    tokio::time::timeout(limit, consumer.next())
         .await
-        .expect("a delivery within 10 s")
+        .unwrap_or_else(|_| panic!("no delivery within {limit:?}"))
         .expect("consumer open")
 }
+
+/// How long a test waits for a delayed message. The `tq.delay.*` queues are shared by every test
+/// and worker on the machine, and dead-lettering between them slows down on a loaded box, so this
+/// is a bound on being stuck, not a measure of the delay: only lower bounds are asserted.
+const DELAYED_WITHIN: Duration = Duration::from_secs(90);
 
 /// Publish, consume, ack; reject with requeue; drop unacknowledged; prefetch window; dead letter.
 async fn broker_semantics(broker: AnyBroker) {
@@ -101,6 +113,15 @@ async fn broker_semantics(broker: AnyBroker) {
         json!("bad input: testing")
     );
     assert_eq!(d.message.headers[DEAD_LETTER_QUEUE_HEADER], json!(queue));
+    let at = d.message.headers["x-dead-lettered-at"]
+        .as_str()
+        .expect("x-dead-lettered-at is a timestamp");
+    let at = chrono::DateTime::parse_from_rfc3339(at).expect("x-dead-lettered-at is ISO-8601");
+    let age = chrono::Utc::now().signed_duration_since(at);
+    assert!(
+        age >= chrono::Duration::zero() && age < chrono::Duration::minutes(5),
+        "dead-lettered just now: {at}"
+    );
     assert_eq!(d.message.body, message(9).body);
     d.ack().await.unwrap();
     dead.cancel().await;
@@ -125,6 +146,10 @@ async fn broker_semantics(broker: AnyBroker) {
         .unwrap();
     let d = next(&mut consumer).await;
     assert_eq!(d.message.properties.correlation_id.as_deref(), Some("id-5"));
+    assert!(
+        d.redelivered,
+        "a dropped delivery comes back flagged redelivered"
+    );
     d.ack().await.unwrap();
     consumer.cancel().await;
 
@@ -148,7 +173,7 @@ async fn amqp_delays_are_kept_by_the_broker() {
     let queue = common::unique_queue("delay");
     let start = Instant::now();
     broker
-        .publish_delayed(&queue, &message(1), Duration::from_secs(2))
+        .publish_delayed(&queue, &message(1), Duration::from_secs(3))
         .await
         .unwrap();
     broker
@@ -159,9 +184,9 @@ async fn amqp_delays_are_kept_by_the_broker() {
         .consume(std::slice::from_ref(&queue), 10)
         .await
         .unwrap();
-    let d1 = next(&mut consumer).await;
+    let d1 = next_within(&mut consumer, DELAYED_WITHIN).await;
     let t1 = start.elapsed();
-    let d2 = next(&mut consumer).await;
+    let d2 = next_within(&mut consumer, DELAYED_WITHIN).await;
     let t2 = start.elapsed();
     assert_eq!(
         d1.message.properties.correlation_id.as_deref(),
@@ -172,14 +197,8 @@ async fn amqp_delays_are_kept_by_the_broker() {
         d2.message.properties.correlation_id.as_deref(),
         Some("id-1")
     );
-    assert!(
-        t1 >= Duration::from_secs(1) && t1 < Duration::from_millis(2900),
-        "1 s delay took {t1:?}"
-    );
-    assert!(
-        t2 >= Duration::from_secs(2) && t2 < Duration::from_millis(3900),
-        "2 s delay took {t2:?}"
-    );
+    assert!(t1 >= Duration::from_secs(1), "1 s delay took {t1:?}");
+    assert!(t2 >= Duration::from_secs(3), "3 s delay took {t2:?}");
     assert_eq!(d2.message.body, message(1).body);
     d1.ack().await.unwrap();
     d2.ack().await.unwrap();
@@ -209,9 +228,208 @@ async fn amqp_delays_to_deleted_queues_do_not_block_others() {
         .consume(std::slice::from_ref(&queue), 10)
         .await
         .unwrap();
-    let d = next(&mut consumer).await;
+    let d = next_within(&mut consumer, DELAYED_WITHIN).await;
     assert_eq!(d.message.body, message(99).body);
     d.ack().await.unwrap();
+    consumer.cancel().await;
+    broker.delete_queue(&queue).await.unwrap();
+}
+
+/// RabbitMQ closes the publishing channel over a message it will not take (here an `expiration`
+/// that is not a number of milliseconds: 406, the same path as a message above
+/// `max_message_size`). That publish fails at once with the broker's reason; the consumers of the
+/// same broker handle, receiving a steady stream meanwhile, see no reconnect and no redelivery;
+/// the publishes around it, including one caught on the closed channel, go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_a_refused_publish_fails_fast_and_leaves_consumers_alone() {
+    const STREAM: u32 = 300;
+    let amqp = common::amqp().await;
+    let broker: AnyBroker = amqp.clone().into();
+    let queue = common::unique_queue("refused");
+    let mut consumer = broker
+        .consume(std::slice::from_ref(&queue), 50)
+        .await
+        .unwrap();
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let receiving = tokio::spawn(async move {
+        while let Some(d) = consumer.next().await {
+            let id = d.message.properties.correlation_id.clone().unwrap();
+            let redelivered = d.redelivered;
+            d.ack().await.unwrap();
+            if seen_tx.send((id, redelivered)).is_err() {
+                break;
+            }
+        }
+        consumer
+    });
+    let producing = {
+        let (broker, queue) = (broker.clone(), queue.clone());
+        tokio::spawn(async move {
+            for n in 0..STREAM {
+                broker.publish(&queue, &message(n)).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let mut seen = Vec::new();
+    while seen.len() < 100 {
+        seen.push(seen_rx.recv().await.unwrap());
+    }
+
+    let mut bad = message(10_000);
+    bad.properties.expiration = Some("soon".into());
+    let start = Instant::now();
+    let refused = broker.publish(&queue, &bad).await;
+    let took = start.elapsed();
+    match &refused {
+        Err(task_core::Error::Refused { what, code, text }) => {
+            assert_eq!(*code, 406, "{refused:?}");
+            assert!(what.contains(&queue), "the error names the queue: {what}");
+            assert!(text.contains("expiration"), "the broker's reason: {text}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let shown = refused.unwrap_err().to_string();
+    assert!(shown.starts_with("RabbitMQ refused the publish"), "{shown}");
+    assert!(
+        took < Duration::from_secs(5),
+        "a refusal is not retried through reconnects (took {took:?})"
+    );
+    broker.publish(&queue, &message(20_000)).await.unwrap();
+
+    producing.await.unwrap();
+    common::eventually(
+        "every message of the stream and the one after the refusal",
+        Duration::from_secs(60),
+        || {
+            while let Ok(s) = seen_rx.try_recv() {
+                seen.push(s);
+            }
+            let mut ids: Vec<_> = seen.iter().map(|(id, _)| id.clone()).collect();
+            ids.sort();
+            ids.dedup();
+            let done = ids.len() > STREAM as usize;
+            async move { done.then_some(()) }
+        },
+    )
+    .await;
+    let redelivered: Vec<_> = seen.iter().filter(|(_, r)| *r).collect();
+    assert!(redelivered.is_empty(), "redeliveries: {redelivered:?}");
+    let mut ids: Vec<_> = seen.iter().map(|(id, _)| id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), STREAM as usize + 1, "every message arrived");
+    // The stream's publish that was waiting for its confirm when the channel closed is published
+    // again on a fresh channel; if the broker had already taken it, it arrives twice (at least
+    // once, as after any lost confirm). Nothing else may repeat.
+    assert!(
+        seen.len() - ids.len() <= 1,
+        "{} deliveries of {} messages",
+        seen.len(),
+        ids.len()
+    );
+    assert!(
+        !ids.contains(&"id-10000".to_owned()),
+        "the refused one is not queued"
+    );
+    assert_eq!(amqp.reconnects(), 0, "no connection was reset");
+    drop(seen_rx);
+    broker.publish(&queue, &message(30_000)).await.unwrap();
+    let mut consumer = receiving.await.unwrap();
+    consumer.cancel().await;
+    broker.delete_queue(&queue).await.unwrap();
+    println!(
+        "refused in {took:?}: {shown}; {} deliveries of {} messages, none redelivered",
+        seen.len(),
+        ids.len()
+    );
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let status = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status();
+    assert!(
+        status.is_ok_and(|s| s.success()),
+        "rabbitmqctl {args:?} failed"
+    );
+}
+
+/// Starts the RabbitMQ application again when dropped, so a test that fails while the broker is
+/// stopped does not leave it down for everyone.
+struct StartAppOnDrop;
+
+impl Drop for StartAppOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .arg("start_app")
+            .stdout(std::process::Stdio::null())
+            .status();
+        let _ = std::process::Command::new("rabbitmqctl")
+            .arg("await_startup")
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// Delayed messages wait in the broker's quorum delay queues, not in any process: stopping and
+/// starting RabbitMQ while they wait loses none, and none comes back before its time.
+///
+/// This stops the broker for everything on the machine; `scripts/test` runs it alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_broker_delayed_messages_survive_a_restart() {
+    let broker: AnyBroker = common::amqp().await.into();
+    let queue = common::unique_queue("delay-restart");
+    let delays = [20u64, 25, 30];
+    let start = Instant::now();
+    for (n, secs) in delays.iter().enumerate() {
+        broker
+            .publish_delayed(&queue, &message(n as u32), Duration::from_secs(*secs))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        broker.queue_length(&queue).await.unwrap(),
+        0,
+        "still waiting in the delay queues"
+    );
+    {
+        let restart = StartAppOnDrop;
+        tokio::task::spawn_blocking(|| rabbitmqctl(&["stop_app"]))
+            .await
+            .unwrap();
+        tokio::task::spawn_blocking(move || drop(restart))
+            .await
+            .unwrap();
+    }
+    let restarted = start.elapsed();
+    assert!(
+        restarted < Duration::from_secs(delays[0]),
+        "the restart took {restarted:?}, longer than the shortest delay: the test shows nothing"
+    );
+    let mut consumer = common::eventually(
+        "a consumer after the restart",
+        Duration::from_secs(60),
+        || async { broker.consume(std::slice::from_ref(&queue), 10).await.ok() },
+    )
+    .await;
+    for (n, secs) in delays.iter().enumerate() {
+        let d = next_within(&mut consumer, DELAYED_WITHIN).await;
+        let t = start.elapsed();
+        assert_eq!(
+            d.message.properties.correlation_id.as_deref(),
+            Some(format!("id-{n}").as_str()),
+            "in order of their delays"
+        );
+        assert_eq!(d.message.body, message(n as u32).body);
+        assert!(
+            t >= Duration::from_secs(*secs),
+            "the {secs} s delay came back after {t:?}"
+        );
+        d.ack().await.unwrap();
+        println!("{secs} s delay delivered after {t:?} (restart done at {restarted:?})");
+    }
     consumer.cancel().await;
     broker.delete_queue(&queue).await.unwrap();
 }

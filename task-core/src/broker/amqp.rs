@@ -8,12 +8,31 @@
 //! Every publish is persistent, `mandatory`, and waits for its publisher confirm; an unroutable or
 //! nacked message is an error, never a silent loss.
 //!
-//! Reconnection: one connection per broker handle carries a confirm-mode publishing channel. When
-//! the connection or that channel fails, the next operation opens a new one; publishes retry with
-//! capped exponential back-off for up to [`AmqpBroker::with_retry_for`] (60 s by default). Each
+//! Connections: a broker handle opens two, one for publishing (a confirm-mode channel for messages,
+//! plus the channels of events, remote control and declarations) and one for consuming (one channel
+//! per consumer, which also carries its acknowledgements). They never share a connection, as
+//! RabbitMQ advises: a publisher throttled by a resource alarm (`connection.blocked`) must not stop
+//! acknowledgements, and nothing that happens to a publish may reset a consumer, whose unacknowledged
+//! deliveries would all come back.
+//!
+//! Refusals: when RabbitMQ closes the publishing channel over one message (406 for a message above
+//! `max_message_size` or an invalid property, 404 for a missing exchange, 403 for a forbidden one),
+//! only that channel is replaced. Such a refusal from a healthy broker is not retried through
+//! reconnects: the caller gets [`Error::Refused`] naming the operation and the broker's reply at
+//! once. A channel error also fails every other publish waiting for its confirm on that channel, so
+//! a publish refused on the shared channel is tried once more, at once, on a channel of its own:
+//! the innocent ones go through, and a second refusal is certainly the message's own and hurts no
+//! other publish.
+//!
+//! Reconnection: when a connection fails, the next operation on it opens a new one; publishes retry
+//! with capped exponential back-off for up to [`AmqpBroker::with_retry_for`] (60 s by default). Each
 //! consumer runs a loop that re-opens its channel, re-applies QoS, re-declares and re-consumes after
 //! any failure, so a broker restart pauses a worker instead of stopping it. Deliveries taken before a
 //! reconnect cannot be acknowledged afterwards; the broker redelivers them (at least once).
+//!
+//! QoS: by default the prefetch window is shared by every consumer of a channel (`basic.qos` with
+//! `global`, Celery's choice on RabbitMQ). Quorum queues do not support a channel-wide window;
+//! [`AmqpBroker::with_qos`] with [`QosScope::PerConsumer`] gives each queue's consumer its own.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -43,35 +62,99 @@ use crate::protocol::{Properties, RawMessage};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// A RabbitMQ broker. Cheap to clone: clones share the connection.
+/// A RabbitMQ broker. Cheap to clone: clones share the connections.
 #[derive(Clone)]
 pub struct AmqpBroker {
     inner: Arc<Inner>,
     retry_for: Duration,
+    qos: QosScope,
+}
+
+/// What a consumer's prefetch window covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QosScope {
+    /// One window for every queue consumed on the channel (`basic.qos` with `global`), as Celery
+    /// sets it on RabbitMQ. Classic queues only.
+    #[default]
+    Channel,
+    /// A window per queue consumer (`global` off): what quorum queues require. With several queues
+    /// a consumer may hold up to the prefetch count from each.
+    PerConsumer,
+}
+
+/// What a connection is used for (see the module docs for why they are apart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Publish,
+    Consume,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Publish => "publish",
+            Role::Consume => "consume",
+        }
+    }
 }
 
 struct Inner {
     uri: String,
     display: String,
-    link: tokio::sync::Mutex<Option<Arc<Link>>>,
-    generations: AtomicU64,
+    publish: tokio::sync::Mutex<Option<Arc<Link>>>,
+    consume: tokio::sync::Mutex<Option<Arc<Link>>>,
+    /// Connections opened, per role.
+    publish_generations: AtomicU64,
+    consume_generations: AtomicU64,
     closed: AtomicBool,
     /// Settling tasks of consumer channels, awaited on close so their last acks go out.
     settlers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Inner {
+    fn slot(&self, role: Role) -> &tokio::sync::Mutex<Option<Arc<Link>>> {
+        match role {
+            Role::Publish => &self.publish,
+            Role::Consume => &self.consume,
+        }
+    }
+
+    fn generations(&self, role: Role) -> &AtomicU64 {
+        match role {
+            Role::Publish => &self.publish_generations,
+            Role::Consume => &self.consume_generations,
+        }
+    }
 }
 
 /// One live connection and what has been set up on it.
 struct Link {
     generation: u64,
     connection: Connection,
-    publisher: Channel,
+    /// The confirm-mode channel messages are published on (publish connection only), replaced
+    /// when the broker closes it.
+    publisher: tokio::sync::Mutex<Option<Channel>>,
     declared: Mutex<HashSet<String>>,
     delay_topology: OnceCell<()>,
 }
 
 impl Link {
     fn healthy(&self) -> bool {
-        self.connection.status().connected() && self.publisher.status().connected()
+        self.connection.status().connected()
+    }
+
+    /// The publishing channel, opening a new one (in confirm mode) if the last one was closed.
+    async fn publisher(&self) -> Result<Channel> {
+        let mut current = self.publisher.lock().await;
+        if let Some(ch) = current.as_ref()
+            && ch.status().connected()
+        {
+            return Ok(ch.clone());
+        }
+        let ch = self.connection.create_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        *current = Some(ch.clone());
+        Ok(ch)
     }
 }
 
@@ -91,6 +174,29 @@ fn soft_error(e: &lapin::Error) -> Option<AMQPSoftError> {
         },
         _ => None,
     }
+}
+
+/// A channel error the broker answered `what` with becomes [`Error::Refused`]; anything else (a
+/// lost connection, a closed channel) stays a plain broker error, which is retried.
+fn refusal(what: impl FnOnce() -> String) -> impl FnOnce(lapin::Error) -> Error {
+    move |e| match e.kind() {
+        lapin::ErrorKind::ProtocolError(p) if matches!(p.kind(), AMQPErrorKind::Soft(_)) => {
+            Error::Refused {
+                what: what(),
+                code: p.get_id(),
+                text: p.get_message().to_string(),
+            }
+        }
+        _ => e.into(),
+    }
+}
+
+async fn publisher_open(link: &Link) -> bool {
+    link.publisher
+        .lock()
+        .await
+        .as_ref()
+        .is_some_and(|ch| ch.status().connected())
 }
 
 fn durable_queue() -> QueueDeclareOptions {
@@ -114,20 +220,30 @@ impl AmqpBroker {
             inner: Arc::new(Inner {
                 uri: uri.to_owned(),
                 display: crate::redact_url(uri),
-                link: tokio::sync::Mutex::new(None),
-                generations: AtomicU64::new(0),
+                publish: tokio::sync::Mutex::new(None),
+                consume: tokio::sync::Mutex::new(None),
+                publish_generations: AtomicU64::new(0),
+                consume_generations: AtomicU64::new(0),
                 closed: AtomicBool::new(false),
                 settlers: Mutex::new(Vec::new()),
             }),
             retry_for: Duration::from_secs(60),
+            qos: QosScope::default(),
         };
-        broker.link().await?;
+        // The consume connection opens with the first consumer: a client never needs it.
+        broker.link(Role::Publish).await?;
         Ok(broker)
+    }
+
+    /// Sets what a consumer's prefetch window covers (for consumers started afterwards).
+    pub fn with_qos(mut self, qos: QosScope) -> Self {
+        self.qos = qos;
+        self
     }
 
     /// Checks that the broker is reachable now (reconnecting if the connection was lost).
     pub async fn ping(&self) -> Result<()> {
-        let link = self.link().await?;
+        let link = self.link(Role::Publish).await?;
         if link.healthy() {
             Ok(())
         } else {
@@ -143,19 +259,24 @@ impl AmqpBroker {
         &self.inner.display
     }
 
-    /// How many times the connection was re-established after the first one.
+    /// How many times a connection (publishing or consuming) was re-established after its first.
     pub fn reconnects(&self) -> u64 {
-        self.inner
-            .generations
-            .load(Ordering::SeqCst)
-            .saturating_sub(1)
+        [Role::Publish, Role::Consume]
+            .into_iter()
+            .map(|r| {
+                self.inner
+                    .generations(r)
+                    .load(Ordering::SeqCst)
+                    .saturating_sub(1)
+            })
+            .sum()
     }
 
-    /// A new channel on the current connection (reconnecting first if it is down), for the
+    /// A new channel on the publishing connection (reconnecting first if it is down), for the
     /// worker's own traffic beside tasks: events and remote control. The second value is the
     /// connection's generation, so a caller can tell when its channel belongs to a lost link.
     pub(crate) async fn open_channel(&self) -> Result<(Channel, u64)> {
-        let link = self.link().await?;
+        let link = self.link(Role::Publish).await?;
         let channel = link.connection.create_channel().await?;
         Ok((channel, link.generation))
     }
@@ -176,19 +297,27 @@ impl AmqpBroker {
             futures_util::future::join_all(settlers),
         )
         .await;
-        if let Some(link) = self.inner.link.lock().await.take() {
-            // A broker that does not answer must not keep the process from exiting.
-            let _ = tokio::time::timeout(
-                Duration::from_secs(5),
-                link.connection.close(200, "closing".into()),
-            )
-            .await;
+        for role in [Role::Consume, Role::Publish] {
+            if let Some(link) = self.inner.slot(role).lock().await.take() {
+                // A broker that does not answer must not keep the process from exiting.
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    link.connection.close(200, "closing".into()),
+                )
+                .await;
+            }
         }
     }
 
-    async fn open_link(&self) -> Result<Arc<Link>> {
+    async fn open_link(&self, role: Role) -> Result<Arc<Link>> {
         let props = ConnectionProperties::default().with_connection_name(
-            format!("task-core {}@{}", std::process::id(), crate::hostname()).into(),
+            format!(
+                "task-core {} {}@{}",
+                role.name(),
+                std::process::id(),
+                crate::hostname()
+            )
+            .into(),
         );
         let connection =
             tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&self.inner.uri, props))
@@ -199,45 +328,50 @@ impl AmqpBroker {
                 .map_err(|e| {
                     Error::Broker(format!("cannot connect to {}: {e}", self.inner.display))
                 })?;
-        let publisher = connection.create_channel().await?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        let generation = self.inner.generations.fetch_add(1, Ordering::SeqCst) + 1;
+        let publisher = match role {
+            Role::Publish => {
+                let ch = connection.create_channel().await?;
+                ch.confirm_select(ConfirmSelectOptions::default()).await?;
+                Some(ch)
+            }
+            Role::Consume => None,
+        };
+        let generation = self.inner.generations(role).fetch_add(1, Ordering::SeqCst) + 1;
         if generation > 1 {
-            tracing::info!(broker = %self.inner.display, generation, "reconnected to RabbitMQ");
+            tracing::info!(broker = %self.inner.display, connection = role.name(), generation, "reconnected to RabbitMQ");
         }
         Ok(Arc::new(Link {
             generation,
             connection,
-            publisher,
+            publisher: tokio::sync::Mutex::new(publisher),
             declared: Mutex::new(HashSet::new()),
             delay_topology: OnceCell::new(),
         }))
     }
 
-    /// The current healthy connection, opening a new one if needed.
-    async fn link(&self) -> Result<Arc<Link>> {
+    /// The current healthy connection for `role`, opening a new one if needed.
+    async fn link(&self, role: Role) -> Result<Arc<Link>> {
         if self.inner.closed.load(Ordering::SeqCst) {
             return Err(Error::Shutdown);
         }
-        let mut current = self.inner.link.lock().await;
+        let mut current = self.inner.slot(role).lock().await;
         if let Some(link) = current.as_ref()
             && link.healthy()
         {
             return Ok(link.clone());
         }
         if let Some(old) = current.take() {
-            tracing::warn!(broker = %self.inner.display, generation = old.generation, "RabbitMQ connection lost");
+            tracing::warn!(broker = %self.inner.display, connection = role.name(), generation = old.generation, "RabbitMQ connection lost");
             let _ = old.connection.close(200, "replaced".into()).await;
         }
-        let link = self.open_link().await?;
+        let link = self.open_link(role).await?;
         *current = Some(link.clone());
         Ok(link)
     }
 
-    /// Runs `op` on a healthy connection, reconnecting and retrying while the failure is the
-    /// connection's (not a refusal by a healthy broker), for up to `retry_for`.
+    /// Runs `op` on a healthy publishing connection, reconnecting and retrying while the failure
+    /// is the connection's or a channel's, for up to `retry_for`. A refusal by a healthy broker
+    /// is returned at once.
     async fn retrying<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T>
     where
         F: FnMut(Arc<Link>) -> Fut,
@@ -246,13 +380,17 @@ impl AmqpBroker {
         let deadline = tokio::time::Instant::now() + self.retry_for;
         let mut backoff = Duration::from_millis(100);
         loop {
-            let error = match self.link().await {
+            let error = match self.link(Role::Publish).await {
                 Ok(link) => match op(link.clone()).await {
                     Ok(v) => return Ok(v),
+                    Err(e @ Error::Refused { .. }) if link.healthy() => return Err(e),
                     Err(e @ Error::NotConfirmed { .. }) if link.healthy() => {
                         link.declared.lock().expect("declared lock").clear();
                         e
                     }
+                    // The publishing channel closed under this publish (another publish's
+                    // refusal): the next attempt opens a new one.
+                    Err(e) if link.healthy() && !publisher_open(&link).await => e,
                     Err(e) if link.healthy() => return Err(e),
                     Err(e) => e,
                 },
@@ -287,7 +425,7 @@ impl AmqpBroker {
                 );
                 ch = link.connection.create_channel().await?;
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(refusal(|| format!("declaring queue `{queue}`"))(e)),
         }
         match ch
             .exchange_declare(
@@ -306,7 +444,8 @@ impl AmqpBroker {
                     QueueBindOptions::default(),
                     FieldTable::default(),
                 )
-                .await?;
+                .await
+                .map_err(refusal(|| format!("binding queue `{queue}`")))?;
             }
             Err(e) if soft_error(&e) == Some(AMQPSoftError::PRECONDITIONFAILED) => {
                 tracing::warn!(
@@ -315,7 +454,7 @@ impl AmqpBroker {
                 );
                 ch = link.connection.create_channel().await?;
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(refusal(|| format!("declaring exchange `{queue}`"))(e)),
         }
         let pattern = delay::delivery_pattern(queue);
         if pattern.len() <= 255 {
@@ -333,7 +472,10 @@ impl AmqpBroker {
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
-            .await?;
+            .await
+            .map_err(refusal(|| {
+                format!("binding queue `{queue}` for delayed delivery")
+            }))?;
         }
         let _ = ch.close(200, "declared".into()).await;
         link.declared
@@ -357,7 +499,7 @@ impl AmqpBroker {
                 let _ = ch.close(200, "declared".into()).await;
             }
             Err(e) if soft_error(&e) == Some(AMQPSoftError::PRECONDITIONFAILED) => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(refusal(|| format!("declaring queue `{queue}`"))(e)),
         }
         link.declared
             .lock()
@@ -459,8 +601,42 @@ impl AmqpBroker {
         message: &RawMessage,
         queue: &str,
     ) -> Result<()> {
-        let confirm = link
-            .publisher
+        let what = || {
+            let via = if exchange.is_empty() {
+                String::new()
+            } else {
+                format!(" via exchange `{exchange}`")
+            };
+            format!(
+                "the publish of a {}-byte message to queue `{queue}`{via}",
+                message.body.len()
+            )
+        };
+        let shared = link.publisher().await?;
+        match Self::publish_with(&shared, exchange, routing_key, message, queue, &what).await {
+            Err(Error::Refused { .. }) if link.healthy() => {
+                let own = link.connection.create_channel().await?;
+                own.confirm_select(ConfirmSelectOptions::default()).await?;
+                let result =
+                    Self::publish_with(&own, exchange, routing_key, message, queue, &what).await;
+                if own.status().connected() {
+                    let _ = own.close(200, "published".into()).await;
+                }
+                result
+            }
+            result => result,
+        }
+    }
+
+    async fn publish_with(
+        channel: &Channel,
+        exchange: &str,
+        routing_key: &str,
+        message: &RawMessage,
+        queue: &str,
+        what: &impl Fn() -> String,
+    ) -> Result<()> {
+        let confirm = channel
             .basic_publish(
                 short(exchange)?,
                 short(routing_key)?,
@@ -471,8 +647,10 @@ impl AmqpBroker {
                 &message.body,
                 basic_properties(message)?,
             )
-            .await?
-            .await?;
+            .await
+            .map_err(refusal(what))?
+            .await
+            .map_err(refusal(what))?;
         match confirm {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(returned)) => Err(Error::NotConfirmed {
@@ -589,7 +767,7 @@ impl Broker for AmqpBroker {
             return Err(Error::Broker("no queue to consume from".into()));
         }
         // Fail fast on a bad queue name or an unreachable broker.
-        let link = self.link().await?;
+        let link = self.link(Role::Consume).await?;
         for q in queues {
             self.ensure_task_queue(&link, q).await?;
         }
@@ -617,7 +795,7 @@ impl Broker for AmqpBroker {
                         Ok(u64::from(q.message_count()))
                     }
                     Err(e) if soft_error(&e) == Some(AMQPSoftError::NOTFOUND) => Ok(0),
-                    Err(e) => Err(e.into()),
+                    Err(e) => Err(refusal(|| format!("reading the length of queue `{queue}`"))(e)),
                 }
             }
         })
@@ -631,14 +809,19 @@ impl Broker for AmqpBroker {
             async move {
                 let ch = link.connection.create_channel().await?;
                 ch.queue_delete(name.clone(), QueueDeleteOptions::default())
-                    .await?;
+                    .await
+                    .map_err(refusal(|| format!("deleting queue `{queue}`")))?;
                 let _ = ch.exchange_delete(name, Default::default()).await;
                 let _ = ch.close(200, "ok".into()).await;
                 link.declared.lock().expect("declared lock").remove(queue);
                 Ok(())
             }
         })
-        .await
+        .await?;
+        if let Some(link) = self.inner.consume.lock().await.as_ref() {
+            link.declared.lock().expect("declared lock").remove(queue);
+        }
+        Ok(())
     }
 }
 
@@ -683,16 +866,20 @@ async fn consume_session(
     tx: &tokio::sync::mpsc::Sender<Delivery>,
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<SessionEnd> {
-    let link = broker.link().await?;
+    let link = broker.link(Role::Consume).await?;
     let ch = link.connection.create_channel().await?;
-    // Global QoS: one prefetch window shared by the consumers of every queue on this channel.
-    ch.basic_qos(prefetch, BasicQosOptions { global: true })
-        .await?;
+    // Channel-wide: one prefetch window shared by the consumers of every queue on this channel.
+    let global = broker.qos == QosScope::Channel;
+    ch.basic_qos(prefetch, BasicQosOptions { global }).await?;
     let mut streams = Vec::with_capacity(queues.len());
     let mut tags = Vec::with_capacity(queues.len());
-    for queue in queues {
+    for (i, queue) in queues.iter().enumerate() {
         broker.ensure_task_queue(&link, queue).await?;
-        let tag = format!("{tag_base}-{queue}");
+        // The queue's name makes the tag readable in the management UI, when it fits in 255 bytes.
+        let mut tag = format!("{tag_base}-{queue}");
+        if tag.len() > 255 {
+            tag = format!("{tag_base}-{i}");
+        }
         let consumer = ch
             .basic_consume(
                 short(queue)?,

@@ -14,7 +14,7 @@ mod delay;
 pub mod field_table;
 mod memory;
 
-pub use amqp::AmqpBroker;
+pub use amqp::{AmqpBroker, QosScope};
 pub use memory::MemoryBroker;
 
 use std::future::Future;
