@@ -1,9 +1,10 @@
 //! Diagnostic tasks, registered by every worker: `diag.add(x, y)`, `diag.echo(value)`,
-//! `diag.sleep(ms)`, `diag.fail(message)`, `diag.flaky(fails)` (retried `fails` times, then
-//! succeeds) and `diag.limited(key, ms)` (at most one running per `key` across the cluster, at
-//! most 20 starts per second per key; returns when it started and ended). They check a deployment
-//! end to end (Python's `send_task('diag.add', (2, 3))` returns 5), show retries and flow
-//! control to an operator, and drive the benchmarks.
+//! `diag.sleep(ms)`, `diag.block(ms)` (holds a thread of the blocking pool, as synchronous code
+//! does through [`crate::blocking`]), `diag.fail(message)`, `diag.flaky(fails)` (retried `fails`
+//! times, then succeeds) and `diag.limited(key, ms)` (at most one running per `key` across the
+//! cluster, at most 20 starts per second per key; returns when it started and ended). They check
+//! a deployment end to end (Python's `send_task('diag.add', (2, 3))` returns 5), show retries and
+//! flow control to an operator, and drive the benchmarks.
 
 use std::time::Duration;
 
@@ -13,12 +14,13 @@ use serde_json::{Number, Value};
 use crate::registry::Registry;
 use crate::task::{Task, TaskContext, TaskError};
 
-/// Registers the four diagnostic tasks.
+/// Registers the diagnostic tasks.
 pub fn register(registry: &mut Registry) -> &mut Registry {
     registry
         .register(Add)
         .register(Echo)
         .register(Sleep)
+        .register(Block)
         .register(Fail)
         .register(Flaky)
         .register(Limited)
@@ -182,6 +184,41 @@ impl Task for Sleep {
     async fn run(&self, _ctx: TaskContext, a: SleepArgs) -> Result<u64, TaskError> {
         tokio::time::sleep(Duration::from_millis(a.ms)).await;
         Ok(a.ms)
+    }
+}
+
+/// `diag.block(ms)`: blocks a thread for `ms` milliseconds with `std::thread::sleep`, through
+/// [`crate::blocking::run_blocking`], and returns the milliseconds it blocked. It stops early
+/// (within 10 ms) when its task is abandoned, as blocking code should.
+#[derive(Debug, Clone, Copy)]
+pub struct Block;
+
+/// Arguments of `diag.block`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BlockArgs {
+    /// Milliseconds to block.
+    pub ms: u64,
+}
+
+impl Task for Block {
+    const NAME: &'static str = "diag.block";
+    type Args = BlockArgs;
+    type Output = u64;
+
+    async fn run(&self, _ctx: TaskContext, a: BlockArgs) -> Result<u64, TaskError> {
+        Ok(crate::blocking::run_blocking(move |cancel| {
+            let start = std::time::Instant::now();
+            let total = Duration::from_millis(a.ms);
+            while start.elapsed() < total && !cancel.is_cancelled() {
+                std::thread::sleep(
+                    total
+                        .saturating_sub(start.elapsed())
+                        .min(Duration::from_millis(10)),
+                );
+            }
+            u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+        })
+        .await)
     }
 }
 

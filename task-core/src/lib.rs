@@ -13,6 +13,7 @@
 
 pub mod backend;
 pub mod backoff;
+pub mod blocking;
 pub mod broker;
 pub mod canvas;
 #[cfg(feature = "cli")]
