@@ -13,6 +13,12 @@ pub enum Error {
     /// A request the API cannot answer as asked (HTTP 400).
     #[error("{0}")]
     BadRequest(String),
+    /// What the request names does not exist (HTTP 404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The action does not apply to the object as it is (HTTP 409); the message says why.
+    #[error("{0}")]
+    Conflict(String),
     /// PostgreSQL.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),

@@ -9,7 +9,9 @@
 //! - [`inspect`]: worker details from remote control, cached.
 //! - [`run`]: the whole monitor until a shutdown signal.
 
+pub mod actions;
 pub mod api;
+pub mod audit;
 pub mod broker;
 pub mod broker_api;
 pub mod config;

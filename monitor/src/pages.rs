@@ -437,6 +437,12 @@ struct TaskDetail {
     children: Vec<String>,
     tree: Vec<TreeNode>,
     lost: bool,
+    /// FAILURE or REVOKED: the retry form is shown.
+    retryable: bool,
+    /// The retry form's request id (the same form posted twice retries once).
+    request_id: String,
+    /// Set on the page of a retry: the task it retried.
+    retry_of: String,
 }
 
 fn timeline(t: &TaskRecord) -> Vec<Stage> {
@@ -471,7 +477,11 @@ fn timeline(t: &TaskRecord) -> Vec<Stage> {
 
 /// `GET /task/<id>`: timeline with queue wait and runtime, arguments, result or exception with
 /// traceback, parent, children and the workflow from `root_id`.
-pub(crate) async fn task(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+pub(crate) async fn task(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
     let store = state.store();
     let t = match store.task(&id).await {
         Ok(Some(t)) => t,
@@ -501,6 +511,9 @@ pub(crate) async fn task(State(state): State<AppState>, Path(id): Path<String>) 
         refresh: 0,
         timeline: timeline(&t),
         lost: is_lost,
+        retryable: matches!(t.state.as_str(), "FAILURE" | "REVOKED"),
+        request_id: uuid::Uuid::new_v4().to_string(),
+        retry_of: params.get("retry_of").cloned().unwrap_or_default(),
         queue_wait,
         runtime: t
             .runtime
@@ -681,4 +694,173 @@ mod tests {
         assert_eq!(stages[1].delta, "500.0 ms");
         assert_eq!(stages[2].delta, "1.500 s");
     }
+}
+
+/// The retry form's fields.
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct RetryForm {
+    request_id: String,
+    reason: String,
+    #[serde(default)]
+    note: String,
+}
+
+/// `POST /task/<id>/retry` (the task page's form): a reason is required; on success the new
+/// task's page, which links back.
+pub(crate) async fn retry(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+    axum::Form(form): axum::Form<RetryForm>,
+) -> Response {
+    let reason = match (form.reason.trim(), form.note.trim()) {
+        ("", _) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "A reason is required to retry a task",
+            )
+                .into_response();
+        }
+        (r, "") => r.to_owned(),
+        (r, note) => format!("{r}: {note}"),
+    };
+    let asked = crate::actions::Asked {
+        actor: crate::audit::actor(&headers),
+        reason: crate::audit::reason(Some(&reason)),
+        request_id: Some(form.request_id.chars().take(100).collect()),
+    };
+    match crate::actions::retry(&state, &id, &asked).await {
+        Ok(r) => axum::response::Redirect::to(&format!(
+            "/task/{}?retry_of={}",
+            url_encode(&r.task_id),
+            url_encode(&id)
+        ))
+        .into_response(),
+        Err(e) => {
+            let status = match e {
+                crate::Error::NotFound(_) => StatusCode::NOT_FOUND,
+                crate::Error::Conflict(_) => StatusCode::CONFLICT,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            (status, format!("The task was not retried: {e}")).into_response()
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "audit.html")]
+struct AuditPage {
+    nav: &'static str,
+    refresh: u32,
+    entries: Vec<AuditRow>,
+    next: Option<i64>,
+}
+
+#[derive(Debug)]
+struct AuditRow {
+    id: i64,
+    at: String,
+    actor: String,
+    action: String,
+    target: String,
+    task_link: bool,
+    count: i32,
+    reason: String,
+    detail: String,
+}
+
+const AUDIT_PAGE: i64 = 100;
+
+fn audit_before(params: &HashMap<String, String>) -> Option<i64> {
+    params.get("before").and_then(|b| b.parse().ok())
+}
+
+/// `GET /audit?before=<id>`: the audit log, newest first, 100 a page.
+pub(crate) async fn audit(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let entries = match state.store().audit(audit_before(&params), AUDIT_PAGE).await {
+        Ok(e) => e,
+        Err(e) => return unavailable(e),
+    };
+    let next = (entries.len() as i64 == AUDIT_PAGE)
+        .then(|| entries.last().map(|e| e.id))
+        .flatten();
+    render(&AuditPage {
+        nav: "audit",
+        refresh: 0,
+        next,
+        entries: entries
+            .into_iter()
+            .map(|e| AuditRow {
+                id: e.id,
+                at: e.at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                task_link: e.action.starts_with("task."),
+                actor: e.actor,
+                action: e.action,
+                target: e.target,
+                count: e.count,
+                reason: e.reason.unwrap_or_default(),
+                detail: e.detail.to_string(),
+            })
+            .collect(),
+    })
+}
+
+/// A CSV field: quoted when it holds a comma, quote or line break; a leading `=`, `+`, `-` or
+/// `@` is prefixed with `'` so a spreadsheet does not run it as a formula.
+fn csv_field(s: &str) -> String {
+    let s = if s.starts_with(['=', '+', '-', '@']) {
+        format!("'{s}")
+    } else {
+        s.to_owned()
+    };
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s
+    }
+}
+
+/// `GET /audit.csv`: the whole audit log, newest first (UTC times).
+pub(crate) async fn audit_csv(State(state): State<AppState>) -> Response {
+    let mut out = String::from("id,at_utc,actor,action,target,count,reason,detail\r\n");
+    let mut before = None;
+    loop {
+        let page = match state.store().audit(before, 1000).await {
+            Ok(p) => p,
+            Err(e) => return unavailable(e),
+        };
+        for e in &page {
+            let row = [
+                e.id.to_string(),
+                e.at.to_rfc3339(),
+                e.actor.clone(),
+                e.action.clone(),
+                e.target.clone(),
+                e.count.to_string(),
+                e.reason.clone().unwrap_or_default(),
+                e.detail.to_string(),
+            ];
+            let fields: Vec<String> = row.iter().map(|f| csv_field(f)).collect();
+            out.push_str(&fields.join(","));
+            out.push_str("\r\n");
+        }
+        if page.len() < 1000 {
+            break;
+        }
+        before = page.last().map(|e| e.id);
+    }
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+            (
+                axum::http::header::CONTENT_DISPOSITION,
+                "attachment; filename=\"audit.csv\"",
+            ),
+        ],
+        out,
+    )
+        .into_response()
 }

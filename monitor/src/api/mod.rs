@@ -40,16 +40,22 @@ pub fn app(state: AppState) -> Router {
         .route("/api/task/async-apply/{name}", post(tasks::send))
         .route("/api/task/send-task/{name}", post(tasks::send))
         .route("/api/task/revoke/{id}", post(tasks::revoke))
+        .route("/api/task/retry/{id}", post(tasks::retry))
+        .route("/api/audit", get(tasks::audit))
         .route("/api/queues/length", get(queues::length))
         .route("/", get(crate::pages::dashboard))
         .route("/tasks", get(crate::pages::tasks))
         .route("/task/{id}", get(crate::pages::task))
+        .route("/task/{id}/retry", post(crate::pages::retry))
+        .route("/audit", get(crate::pages::audit))
+        .route("/audit.csv", get(crate::pages::audit_csv))
         .route("/workers", get(crate::pages::workers))
         .route("/queues", get(crate::pages::queues))
         .route("/live", get(crate::pages::live))
         .route("/metrics", get(health::metrics))
         .route("/livez", get(health::livez))
         .route("/readyz", get(health::readyz))
+        .layer(axum::middleware::from_fn(same_origin_only))
         .with_state(state)
 }
 
@@ -67,6 +73,8 @@ impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let status = match &e {
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Conflict(_) => StatusCode::CONFLICT,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         };
         if status.is_server_error() {
@@ -89,6 +97,67 @@ impl IntoResponse for ApiError {
 }
 
 pub(crate) type ApiResult<T> = Result<T, ApiError>;
+
+/// Refuses a state-changing request a browser sent from another site (CSRF): one whose
+/// `Sec-Fetch-Site` is `cross-site` or `same-site` (another port on the same host counts), or
+/// whose `Origin` is not the monitor's own (`Host`). Requests without those headers (curl,
+/// Python, Flower scripts) are not from a browser page and pass.
+async fn same_origin_only(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use axum::http::{Method, header};
+    if matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    ) {
+        return next.run(request).await;
+    }
+    let headers = request.headers();
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &axum::http::HeaderValue| v.to_str().ok())
+    };
+    let refused = |why: &str| {
+        tracing::warn!(why, path = %request.uri().path(), "cross-site request refused");
+        (
+            StatusCode::FORBIDDEN,
+            format!(
+                "Refused: {why}. Use the monitor's own pages, or call the API without a browser."
+            ),
+        )
+            .into_response()
+    };
+    if let Some(site) = text("sec-fetch-site")
+        && matches!(site, "cross-site" | "same-site")
+    {
+        return refused("the request came from another site");
+    }
+    if let Some(origin) = text(header::ORIGIN.as_str()) {
+        let authority = origin.split_once("://").map(|(_, a)| a);
+        if authority.is_none() || authority != text(header::HOST.as_str()) {
+            return refused("the request's Origin is not this monitor");
+        }
+    }
+    next.run(request).await
+}
+
+/// Who asks and why: the actor from the request's headers ([`crate::audit::actor`]), `reason`
+/// and `request_id` from its parameters (both optional on Flower's API, which has neither).
+pub(crate) fn asked(
+    headers: &axum::http::HeaderMap,
+    params: &std::collections::HashMap<String, String>,
+) -> crate::actions::Asked {
+    crate::actions::Asked {
+        actor: crate::audit::actor(headers),
+        reason: crate::audit::reason(params.get("reason").map(String::as_str)),
+        request_id: params
+            .get("request_id")
+            .map(|r| r.trim().chars().take(100).collect::<String>())
+            .filter(|r| !r.is_empty()),
+    }
+}
 
 /// Flower's boolean query arguments: `1`, `true`, `yes`, `on` (any case).
 pub(crate) fn truthy(v: Option<&str>) -> bool {

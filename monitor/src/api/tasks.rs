@@ -7,13 +7,14 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use chrono::NaiveDateTime;
 use serde_json::{Map, Value, json};
 use task_core::{ResultBackend, TaskMeta, TaskState};
 
-use super::{ApiError, ApiResult, truthy};
+use super::{ApiError, ApiResult, asked, truthy};
 use crate::AppState;
+use crate::actions;
 use crate::event::TaskRecord;
 use crate::store::TaskQuery;
 
@@ -322,22 +323,55 @@ pub(super) async fn send(
     Ok(Json(json!({"task-id": sent.id(), "state": state_now})))
 }
 
-/// `POST /api/task/revoke/<id>?terminate=`: stored in the coordinator and broadcast, so workers
-/// that start later still discard it.
+/// `POST /api/task/revoke/<id>?terminate=&reason=&request_id=`: stored in the coordinator and
+/// broadcast, so workers that start later still discard it; recorded in the audit log first.
 pub(super) async fn revoke(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     Query(p): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     let terminate = truthy(p.get("terminate").map(String::as_str));
-    state
-        .client()
-        .revoke(
-            std::slice::from_ref(&id),
-            terminate,
-            task_core::worker::DEFAULT_REVOKE_TTL,
-        )
-        .await?;
-    tracing::info!(id, terminate, "task revoked through the API");
+    actions::revoke(&state, &id, terminate, &asked(&headers, &p)).await?;
     Ok(Json(json!({"message": format!("Revoked '{id}'")})))
+}
+
+/// `POST /api/task/retry/<id>?reason=&request_id=`: sends a failed or revoked task again under a
+/// new id (its parent is the original), recorded in the audit log first. 404 without a stored
+/// result, 409 when the task is not failed or revoked or its arguments were not stored.
+pub(super) async fn retry(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(p): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let r = actions::retry(&state, &id, &asked(&headers, &p)).await?;
+    Ok(Json(
+        json!({"task-id": r.task_id, "retry-of": id, "sent": r.sent_now}),
+    ))
+}
+
+/// `GET /api/audit?before=<id>&limit=`: the audit log, newest first (keyset by entry id).
+pub(super) async fn audit(
+    State(state): State<AppState>,
+    Query(p): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let bad = |m: &str| ApiError::new(StatusCode::BAD_REQUEST, m);
+    let before = match p.get("before") {
+        Some(b) => Some(
+            b.parse::<i64>()
+                .map_err(|_| bad("before must be an entry id"))?,
+        ),
+        None => None,
+    };
+    let limit = match p.get("limit") {
+        Some(l) => l
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=1000).contains(l))
+            .ok_or_else(|| bad("limit must be 1 to 1000"))?,
+        None => 100,
+    };
+    let entries = state.store().audit(before, limit).await?;
+    Ok(Json(json!({ "entries": entries })))
 }

@@ -4,12 +4,13 @@ use std::collections::HashMap;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
-use super::{ApiError, ApiResult, truthy};
+use super::{ApiError, ApiResult, asked, truthy};
 use crate::AppState;
+use crate::actions::{self, Asked};
 
 /// `?refresh=1` asks the workers now, `?workername=` narrows to one (and fetches its task
 /// lists), `?status=1` answers `{node: online}` from the stored heartbeats.
@@ -71,14 +72,34 @@ async fn known(state: &AppState, worker: &str) -> ApiResult<()> {
 /// with the reason otherwise.
 async fn control(
     state: &AppState,
+    asked: &Asked,
     worker: &str,
-    method: &str,
+    method: &'static str,
     arguments: Value,
     success: impl FnOnce(&Value) -> String,
     failure: impl FnOnce(&str) -> String,
 ) -> ApiResult<Response> {
     known(state, worker).await?;
-    let replies = state.control(method, arguments, worker).await?;
+    let detail = json!({"method": method, "arguments": arguments});
+    let Some(entry) = actions::note(state, audit_action(method), worker, detail, asked).await?
+    else {
+        return Ok(Json(json!({"message": "Already done (the same request_id)"})).into_response());
+    };
+    let replies = match state.control(method, arguments, worker).await {
+        Ok(r) => r,
+        Err(e) => {
+            actions::failed(
+                state,
+                asked,
+                "worker.control.failed",
+                worker,
+                entry,
+                &e.to_string(),
+            )
+            .await;
+            return Err(e.into());
+        }
+    };
     let reply = replies
         .into_iter()
         .find(|(node, _)| node == worker)
@@ -95,8 +116,28 @@ async fn control(
                 .unwrap_or("Unknown reason")
                 .to_owned();
             tracing::warn!(worker, method, reason, "control command failed");
+            actions::failed(
+                state,
+                asked,
+                "worker.control.failed",
+                worker,
+                entry,
+                &reason,
+            )
+            .await;
             Ok((StatusCode::FORBIDDEN, failure(&reason)).into_response())
         }
+    }
+}
+
+/// The audit log's name for a control command.
+fn audit_action(method: &str) -> &'static str {
+    match method {
+        "pool_grow" => "worker.pool_grow",
+        "pool_shrink" => "worker.pool_shrink",
+        "add_consumer" => "worker.add_consumer",
+        "cancel_consumer" => "worker.cancel_consumer",
+        _ => "worker.control",
     }
 }
 
@@ -123,11 +164,14 @@ fn queue(params: &HashMap<String, String>) -> ApiResult<String> {
 pub(super) async fn pool_grow(
     State(state): State<AppState>,
     Path(worker): Path<String>,
+    headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
+    let asked = asked(&headers, &params);
     let n = n(&params)?;
     control(
         &state,
+        &asked,
         &worker,
         "pool_grow",
         json!({"n": n}),
@@ -140,11 +184,14 @@ pub(super) async fn pool_grow(
 pub(super) async fn pool_shrink(
     State(state): State<AppState>,
     Path(worker): Path<String>,
+    headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
+    let asked = asked(&headers, &params);
     let n = n(&params)?;
     control(
         &state,
+        &asked,
         &worker,
         "pool_shrink",
         json!({"n": n}),
@@ -157,11 +204,14 @@ pub(super) async fn pool_shrink(
 pub(super) async fn add_consumer(
     State(state): State<AppState>,
     Path(worker): Path<String>,
+    headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
+    let asked = asked(&headers, &params);
     let queue = queue(&params)?;
     control(
         &state,
+        &asked,
         &worker,
         "add_consumer",
         json!({"queue": queue}),
@@ -174,11 +224,14 @@ pub(super) async fn add_consumer(
 pub(super) async fn cancel_consumer(
     State(state): State<AppState>,
     Path(worker): Path<String>,
+    headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
+    let asked = asked(&headers, &params);
     let queue = queue(&params)?;
     control(
         &state,
+        &asked,
         &worker,
         "cancel_consumer",
         json!({"queue": queue}),
@@ -193,9 +246,29 @@ pub(super) async fn cancel_consumer(
 pub(super) async fn shutdown(
     State(state): State<AppState>,
     Path(worker): Path<String>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     known(&state, &worker).await?;
-    state.cast("shutdown", json!({}), &worker).await?;
+    let asked = asked(&headers, &params);
+    let Some(entry) = actions::note(&state, "worker.shutdown", &worker, json!({}), &asked).await?
+    else {
+        return Ok(Json(
+            json!({"message": "Already done (the same request_id)"}),
+        ));
+    };
+    if let Err(e) = state.cast("shutdown", json!({}), &worker).await {
+        actions::failed(
+            &state,
+            &asked,
+            "worker.control.failed",
+            &worker,
+            entry,
+            &e.to_string(),
+        )
+        .await;
+        return Err(e.into());
+    }
     tracing::info!(worker, "shutdown requested through the API");
     Ok(Json(json!({"message": "Shutting down!"})))
 }

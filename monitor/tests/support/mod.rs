@@ -142,11 +142,21 @@ pub struct TestWorker {
 
 impl TestWorker {
     pub async fn start(queue: &str, concurrency: usize) -> Self {
+        Self::start_with(queue, concurrency, |_| {}).await
+    }
+
+    /// A worker with the diagnostic tasks and whatever `more` registers.
+    pub async fn start_with(
+        queue: &str,
+        concurrency: usize,
+        more: impl FnOnce(&mut Registry),
+    ) -> Self {
         let hostname = format!("{}@test", unique("rs"));
         let broker = AmqpBroker::connect(&amqp_url()).await.expect("RabbitMQ");
         let backend = RedisBackend::connect(&redis_url()).await.expect("Redis");
         let mut registry = Registry::new();
         task_core::diag::register(&mut registry);
+        more(&mut registry);
         let config = WorkerConfig {
             hostname: hostname.clone(),
             queues: vec![queue.to_owned()],
