@@ -1420,3 +1420,16 @@ async fn request_system_refund(
     )
     .await
 }
+
+/// Saves a card the gateway tokenised outside a payment (a card check's authorisation,
+/// [`crate::card_check`]), with the same cleaning and fallbacks as a payment's card; `None` if
+/// even the bare token could not be stored (accounting is told).
+pub async fn save_tokenised_card(
+    conn: &mut PgConnection,
+    payer_id: Uuid,
+    token: &Secret<String>,
+    t: &Transaction,
+    now: DateTime<Utc>,
+) -> Result<Option<Uuid>> {
+    save_card(conn, payer_id, token, t, now).await
+}
