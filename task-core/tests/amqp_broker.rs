@@ -433,3 +433,63 @@ async fn chaos_broker_delayed_messages_survive_a_restart() {
     consumer.cancel().await;
     broker.delete_queue(&queue).await.unwrap();
 }
+
+/// Quorum queues refuse a channel-wide prefetch window; with `QosScope::PerConsumer` the broker
+/// consumes them (an operator's pre-declared quorum queue is used as it is).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_per_consumer_qos_consumes_a_quorum_queue() {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+
+    let queue = common::unique_queue("quorum");
+    let conn = lapin::Connection::connect(&common::amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+
+    let broker: AnyBroker = common::amqp()
+        .await
+        .with_qos(task_core::broker::QosScope::PerConsumer)
+        .into();
+    for n in 0..3 {
+        broker.publish(&queue, &message(n)).await.unwrap();
+    }
+    let mut consumer = broker
+        .consume(std::slice::from_ref(&queue), 2)
+        .await
+        .unwrap();
+    let first = next(&mut consumer).await;
+    let second = next(&mut consumer).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), consumer.next())
+            .await
+            .is_err(),
+        "the per-consumer window is 2"
+    );
+    first.ack().await.unwrap();
+    let third = next(&mut consumer).await;
+    assert_eq!(
+        third.message.properties.correlation_id.as_deref(),
+        Some("id-2")
+    );
+    second.ack().await.unwrap();
+    third.ack().await.unwrap();
+    consumer.cancel().await;
+    broker.delete_queue(&queue).await.unwrap();
+    let _ = conn.close(200, "done".into()).await;
+}
