@@ -311,11 +311,13 @@ impl AmqpBroker {
 
     async fn open_link(&self, role: Role) -> Result<Arc<Link>> {
         let props = ConnectionProperties::default().with_connection_name(
+            // `task-core <pid>@<host>` first: operators (and tests) find a process's
+            // connections by that prefix.
             format!(
-                "task-core {} {}@{}",
-                role.name(),
+                "task-core {}@{} ({})",
                 std::process::id(),
-                crate::hostname()
+                crate::hostname(),
+                role.name()
             )
             .into(),
         );
