@@ -12,6 +12,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use chrono::{DateTime, Utc};
+use task_core::ResultBackend;
 
 use crate::AppState;
 use crate::broker::QueueStats;
@@ -483,13 +484,29 @@ pub(crate) async fn task(
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
     let store = state.store();
-    let t = match store.task(&id).await {
-        Ok(Some(t)) => t,
-        Ok(None) => {
-            return (StatusCode::NOT_FOUND, format!("Unknown task '{id}'")).into_response();
-        }
+    // A task no event has mentioned yet: from its stored result, or, just after a retry sent it,
+    // as PENDING; the page then reloads until its events arrive.
+    let (t, from_events) = match store.task(&id).await {
+        Ok(Some(t)) => (t, true),
+        Ok(None) => match state.client().backend().get(&id).await {
+            Ok(Some(meta)) => (crate::api::tasks::from_result(&meta), false),
+            Ok(None) if params.contains_key("retry_of") => {
+                let mut t = TaskRecord::new(id.clone());
+                t.state = "PENDING".into();
+                (t, false)
+            }
+            Ok(None) => {
+                return (StatusCode::NOT_FOUND, format!("Unknown task '{id}'")).into_response();
+            }
+            Err(e) => return unavailable(e),
+        },
         Err(e) => return unavailable(e),
     };
+    let waiting = !from_events
+        || !matches!(
+            t.state.as_str(),
+            "SUCCESS" | "FAILURE" | "REVOKED" | "REJECTED"
+        );
     let children = match store.children(std::slice::from_ref(&id)).await {
         Ok(mut c) => c.remove(&id).unwrap_or_default(),
         Err(e) => return unavailable(e),
@@ -508,7 +525,7 @@ pub(crate) async fn task(
     };
     render(&TaskDetail {
         nav: "tasks",
-        refresh: 0,
+        refresh: if waiting { 2 } else { 0 },
         timeline: timeline(&t),
         lost: is_lost,
         retryable: matches!(t.state.as_str(), "FAILURE" | "REVOKED"),

@@ -4,7 +4,7 @@
 
 mod health;
 mod queues;
-mod tasks;
+pub(crate) mod tasks;
 mod workers;
 
 use axum::Router;

@@ -172,7 +172,7 @@ pub(super) async fn info(
 }
 
 /// A task record from a stored result alone.
-fn from_result(meta: &TaskMeta) -> TaskRecord {
+pub(crate) fn from_result(meta: &TaskMeta) -> TaskRecord {
     let done = meta.date_done.map(|d| d.timestamp_micros() as f64 / 1e6);
     let mut t = TaskRecord::new(meta.task_id.clone());
     t.state = meta.status.as_str().to_owned();
