@@ -12,6 +12,7 @@ uuids (true: strings in args and kwargs that are UUIDs are sent as `uuid.UUID`, 
 wraps as `{"__type__": "uuid", ...}`), naive_eta_in / naive_expires_in (a time zone: eta / expires as a naive local time there,
 `eta_in` / `expires_in` seconds from now), timezone (the app's `timezone` setting), timeout.
 
+`watch` records every state published for the task (`published`), subscribed before sending.
 `batch` sends without waiting and prints the ids; `max_priority` declares the queue with
 `x-max-priority` first (as `Queue(max_priority=…)` does); `read_many` prints one result per id.
 
@@ -76,6 +77,27 @@ def main() -> None:
     if "read" in cfg:
         result = app.AsyncResult(cfg["read"])
         sent_at = time.time()
+    elif cfg.get("watch"):
+        # Every state stored, as published on the result's channel: subscribed before sending,
+        # so none is missed (`get(on_message=…)` misses those published before it drains).
+        task_id = str(uuid.uuid4())
+        pubsub = app.backend.client.pubsub()
+        pubsub.subscribe(f"celery-task-meta-{task_id}")
+        while pubsub.get_message(timeout=5) is None:
+            pass  # the subscribe confirmation
+        sent_at = time.time()
+        result = send(app, dict(cfg, options=dict(cfg.get("options", {}), task_id=task_id)), serializer)
+        out = outcome(result, cfg, sent_at)
+        published = []
+        while not published or published[-1] not in ("SUCCESS", "FAILURE", "REVOKED"):
+            message = pubsub.get_message(timeout=10)
+            if message is None:
+                break
+            if message["type"] == "message":
+                published.append(json.loads(message["data"])["status"])
+        out["published"] = published
+        print(json.dumps(out))
+        return
     else:
         sent_at = time.time()
         result = send(app, cfg, serializer)
