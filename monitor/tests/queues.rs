@@ -11,6 +11,7 @@ use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use monitor::Monitor;
+use serde_json::json;
 use support::{call, eventually, get_json};
 
 fn broker_api() -> String {
@@ -85,6 +86,14 @@ async fn every_queue_is_seen_with_its_oldest_message_age_and_dead_letters() {
     fill(&conn, &stamped, 3, Some(90)).await;
     fill(&conn, &plain, 2, None).await;
     fill(&conn, &dlq, 4, Some(10)).await;
+    // task-core's own client stamps what it publishes.
+    let sent_by_rust = format!("test.{}", support::unique("queues-rust"));
+    let client = support::client(&sent_by_rust).await;
+    client
+        .send_task("diag.add", vec![json!(1), json!(2)], Default::default())
+        .send()
+        .await
+        .unwrap();
 
     // The broker emits queue statistics every few seconds; the monitor caches them for 5 s.
     let text = eventually(
@@ -94,13 +103,17 @@ async fn every_queue_is_seen_with_its_oldest_message_age_and_dead_letters() {
             let (_, text) = call(&router, "GET", "/metrics", "").await;
             (metric(&text, "tq_queue_messages", &stamped) == Some(3.0)
                 && metric(&text, "tq_queue_messages", &plain) == Some(2.0)
-                && metric(&text, "tq_dead_letter_messages", &stamped) == Some(4.0))
+                && metric(&text, "tq_dead_letter_messages", &stamped) == Some(4.0)
+                && metric(&text, "tq_queue_messages", &sent_by_rust) == Some(1.0))
             .then_some(text)
         },
     )
     .await;
     let age = metric(&text, "tq_queue_oldest_message_age_seconds", &stamped).expect("an age");
     assert!((90.0..200.0).contains(&age), "age {age}\n{text}");
+    let rust_age = metric(&text, "tq_queue_oldest_message_age_seconds", &sent_by_rust)
+        .expect("a message from task-core's client carries its timestamp");
+    assert!((0.0..60.0).contains(&rust_age), "age {rust_age}");
     assert_eq!(
         metric(&text, "tq_queue_oldest_message_age_seconds", &plain),
         None,
@@ -139,7 +152,7 @@ async fn every_queue_is_seen_with_its_oldest_message_age_and_dead_letters() {
         "the stamped queue's age is shown: {html}"
     );
 
-    for q in [&stamped, &plain, &dlq] {
+    for q in [&stamped, &plain, &dlq, &sent_by_rust] {
         support::delete_queue(q).await;
     }
     monitor.stop().await.unwrap();

@@ -596,12 +596,16 @@ impl AmqpBroker {
             .map(|_| ())
     }
 
+    /// Publishes `message`, stamped (AMQP `timestamp`, Unix seconds) with when it becomes
+    /// deliverable, `ready_at`: the broker's management API reports the head message's stamp,
+    /// from which the monitor computes a queue's oldest-message age.
     async fn publish_on(
         link: &Link,
         exchange: &str,
         routing_key: &str,
         message: &RawMessage,
         queue: &str,
+        ready_at: u64,
     ) -> Result<()> {
         let what = || {
             let via = if exchange.is_empty() {
@@ -615,12 +619,24 @@ impl AmqpBroker {
             )
         };
         let shared = link.publisher().await?;
-        match Self::publish_with(&shared, exchange, routing_key, message, queue, &what).await {
+        let props = basic_properties(message)?.with_timestamp(ready_at);
+        match Self::publish_with(
+            &shared,
+            exchange,
+            routing_key,
+            message,
+            &props,
+            queue,
+            &what,
+        )
+        .await
+        {
             Err(Error::Refused { .. }) if link.healthy() => {
                 let own = link.connection.create_channel().await?;
                 own.confirm_select(ConfirmSelectOptions::default()).await?;
                 let result =
-                    Self::publish_with(&own, exchange, routing_key, message, queue, &what).await;
+                    Self::publish_with(&own, exchange, routing_key, message, &props, queue, &what)
+                        .await;
                 if own.status().connected() {
                     let _ = own.close(200, "published".into()).await;
                 }
@@ -635,6 +651,7 @@ impl AmqpBroker {
         exchange: &str,
         routing_key: &str,
         message: &RawMessage,
+        props: &BasicProperties,
         queue: &str,
         what: &impl Fn() -> String,
     ) -> Result<()> {
@@ -647,7 +664,7 @@ impl AmqpBroker {
                     immediate: false,
                 },
                 &message.body,
-                basic_properties(message)?,
+                props.clone(),
             )
             .await
             .map_err(refusal(what))?
@@ -668,6 +685,12 @@ impl AmqpBroker {
             }),
         }
     }
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn basic_properties(m: &RawMessage) -> Result<BasicProperties> {
@@ -718,7 +741,7 @@ impl Broker for AmqpBroker {
     async fn publish(&self, queue: &str, message: &RawMessage) -> Result<()> {
         self.retrying("publish", |link| async move {
             self.ensure_task_queue(&link, queue).await?;
-            Self::publish_on(&link, "", queue, message, queue).await
+            Self::publish_on(&link, "", queue, message, queue, unix_seconds()).await
         })
         .await
     }
@@ -748,7 +771,10 @@ impl Broker for AmqpBroker {
         self.retrying("delayed publish", |link| async move {
             self.ensure_delay_topology(&link).await?;
             self.ensure_task_queue(&link, queue).await?;
-            Self::publish_on(&link, &delay::entry_exchange(), key, message, queue).await
+            // Stamped with when it becomes due: the delay queues keep the stamp, so in the task
+            // queue its age counts from then, not from the publish.
+            let due = unix_seconds() + seconds;
+            Self::publish_on(&link, &delay::entry_exchange(), key, message, queue, due).await
         })
         .await
     }
@@ -759,7 +785,7 @@ impl Broker for AmqpBroker {
         let (dlq, message) = (&dlq, &message);
         self.retrying("dead-letter publish", |link| async move {
             self.ensure_plain_queue(&link, dlq).await?;
-            Self::publish_on(&link, "", dlq, message, dlq).await
+            Self::publish_on(&link, "", dlq, message, dlq, unix_seconds()).await
         })
         .await
     }
