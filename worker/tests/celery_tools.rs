@@ -116,7 +116,9 @@ async fn celery_inspect_and_control_see_and_steer_a_rust_worker() {
             .send()
     };
     let long1 = sleep(60_000).await.unwrap();
-    let long2 = sleep(3_000).await.unwrap();
+    // Long enough to outlast the CLI calls below (each a Python start-up, over a second on a
+    // loaded machine): `waiting` must still be reserved when it is inspected and revoked.
+    let long2 = sleep(15_000).await.unwrap();
     let waiting = client
         .send_task("diag.add", vec![json!(1), json!(2)], Default::default())
         .send()
@@ -180,8 +182,8 @@ async fn celery_inspect_and_control_see_and_steer_a_rust_worker() {
     )
     .await;
     assert_eq!(
-        long2.get(Duration::from_secs(20)).await.unwrap(),
-        json!(3_000)
+        long2.get(Duration::from_secs(40)).await.unwrap(),
+        json!(15_000)
     );
     let meta = client
         .result::<Value>(long1.id().to_owned())

@@ -14,6 +14,7 @@ use tracing::Instrument;
 
 use super::State;
 use super::flow::{self, Admission};
+use super::order::Place;
 use super::requests::{Phase, RequestInfo, Tracked};
 use crate::backend::{ExceptionInfo, ResultBackend, TaskMeta, TaskState};
 use crate::broker::{Broker, Delivery};
@@ -46,7 +47,7 @@ struct Request {
 }
 
 /// Handles one delivery completely. Never panics; every path settles the delivery.
-pub(super) async fn handle(state: Arc<State>, delivery: Delivery) {
+pub(super) async fn handle(state: Arc<State>, delivery: Delivery, place: Place) {
     let message = match TaskMessage::decode_in(&delivery.message, state.config.clock.timezone()) {
         Ok(m) => m,
         Err(e) => {
@@ -99,7 +100,7 @@ pub(super) async fn handle(state: Arc<State>, delivery: Delivery) {
         kwargs_repr,
         received: tokio::time::Instant::now(),
     };
-    run_task(state, delivery, request, task)
+    run_task(state, delivery, request, task, place)
         .instrument(span)
         .await
 }
@@ -110,6 +111,7 @@ async fn run_task(
     delivery: Delivery,
     request: Request,
     task: Arc<dyn crate::registry::ErasedTask>,
+    mut place: Place,
 ) {
     let message = &request.message;
     let id = message.headers.id.clone();
@@ -143,9 +145,11 @@ async fn run_task(
     // original instead of running it a second time, then settle the copy by its result.
     if delivery.redelivered && state.requests.running_elsewhere(&id, &tracked) {
         tracing::warn!("a redelivered copy of a task still running here; waiting for the original");
+        drop(place);
         while state.requests.running_elsewhere(&id, &tracked) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        place = state.line.join();
         if let Ok(Some(meta)) = state.backend().get(&id).await
             && meta.status.is_ready()
         {
@@ -168,12 +172,14 @@ async fn run_task(
         }
         if !wait.is_zero() {
             tracked.set(Phase::Scheduled(eta));
+            drop(place);
             if wait_or_stop(&state, tokio::time::sleep(wait))
                 .await
                 .is_none()
             {
                 return settle(delivery, false).await;
             }
+            place = state.line.join();
             tracked.set(Phase::Reserved);
         }
         if state.revoked.contains(&id) {
@@ -204,14 +210,19 @@ async fn run_task(
     };
     let options = task.options().clone();
 
+    // A limit may keep it waiting: it waits out of the line, and joins again once admitted.
+    let kept = (!flow::limited(&state, &name, &options)).then_some(place);
     let _permits = match flow::admit(&state, message, &options, task.fields()).await {
         Admission::Go(permits) => permits,
         Admission::Defer(wait) => return defer(&state, delivery, wait).await,
         Admission::Stopped => return settle(delivery, false).await,
     };
+    let place = kept.unwrap_or_else(|| state.line.join());
+    place.turn().await;
     let Some(Ok(_slot)) = wait_or_stop(&state, state.slots.clone().acquire_owned()).await else {
         return settle(delivery, false).await;
     };
+    drop(place);
     if state.revoked.contains(&id) || tracked.is_terminated() {
         return revoke(&state, delivery, &request, Revoked::ById).await;
     }

@@ -92,6 +92,16 @@ impl Drop for Waiting<'_> {
 }
 
 /// Waits for the task type's rate limit and its key limits.
+/// Whether `name` has a rate or per-key limit, so [`admit`] may wait.
+pub(super) fn limited(state: &State, name: &str, options: &TaskOptions) -> bool {
+    state
+        .overrides(name)
+        .rate_limit
+        .unwrap_or(options.rate_limit)
+        .is_some()
+        || !options.key_limits.is_empty()
+}
+
 pub(super) async fn admit(
     state: &Arc<State>,
     message: &TaskMessage,
@@ -99,13 +109,13 @@ pub(super) async fn admit(
     fields: Option<&'static [&'static str]>,
 ) -> Admission {
     let name = &message.headers.task;
+    if !limited(state, name, options) {
+        return Admission::Go(Permits::default());
+    }
     let rate = state
         .overrides(name)
         .rate_limit
         .unwrap_or(options.rate_limit);
-    if rate.is_none() && options.key_limits.is_empty() {
-        return Admission::Go(Permits::default());
-    }
     let coord = state.coordinator();
     let waiting = Waiting::enter(state);
     if let Some(rate) = rate

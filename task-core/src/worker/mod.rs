@@ -25,6 +25,7 @@
 mod control;
 mod execute;
 mod flow;
+mod order;
 pub mod requests;
 mod revoked;
 
@@ -198,6 +199,8 @@ pub(crate) struct State {
     pub(crate) limit_waiters: AtomicUsize,
     /// Concurrency permits to give back (see `flow::release_loop`).
     pub(crate) releases: mpsc::UnboundedSender<(String, String)>,
+    /// Arrival order for taking slots (see `order`).
+    pub(crate) line: Arc<order::Line>,
     releases_rx: Mutex<Option<mpsc::UnboundedReceiver<(String, String)>>>,
 }
 
@@ -283,6 +286,7 @@ impl Worker {
                 commands,
                 limit_waiters: AtomicUsize::new(0),
                 releases,
+                line: Arc::default(),
                 releases_rx: Mutex::new(Some(releases_rx)),
                 config,
             }),
@@ -439,7 +443,9 @@ impl Worker {
                 delivery = next => match delivery {
                     Some(d) => {
                         state.stats.received.fetch_add(1, Ordering::Relaxed);
-                        in_flight.spawn(execute::handle(state.clone(), d));
+                        // The place is taken here, in receiving order (see `order`).
+                        let place = state.line.join();
+                        in_flight.spawn(execute::handle(state.clone(), d, place));
                     }
                     None => break,
                 },
