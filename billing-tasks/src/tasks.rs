@@ -231,7 +231,11 @@ impl Task for ChargeInvoice {
     /// Renewals come by the hundred thousand and the ledger records their outcome, so only
     /// failures are stored as results.
     fn options() -> TaskOptions {
-        charge_options().ignore_result(true)
+        // Its failures are still stored (Celery's store_errors_even_if_ignored): a caller and the
+        // monitor see why an invoice could not be charged.
+        charge_options()
+            .ignore_result(true)
+            .store_errors_even_if_ignored(true)
     }
 
     async fn run(&self, _ctx: TaskContext, a: InvoiceArgs) -> Result<String, TaskError> {
