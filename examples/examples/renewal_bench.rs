@@ -22,14 +22,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use billing_tasks::cloudpayments::fake::{FakeConfig, FakeGateway, TerminalConfig};
-use chrono::Utc;
 use sqlx::PgPool;
 use task_core::{Broker, Client};
 use uuid::Uuid;
 
 const PUBLIC_ID: &str = "pk_renewal_bench";
 const SECRET: &str = "renewal-bench-secret";
-const MONTHLY: &str = "0b4b6f0e-2d3c-4c55-9b51-6c1c7c000001";
 
 struct Settings {
     subscriptions: usize,
@@ -83,56 +81,6 @@ fn rss_mb(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// N payers with saved cards and active monthly subscriptions ending in an hour.
-async fn seed(db: &PgPool, fake: &FakeGateway, n: usize) -> anyhow::Result<()> {
-    let now = Utc::now();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(10_000) {
-        let (mut payers, mut methods, mut tokens, mut subs) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for _ in chunk {
-            let payer = Uuid::new_v4();
-            let token = fake
-                .issue_token(PUBLIC_ID, &payer.to_string(), "4000000000003055", "12/30")
-                .context("seed token")?;
-            payers.push(payer);
-            methods.push(Uuid::now_v7());
-            tokens.push(token);
-            subs.push(Uuid::now_v7());
-        }
-        let mut tx = db.begin().await?;
-        sqlx::query("INSERT INTO payer (id, created_at, updated_at) SELECT id, $2, $2 FROM UNNEST($1::uuid[]) AS u(id)")
-            .bind(&payers)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "INSERT INTO payment_method (id, payer_id, token, card_mask, card_type, card_exp, created_at)
-             SELECT id, payer, token, '400000******3055', 'Visa', '12/30', $4 FROM UNNEST($1::uuid[], $2::uuid[], $3::text[]) AS u(id, payer, token)",
-        )
-        .bind(&methods)
-        .bind(&payers)
-        .bind(&tokens)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO subscription (id, payer_id, tariff_id, status, auto_renew, current_period_start, current_period_end,
-                                       payment_method_id, created_at, updated_at)
-             SELECT id, payer, $4, 'active', true, $5, $6, method, $5, $5 FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[]) AS u(id, payer, method)",
-        )
-        .bind(&subs)
-        .bind(&payers)
-        .bind(&methods)
-        .bind(Uuid::parse_str(MONTHLY)?)
-        .bind(now - chrono::Duration::days(30))
-        .bind(now + chrono::Duration::hours(1))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-    }
-    Ok(())
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let s = settings()?;
@@ -163,7 +111,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let t = Instant::now();
-    seed(&db, &fake, s.subscriptions).await?;
+    examples::seed_renewals(&db, &fake, PUBLIC_ID, s.subscriptions).await?;
     println!(
         "seeded {} subscribers with saved cards in {:.1} s",
         s.subscriptions,

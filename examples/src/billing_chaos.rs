@@ -33,7 +33,6 @@ use billing_tasks::refunds::{RefundRequest, Requester};
 use billing_tasks::secret::Secret;
 use billing_tasks::service::StartSubscription;
 use billing_tasks::{Billing, BillingService, reconcile, refunds, renewals, tasks, webhooks};
-use chrono::Utc;
 use futures_util::future::BoxFuture;
 use sqlx::PgPool;
 use task_core::{Broker, Client};
@@ -41,7 +40,6 @@ use uuid::Uuid;
 
 const PUBLIC_ID: &str = "pk_billing_chaos";
 const SECRET: &str = "billing-chaos-api-secret";
-const MONTHLY: &str = "0b4b6f0e-2d3c-4c55-9b51-6c1c7c000001";
 const CARD_OK: &str = "4000000000003055";
 const CARD_3DS_OK: &str = "4242424242424242";
 /// The worker's gateway timeout, lease and the gateway's maximum processing time in the run.
@@ -233,65 +231,6 @@ impl OutboxTarget for Recorder {
     }
 }
 
-/// N payers with saved cards whose monthly periods end within the renewal lead time.
-async fn seed(db: &PgPool, fake: &FakeGateway, n: usize) -> anyhow::Result<()> {
-    let now = Utc::now();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(10_000) {
-        let (mut payers, mut methods, mut tokens, mut subs) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for _ in chunk {
-            let payer = Uuid::new_v4();
-            tokens.push(
-                fake.issue_token(PUBLIC_ID, &payer.to_string(), CARD_OK, "12/30")
-                    .context("seed token")?,
-            );
-            payers.push(payer);
-            methods.push(Uuid::now_v7());
-            subs.push(Uuid::now_v7());
-        }
-        let mut tx = db.begin().await?;
-        sqlx::query("INSERT INTO payer (id, created_at, updated_at) SELECT id, $2, $2 FROM UNNEST($1::uuid[]) AS u(id)")
-            .bind(&payers)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "INSERT INTO payment_method (id, payer_id, token, card_mask, card_type, card_exp, created_at)
-             SELECT id, payer, token, '400000******3055', 'Visa', '12/30', $4 FROM UNNEST($1::uuid[], $2::uuid[], $3::text[]) AS u(id, payer, token)",
-        )
-        .bind(&methods)
-        .bind(&payers)
-        .bind(&tokens)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO subscription (id, payer_id, tariff_id, status, auto_renew, current_period_start, current_period_end,
-                                       payment_method_id, created_at, updated_at)
-             SELECT id, payer, $4, 'active', true, $5, $6, method, $5, $5 FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[]) AS u(id, payer, method)",
-        )
-        .bind(&subs)
-        .bind(&payers)
-        .bind(&methods)
-        .bind(Uuid::parse_str(MONTHLY)?)
-        .bind(now - chrono::Duration::days(30))
-        .bind(now + chrono::Duration::hours(1))
-        .execute(&mut *tx)
-        .await?;
-        // The seeded periods stand for payments made before the run.
-        sqlx::query(
-            "INSERT INTO status_history (entity, entity_id, from_status, to_status, actor, at)
-             SELECT 'subscription', id, NULL, 'active', 'staff:chaos-seed', $2 FROM UNNEST($1::uuid[]) AS u(id)",
-        )
-        .bind(&subs)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-    }
-    Ok(())
-}
-
 /// A worker process on `queue`, logging to `log`.
 fn spawn_worker(
     queue: &str,
@@ -453,7 +392,7 @@ pub async fn run(s: &ChaosSettings) -> anyhow::Result<ChaosReport> {
     ));
 
     let t = Instant::now();
-    seed(&db, &fake, s.renewals).await?;
+    crate::seed_renewals(&db, &fake, PUBLIC_ID, s.renewals).await?;
     println!(
         "seeded {} subscribers in {:.1} s",
         s.renewals,
