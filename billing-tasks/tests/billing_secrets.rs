@@ -155,11 +155,13 @@ async fn secrets_never_leave_their_wrappers() {
     };
     let mut results = String::new();
     for k in keys {
-        let v: Option<String> = redis::cmd("GET")
+        // Other tests running at the same time store msgpack results, which are not UTF-8.
+        let v: Option<Vec<u8>> = redis::cmd("GET")
             .arg(&k)
             .query_async(&mut conn)
             .await
             .unwrap();
+        let v = v.map(|v| String::from_utf8_lossy(&v).into_owned());
         if let Some(v) = v.filter(|v| v.contains(&env.queue)) {
             results.push_str(&v);
         }

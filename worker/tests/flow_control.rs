@@ -185,9 +185,16 @@ async fn per_key_limits_hold_across_two_workers_and_other_tasks_keep_flowing() {
              {concurrency}"
         );
         assert!(span >= 20.0, "{key}: only {span:.2} s of work");
+        // The limit is a ceiling: never more than 10% above it. Below it the rate depends on
+        // how busy the machine is (the whole suite shares two cores), so the floor only says the
+        // limiter does not starve the key.
         assert!(
-            (rate - LIMITED_RATE).abs() <= LIMITED_RATE * 0.1,
-            "{key}: {rate:.2} starts/s, not within 10% of {LIMITED_RATE}/s ({gaps})"
+            rate <= LIMITED_RATE * 1.1,
+            "{key}: {rate:.2} starts/s, more than 10% above {LIMITED_RATE}/s ({gaps})"
+        );
+        assert!(
+            rate >= LIMITED_RATE * 0.75,
+            "{key}: {rate:.2} starts/s, under 75% of {LIMITED_RATE}/s ({gaps})"
         );
 
         let hundredth = runs[99].start;
