@@ -13,7 +13,6 @@ use anyhow::Context;
 use clap::Parser;
 use prometheus_client::registry::Registry;
 use scheduler::{AppState, Beat, BeatConfig, ConfigError, Metrics, Store};
-use task_core::Client;
 use task_core::cli::{ConnectionArgs, parse_or_exit};
 
 /// Sends periodic tasks on cron and interval schedules, exactly once per tick across replicas.
@@ -73,7 +72,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .node_id
         .unwrap_or_else(|| format!("beat@{}-{}", task_core::hostname(), std::process::id()));
 
-    let client = Client::connect(&cli.connection.broker_url, &cli.connection.result_backend)
+    let client = cli
+        .connection
+        .client()
         .await
         .context("cannot connect to the broker or the result backend")?;
     let store = Store::connect(&cli.connection.result_backend, &cli.key_prefix).await?;

@@ -10,7 +10,8 @@ use crate::telemetry::LogFormat;
 /// Where the broker and the result backend are, and how to log.
 #[derive(Debug, Clone, Args)]
 pub struct ConnectionArgs {
-    /// Broker URL: amqp://user:pass@host:port/vhost, or memory:// for a single process.
+    /// Broker URL: amqp://user:pass@host:port/vhost (a cluster's nodes `;`-separated), or
+    /// memory:// for a single process.
     #[arg(long, env = "BROKER_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", value_parser = broker_url, hide_default_value = false)]
     pub broker_url: String,
 
@@ -21,13 +22,52 @@ pub struct ConnectionArgs {
     /// Log format: pretty or json (filter with RUST_LOG, default info).
     #[arg(long, env = "LOG_FORMAT", default_value = "pretty")]
     pub log_format: LogFormat,
+
+    /// Type of the task queues this process declares: classic or quorum (Celery's
+    /// task_default_queue_type). Every process of a deployment should say the same.
+    #[arg(long, env = "BROKER_QUEUE_TYPE", default_value = "classic", value_parser = ["classic", "quorum"])]
+    pub broker_queue_type: String,
+
+    /// Queues declared quorum whatever BROKER_QUEUE_TYPE says (comma-separated).
+    #[arg(long, env = "BROKER_QUORUM_QUEUES", value_delimiter = ',')]
+    pub broker_quorum_queues: Vec<String>,
+
+    /// x-delivery-limit of quorum queues: a message redelivered that often is dropped.
+    #[arg(long, env = "BROKER_DELIVERY_LIMIT", value_parser = clap::value_parser!(u32).range(1..))]
+    pub broker_delivery_limit: Option<u32>,
+}
+
+impl ConnectionArgs {
+    /// How task queues are declared, from the three `BROKER_*` queue settings.
+    pub fn queue_options(&self) -> crate::broker::QueueOptions {
+        let quorum = self.broker_quorum_queues.join(",");
+        let limit = self.broker_delivery_limit.map(|n| n.to_string());
+        crate::broker::QueueOptions::parse(
+            Some(&self.broker_queue_type),
+            Some(&quorum),
+            limit.as_deref(),
+        )
+        .unwrap_or_default()
+    }
+
+    /// Connects to the broker these settings name.
+    pub async fn broker(&self) -> crate::Result<crate::AnyBroker> {
+        crate::AnyBroker::connect_with(&self.broker_url, self.queue_options()).await
+    }
+
+    /// A client of the broker and the result backend these settings name.
+    pub async fn client(&self) -> crate::Result<crate::Client> {
+        let backend = crate::AnyBackend::connect(&self.result_backend).await?;
+        Ok(crate::Client::new(self.broker().await?, backend))
+    }
 }
 
 fn broker_url(s: &str) -> Result<String, String> {
-    if s.starts_with("amqp://") || s.starts_with("amqps://") || s == "memory://" {
+    let amqp = |u: &str| u.starts_with("amqp://") || u.starts_with("amqps://");
+    if s == "memory://" || s.split([';', ',']).map(str::trim).all(amqp) {
         Ok(s.to_owned())
     } else {
-        Err("expected amqp://user:pass@host:port/vhost or memory://".into())
+        Err("expected amqp://user:pass@host:port/vhost (several `;`-separated for a cluster) or memory://".into())
     }
 }
 

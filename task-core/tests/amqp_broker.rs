@@ -493,3 +493,178 @@ async fn amqp_per_consumer_qos_consumes_a_quorum_queue() {
     broker.delete_queue(&queue).await.unwrap();
     let _ = conn.close(200, "done".into()).await;
 }
+
+/// A queue's arguments, read back from the management API (`scripts/services` enables it).
+async fn queue_arguments(queue: &str) -> serde_json::Value {
+    let url = format!(
+        "http://127.0.0.1:15672/api/queues/%2F/{}",
+        queue.replace('/', "%2F")
+    );
+    let body: serde_json::Value = reqwest::Client::new()
+        .get(&url)
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .expect("the management API answers (scripts/services enables it)")
+        .json()
+        .await
+        .unwrap();
+    body["arguments"].clone()
+}
+
+/// `QueueOptions` declare quorum queues with a delivery limit, consumed with a per-consumer
+/// window; a poison message is dropped after the limit; a queue not declared quorum here but
+/// quorum on the broker (RabbitMQ closes the connection over a channel-wide window) is consumed
+/// after the broker switches to per-consumer windows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_quorum_queues_from_the_options_with_a_delivery_limit() {
+    use task_core::broker::{QueueOptions, QueueType};
+
+    let queue = common::unique_queue("quorum-opts");
+    let options = QueueOptions::classic()
+        .with_quorum_queue(&queue)
+        .with_delivery_limit(2);
+    assert_eq!(options.queue_type(&queue), QueueType::Quorum);
+    let broker: AnyBroker = common::amqp().await.with_queue_options(options).into();
+    broker.publish(&queue, &message(0)).await.unwrap();
+    let args = queue_arguments(&queue).await;
+    println!("declared with {args}");
+    assert_eq!(args["x-queue-type"], "quorum");
+    assert_eq!(args["x-delivery-limit"], 2);
+
+    // Rejected with requeue: delivered at most 1 + limit times, then dropped.
+    let mut consumer = broker
+        .consume(std::slice::from_ref(&queue), 4)
+        .await
+        .unwrap();
+    let mut deliveries = 0;
+    while let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(3), consumer.next()).await {
+        deliveries += 1;
+        d.reject(true).await.unwrap();
+        assert!(deliveries <= 5, "the poison message keeps coming");
+    }
+    println!("poison message delivered {deliveries} times");
+    assert_eq!(deliveries, 3, "first delivery plus two redeliveries");
+    common::eventually(
+        "the poison message dropped",
+        Duration::from_secs(10),
+        || async { (broker.queue_length(&queue).await.unwrap() == 0).then_some(()) },
+    )
+    .await;
+    consumer.cancel().await;
+
+    // An operator's quorum queue next to a classic one, consumed on one channel by a broker that
+    // thinks both classic: refused a channel-wide window once, it switches and consumes.
+    let other = common::unique_queue("quorum-preexisting");
+    let plain: AnyBroker = common::amqp()
+        .await
+        .with_queue_options(QueueOptions::classic().with_quorum_queue(&other))
+        .into();
+    plain.publish(&other, &message(1)).await.unwrap();
+    let classic = common::unique_queue("classic-beside");
+    let unaware: AnyBroker = common::amqp()
+        .await
+        .with_queue_options(QueueOptions::classic())
+        .into();
+    unaware.publish(&classic, &message(2)).await.unwrap();
+    let mut consumer = unaware
+        .consume(&[other.clone(), classic.clone()], 4)
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let d = next_within(&mut consumer, Duration::from_secs(30)).await;
+        seen.push(d.message.properties.correlation_id.clone().unwrap());
+        d.ack().await.unwrap();
+    }
+    seen.sort();
+    assert_eq!(seen, ["id-1", "id-2"]);
+    consumer.cancel().await;
+    for q in [&queue, &other, &classic] {
+        broker.delete_queue(q).await.unwrap();
+    }
+}
+
+/// A list of brokers: the first one that answers takes the connection; a list with a non-AMQP
+/// entry is refused with the entry named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_a_broker_list_connects_to_the_node_that_answers() {
+    // Nothing listens on port 1 of loopback.
+    let urls = format!("amqp://guest:guest@127.0.0.1:1/%2f;{}", common::amqp_url());
+    let broker = task_core::AmqpBroker::connect(&urls).await.unwrap();
+    assert!(
+        broker.display_url().contains(";"),
+        "{}",
+        broker.display_url()
+    );
+    let broker: AnyBroker = broker.into();
+    let queue = common::unique_queue("failover-list");
+    broker.publish(&queue, &message(7)).await.unwrap();
+    let mut consumer = broker
+        .consume(std::slice::from_ref(&queue), 1)
+        .await
+        .unwrap();
+    let d = next(&mut consumer).await;
+    assert_eq!(d.message.properties.correlation_id.as_deref(), Some("id-7"));
+    d.ack().await.unwrap();
+    consumer.cancel().await;
+    broker.delete_queue(&queue).await.unwrap();
+
+    let e = task_core::AmqpBroker::connect(&format!("{},redis://127.0.0.1", common::amqp_url()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("redis://127.0.0.1") && e.contains("not an amqp"),
+        "{e}"
+    );
+    let e = task_core::AmqpBroker::connect("amqp://127.0.0.1:1/%2f,amqp://127.0.0.1:2/%2f")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("127.0.0.1:1") && e.contains("127.0.0.1:2"),
+        "{e}"
+    );
+}
+
+/// A delayed message delivered, then delayed again through the same levels (a deferral, a retry
+/// that republishes what it received): it carries RabbitMQ's `x-death` from the first trip, which
+/// RabbitMQ would take for a dead-letter cycle, and a quorum level would then hold it for good.
+/// The broker strips those headers on every publish, so the second trip arrives too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_a_message_delayed_twice_through_the_same_levels_arrives_both_times() {
+    let broker: AnyBroker = common::amqp().await.into();
+    let queue = common::unique_queue("delayed-twice");
+    let mut consumer = broker
+        .consume(std::slice::from_ref(&queue), 4)
+        .await
+        .unwrap();
+    broker
+        .publish_delayed(&queue, &message(1), Duration::from_secs(3))
+        .await
+        .unwrap();
+    let first = next_within(&mut consumer, DELAYED_WITHIN).await;
+    assert!(
+        first.message.headers.contains_key("x-death"),
+        "the first trip went through dead-lettering: {:?}",
+        first.message.headers.keys().collect::<Vec<_>>()
+    );
+    let again = first.message.clone();
+    broker
+        .publish_delayed(&queue, &again, Duration::from_secs(3))
+        .await
+        .unwrap();
+    first.ack().await.unwrap();
+    let second = next_within(&mut consumer, DELAYED_WITHIN).await;
+    assert_eq!(
+        second.message.properties.correlation_id.as_deref(),
+        Some("id-1")
+    );
+    let deaths = second.message.headers["x-death"].as_array().unwrap().len();
+    println!("second trip arrived; x-death has {deaths} entries (levels 1 and 0 of this trip)");
+    assert_eq!(deaths, 2, "only the second trip's levels");
+    second.ack().await.unwrap();
+    consumer.cancel().await;
+    broker.delete_queue(&queue).await.unwrap();
+}

@@ -133,7 +133,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ),
     };
 
-    let broker = AnyBroker::connect(&cli.connection.broker_url).await?;
+    let broker = cli.connection.broker().await?;
     let backend = AnyBackend::connect(&cli.connection.result_backend)
         .await?
         .with_ttl(Duration::from_secs(cli.result_expires));

@@ -2,11 +2,8 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use serde_json::Value;
 use task_core::diag::{self, SleepArgs};
 use task_core::{Broker, Client, ResultBackend, TaskState};
 
@@ -17,33 +14,13 @@ async fn client(queue: &str) -> Client {
         .with_default_queue(queue)
 }
 
-/// Counts SUCCESS announcements per task id, as seen on Redis pub/sub.
-fn count_successes(
-    mut pubsub: redis::aio::PubSub,
-) -> tokio::sync::watch::Receiver<HashMap<String, u32>> {
-    let (tx, rx) = tokio::sync::watch::channel(HashMap::new());
-    tokio::spawn(async move {
-        let mut messages = pubsub.on_message();
-        while let Some(msg) = messages.next().await {
-            let payload: Vec<u8> = msg.get_payload().unwrap_or_default();
-            if let Ok(meta) = serde_json::from_slice::<Value>(&payload)
-                && meta["status"] == "SUCCESS"
-            {
-                let id = meta["task_id"].as_str().unwrap_or_default().to_owned();
-                tx.send_modify(|m| *m.entry(id).or_default() += 1);
-            }
-        }
-    });
-    rx
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_batch_loses_nothing_and_duplicates_nothing() {
     let queue = common::unique_queue("sigkill");
     let redis = redis::Client::open(common::redis_url()).unwrap();
     let mut pubsub = redis.get_async_pubsub().await.unwrap();
     pubsub.psubscribe("celery-task-meta-*").await.unwrap();
-    let successes = count_successes(pubsub);
+    let successes = common::count_successes(pubsub);
 
     let client = client(&queue).await;
     let mut ids = Vec::new();

@@ -41,9 +41,7 @@ async fn main() -> anyhow::Result<()> {
     task_core::telemetry::init(cli.connection.log_format);
     let auth = cli.grpc.authenticator()?;
     let tls = cli.grpc.tls()?;
-    let tasks =
-        task_core::Client::connect(&cli.connection.broker_url, &cli.connection.result_backend)
-            .await?;
+    let tasks = cli.connection.client().await?;
     let billing = cli.billing.connect(tasks).await?;
 
     let mut registry = Registry::default();

@@ -1,9 +1,14 @@
 //! RabbitMQ broker on lapin, with Celery's topology and our own reconnection.
 //!
-//! Topology: each task queue is durable with no arguments, bound to a durable direct exchange of the
-//! same name (what Celery declares), and messages are published through the default exchange with
-//! the queue name as routing key. A queue that already exists with other arguments is used as it is
-//! rather than redeclared (a mismatched declaration would close the channel with 406).
+//! Topology: each task queue is durable, bound to a durable direct exchange of the same name (what
+//! Celery declares), and messages are published through the default exchange with the queue name
+//! as routing key. Queues are classic, or quorum as the environment says ([`super::QueueOptions`]).
+//! A queue that already exists with other arguments is used as it is rather than redeclared (a
+//! mismatched declaration would close the channel with 406).
+//!
+//! Several brokers: `BROKER_URL` may list nodes of one cluster separated by `;` (Celery's form) or
+//! `,`. A connection goes to the first node that answers, starting from the one last connected to,
+//! so after a node is lost publishers and consumers move to the next one.
 //!
 //! Every publish is persistent, `mandatory`, and waits for its publisher confirm; an unroutable or
 //! nacked message is an error, never a silent loss.
@@ -31,11 +36,14 @@
 //! reconnect cannot be acknowledged afterwards; the broker redelivers them (at least once).
 //!
 //! QoS: by default the prefetch window is shared by every consumer of a channel (`basic.qos` with
-//! `global`, Celery's choice on RabbitMQ). Quorum queues do not support a channel-wide window;
-//! [`AmqpBroker::with_qos`] with [`QosScope::PerConsumer`] gives each queue's consumer its own.
+//! `global`, Celery's choice on RabbitMQ). Quorum queues do not support a channel-wide window
+//! (RabbitMQ closes the connection with 540), so a consumer of one queue, or of queues declared
+//! quorum, uses a per-consumer window (the same thing for one queue), and a broker that is refused
+//! one anyway switches to per-consumer windows. [`AmqpBroker::with_qos`] with
+//! [`QosScope::PerConsumer`] chooses them outright.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,7 +53,7 @@ use lapin::options::{
     ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
@@ -55,6 +63,7 @@ use tokio::sync::OnceCell;
 use super::amqp_settle::Settler;
 use super::delay::{self, DELIVER_EXCHANGE, LEVELS};
 use super::field_table::{json_to_table, short, table_to_json};
+use super::quorum::{self, QueueOptions, QueueType};
 use super::{Acker, Broker, Consumer, Delivery, dead_letter_queue, with_dead_letter_headers};
 use crate::error::{Error, Result};
 use crate::protocol::{Properties, RawMessage};
@@ -68,6 +77,7 @@ pub struct AmqpBroker {
     inner: Arc<Inner>,
     retry_for: Duration,
     qos: QosScope,
+    queues: Arc<QueueOptions>,
 }
 
 /// What a consumer's prefetch window covers.
@@ -99,8 +109,16 @@ impl Role {
 }
 
 struct Inner {
-    uri: String,
+    /// The nodes to connect to, in order, and their redacted forms.
+    uris: Vec<String>,
+    displays: Vec<String>,
+    /// All of them redacted, `;`-separated.
     display: String,
+    /// The node the last connection went to: the next connection tries it first.
+    current: AtomicUsize,
+    /// Set once RabbitMQ refused a channel-wide prefetch window (a quorum queue not declared as
+    /// one here): consumers use per-consumer windows from then on.
+    per_consumer_forced: AtomicBool,
     publish: tokio::sync::Mutex<Option<Arc<Link>>>,
     consume: tokio::sync::Mutex<Option<Arc<Link>>>,
     /// Connections opened, per role.
@@ -136,11 +154,22 @@ struct Link {
     publisher: tokio::sync::Mutex<Option<Channel>>,
     declared: Mutex<HashSet<String>>,
     delay_topology: OnceCell<()>,
+    /// Celery's delay levels, declared (or found wanting) once per connection.
+    celery_delayed: OnceCell<bool>,
 }
 
 impl Link {
     fn healthy(&self) -> bool {
         self.connection.status().connected()
+    }
+
+    /// Closes the publishing channel; the next publish opens a new one.
+    async fn reset_publisher(&self) {
+        if let Some(ch) = self.publisher.lock().await.take()
+            && ch.status().connected()
+        {
+            let _ = ch.close(200, "replaced after a nack".into()).await;
+        }
     }
 
     /// The publishing channel, opening a new one (in confirm mode) if the last one was closed.
@@ -171,6 +200,16 @@ fn soft_error(e: &lapin::Error) -> Option<AMQPSoftError> {
         lapin::ErrorKind::ProtocolError(p) => match p.kind() {
             AMQPErrorKind::Soft(s) => Some(s.clone()),
             AMQPErrorKind::Hard(_) => None,
+        },
+        _ => None,
+    }
+}
+
+fn hard_error(e: &lapin::Error) -> Option<AMQPHardError> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(p) => match p.kind() {
+            AMQPErrorKind::Hard(h) => Some(h.clone()),
+            AMQPErrorKind::Soft(_) => None,
         },
         _ => None,
     }
@@ -214,12 +253,36 @@ fn durable_exchange() -> ExchangeDeclareOptions {
 }
 
 impl AmqpBroker {
-    /// Connects now, so a wrong URL or an unreachable broker is reported at start-up.
+    /// Connects now, so a wrong URL or an unreachable broker is reported at start-up. `uri` is one
+    /// URL or several nodes' separated by `;` or `,`. Task queues are declared as the environment
+    /// says ([`QueueOptions::from_env`]).
     pub async fn connect(uri: &str) -> Result<Self> {
+        let uris: Vec<String> = uri
+            .split([';', ','])
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if uris.is_empty() {
+            return Err(Error::Config("BROKER_URL names no broker".into()));
+        }
+        if let Some(bad) = uris
+            .iter()
+            .find(|u| !u.starts_with("amqp://") && !u.starts_with("amqps://"))
+        {
+            return Err(Error::Config(format!(
+                "BROKER_URL: `{}` in the list is not an amqp:// URL",
+                crate::redact_url(bad)
+            )));
+        }
+        let displays: Vec<String> = uris.iter().map(|u| crate::redact_url(u)).collect();
         let broker = AmqpBroker {
             inner: Arc::new(Inner {
-                uri: uri.to_owned(),
-                display: crate::redact_url(uri),
+                display: displays.join(";"),
+                uris,
+                displays,
+                current: AtomicUsize::new(0),
+                per_consumer_forced: AtomicBool::new(false),
                 publish: tokio::sync::Mutex::new(None),
                 consume: tokio::sync::Mutex::new(None),
                 publish_generations: AtomicU64::new(0),
@@ -229,6 +292,7 @@ impl AmqpBroker {
             }),
             retry_for: Duration::from_secs(60),
             qos: QosScope::default(),
+            queues: Arc::new(QueueOptions::from_env()?),
         };
         // The consume connection opens with the first consumer: a client never needs it.
         broker.link(Role::Publish).await?;
@@ -239,6 +303,17 @@ impl AmqpBroker {
     pub fn with_qos(mut self, qos: QosScope) -> Self {
         self.qos = qos;
         self
+    }
+
+    /// Sets how task queues are declared (instead of what the environment says).
+    pub fn with_queue_options(mut self, options: QueueOptions) -> Self {
+        self.queues = Arc::new(options);
+        self
+    }
+
+    /// How task queues are declared.
+    pub fn queue_options(&self) -> &QueueOptions {
+        &self.queues
     }
 
     /// Checks that the broker is reachable now (reconnecting if the connection was lost).
@@ -321,15 +396,7 @@ impl AmqpBroker {
             )
             .into(),
         );
-        let connection =
-            tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&self.inner.uri, props))
-                .await
-                .map_err(|_| {
-                    Error::Broker(format!("timed out connecting to {}", self.inner.display))
-                })?
-                .map_err(|e| {
-                    Error::Broker(format!("cannot connect to {}: {e}", self.inner.display))
-                })?;
+        let connection = self.connect_any(props).await?;
         let publisher = match role {
             Role::Publish => {
                 let ch = connection.create_channel().await?;
@@ -348,7 +415,35 @@ impl AmqpBroker {
             publisher: tokio::sync::Mutex::new(publisher),
             declared: Mutex::new(HashSet::new()),
             delay_topology: OnceCell::new(),
+            celery_delayed: OnceCell::new(),
         }))
+    }
+
+    /// A connection to the first node that answers, starting from the last one connected to.
+    async fn connect_any(&self, props: ConnectionProperties) -> Result<Connection> {
+        let n = self.inner.uris.len();
+        let start = self.inner.current.load(Ordering::SeqCst) % n;
+        let mut errors = Vec::new();
+        for i in (0..n).map(|k| (start + k) % n) {
+            let node = &self.inner.displays[i];
+            let attempt = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                Connection::connect(&self.inner.uris[i], props.clone()),
+            )
+            .await;
+            match attempt {
+                Ok(Ok(connection)) => {
+                    if i != start {
+                        tracing::warn!(broker = %node, "connected to another node of the cluster");
+                    }
+                    self.inner.current.store(i, Ordering::SeqCst);
+                    return Ok(connection);
+                }
+                Ok(Err(e)) => errors.push(format!("cannot connect to {node}: {e}")),
+                Err(_) => errors.push(format!("timed out connecting to {node}")),
+            }
+        }
+        Err(Error::Broker(errors.join("; ")))
     }
 
     /// The current healthy connection for `role`, opening a new one if needed.
@@ -388,6 +483,9 @@ impl AmqpBroker {
                     Err(e @ Error::Refused { .. }) if link.healthy() => return Err(e),
                     Err(e @ Error::NotConfirmed { .. }) if link.healthy() => {
                         link.declared.lock().expect("declared lock").clear();
+                        // A quorum queue whose leader was lost nacks through the channel that
+                        // knew the old leader; a fresh channel finds the new one.
+                        link.reset_publisher().await;
                         e
                     }
                     // The publishing channel closed under this publish (another publish's
@@ -415,10 +513,8 @@ impl AmqpBroker {
         }
         let name = short(queue)?;
         let mut ch = link.connection.create_channel().await?;
-        match ch
-            .queue_declare(name.clone(), durable_queue(), FieldTable::default())
-            .await
-        {
+        let args = self.queues.declare_args(self.queues.queue_type(queue));
+        match ch.queue_declare(name.clone(), durable_queue(), args).await {
             Ok(_) => {}
             Err(e) if soft_error(&e) == Some(AMQPSoftError::PRECONDITIONFAILED) => {
                 tracing::warn!(
@@ -429,10 +525,16 @@ impl AmqpBroker {
             }
             Err(e) => return Err(refusal(|| format!("declaring queue `{queue}`"))(e)),
         }
+        // Celery's quorum set-up wants topic exchanges (its native delayed delivery skips direct
+        // ones); the queue's own binding is an exact key, which matches alike in both.
+        let kind = match self.queues.queue_type(queue) {
+            QueueType::Classic => ExchangeKind::Direct,
+            QueueType::Quorum => ExchangeKind::Topic,
+        };
         match ch
             .exchange_declare(
                 name.clone(),
-                ExchangeKind::Direct,
+                kind,
                 durable_exchange(),
                 FieldTable::default(),
             )
@@ -487,14 +589,19 @@ impl AmqpBroker {
         Ok(())
     }
 
-    /// Declares a plain durable queue (dead-letter queues), once per connection.
-    async fn ensure_plain_queue(&self, link: &Link, queue: &str) -> Result<()> {
+    /// Declares a durable queue without bindings (dead-letter queues, of the type of the queue
+    /// they serve), once per connection.
+    async fn ensure_plain_queue(&self, link: &Link, queue: &str, kind: QueueType) -> Result<()> {
         if link.declared.lock().expect("declared lock").contains(queue) {
             return Ok(());
         }
         let ch = link.connection.create_channel().await?;
         match ch
-            .queue_declare(short(queue)?, durable_queue(), FieldTable::default())
+            .queue_declare(
+                short(queue)?,
+                durable_queue(),
+                self.queues.declare_args(kind),
+            )
             .await
         {
             Ok(_) => {
@@ -508,6 +615,51 @@ impl AmqpBroker {
             .expect("declared lock")
             .insert(queue.to_owned());
         Ok(())
+    }
+
+    /// Makes Celery's native delayed delivery reach quorum queue `queue` (see [`super::quorum`]):
+    /// declares kombu's delay levels once per connection, then binds the queue. Best effort: a
+    /// failure is logged, and only Python countdowns to this queue wait for a Python worker.
+    async fn bind_celery_delayed(&self, link: &Link, queue: &str) {
+        let declared = link
+            .celery_delayed
+            .get_or_init(|| async {
+                let result = async {
+                    let ch = link.connection.create_channel().await?;
+                    quorum::declare_celery_delayed(&ch).await?;
+                    let _ = ch.close(200, "declared".into()).await;
+                    Ok::<(), Error>(())
+                }
+                .await;
+                match result {
+                    Ok(()) => true,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot declare Celery's delay levels (celery_delayed_*)");
+                        false
+                    }
+                }
+            })
+            .await;
+        if !*declared {
+            return;
+        }
+        let result = async {
+            let ch = link.connection.create_channel().await?;
+            ch.queue_bind(
+                short(queue)?,
+                short(quorum::CELERY_DELIVERY_EXCHANGE)?,
+                short(&quorum::celery_delivery_pattern(queue))?,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+            let _ = ch.close(200, "bound".into()).await;
+            Ok::<(), Error>(())
+        }
+        .await;
+        if let Err(error) = result {
+            tracing::warn!(queue, %error, "cannot bind the queue for Celery's delayed delivery");
+        }
     }
 
     /// Declares the delay levels (see [`super::delay`]), once per connection.
@@ -693,10 +845,27 @@ fn unix_seconds() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Headers RabbitMQ writes when it dead-letters a message. A message published again (a retry, a
+/// deferral, a dead letter) is a new message and must not carry them: RabbitMQ reads `x-death`
+/// to detect dead-letter cycles, and a message that already expired out of a delay level once
+/// would be taken for a cycle when it reaches that level again. A quorum queue's at-least-once
+/// dead-lettering then never forwards it, and it stays in the level for good, holding one of the
+/// level's few in-flight dead-letter slots.
+fn is_broker_death_header(name: &str) -> bool {
+    name == "x-death" || name.starts_with("x-first-death-") || name.starts_with("x-last-death-")
+}
+
 fn basic_properties(m: &RawMessage) -> Result<BasicProperties> {
     let p = &m.properties;
+    let headers = if m.headers.keys().any(|k| is_broker_death_header(k)) {
+        let mut own = m.headers.clone();
+        own.retain(|k, _| !is_broker_death_header(k));
+        json_to_table(&own)?
+    } else {
+        json_to_table(&m.headers)?
+    };
     let mut props = BasicProperties::default()
-        .with_headers(json_to_table(&m.headers)?)
+        .with_headers(headers)
         .with_delivery_mode(p.delivery_mode.unwrap_or(2));
     if let Some(v) = &p.content_type {
         props = props.with_content_type(short(v)?);
@@ -784,7 +953,8 @@ impl Broker for AmqpBroker {
         let message = with_dead_letter_headers(message, queue, reason);
         let (dlq, message) = (&dlq, &message);
         self.retrying("dead-letter publish", |link| async move {
-            self.ensure_plain_queue(&link, dlq).await?;
+            self.ensure_plain_queue(&link, dlq, self.queues.queue_type(queue))
+                .await?;
             Self::publish_on(&link, "", dlq, message, dlq, unix_seconds()).await
         })
         .await
@@ -897,25 +1067,50 @@ async fn consume_session(
     let link = broker.link(Role::Consume).await?;
     let ch = link.connection.create_channel().await?;
     // Channel-wide: one prefetch window shared by the consumers of every queue on this channel.
-    let global = broker.qos == QosScope::Channel;
+    // For one queue a per-consumer window is the same thing, and quorum queues only take that.
+    let global = broker.qos == QosScope::Channel
+        && queues.len() > 1
+        && !broker.inner.per_consumer_forced.load(Ordering::SeqCst)
+        && queues
+            .iter()
+            .all(|q| broker.queues.queue_type(q) == QueueType::Classic);
     ch.basic_qos(prefetch, BasicQosOptions { global }).await?;
     let mut streams = Vec::with_capacity(queues.len());
     let mut tags = Vec::with_capacity(queues.len());
     for (i, queue) in queues.iter().enumerate() {
         broker.ensure_task_queue(&link, queue).await?;
+        if broker.queues.queue_type(queue) == QueueType::Quorum {
+            broker.bind_celery_delayed(&link, queue).await;
+        }
         // The queue's name makes the tag readable in the management UI, when it fits in 255 bytes.
         let mut tag = format!("{tag_base}-{queue}");
         if tag.len() > 255 {
             tag = format!("{tag_base}-{i}");
         }
-        let consumer = ch
+        let consumer = match ch
             .basic_consume(
                 short(queue)?,
                 short(&tag)?,
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
-            .await?;
+            .await
+        {
+            Ok(c) => c,
+            Err(e) if global && hard_error(&e) == Some(AMQPHardError::NOTIMPLEMENTED) => {
+                tracing::warn!(
+                    queue,
+                    "RabbitMQ refused a channel-wide prefetch window (a quorum queue?); \
+                     using per-consumer windows from now on"
+                );
+                broker
+                    .inner
+                    .per_consumer_forced
+                    .store(true, Ordering::SeqCst);
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
         let queue = queue.clone();
         streams.push(consumer.map(move |d| (queue.clone(), d)).boxed());
         tags.push(tag);

@@ -13,9 +13,11 @@ mod amqp_settle;
 mod delay;
 pub mod field_table;
 mod memory;
+mod quorum;
 
 pub use amqp::{AmqpBroker, QosScope};
 pub use memory::MemoryBroker;
+pub use quorum::{QueueOptions, QueueType};
 
 use std::future::Future;
 use std::time::Duration;
@@ -168,12 +170,24 @@ pub enum AnyBroker {
 }
 
 impl AnyBroker {
-    /// Connects to the broker a URL names. `memory://` gives a fresh in-process broker.
+    /// Connects to the broker a URL names. `memory://` gives a fresh in-process broker. RabbitMQ
+    /// task queues are declared as the environment says ([`QueueOptions::from_env`]).
     pub async fn connect(url: &str) -> Result<Self> {
+        if url.starts_with("amqp://") || url.starts_with("amqps://") {
+            Ok(AnyBroker::Amqp(AmqpBroker::connect(url).await?))
+        } else {
+            Self::connect_with(url, QueueOptions::from_env()?).await
+        }
+    }
+
+    /// Connects to the broker a URL names, declaring RabbitMQ task queues as `queues` says.
+    pub async fn connect_with(url: &str, queues: QueueOptions) -> Result<Self> {
         if url.starts_with("memory://") {
             Ok(AnyBroker::Memory(MemoryBroker::new()))
         } else if url.starts_with("amqp://") || url.starts_with("amqps://") {
-            Ok(AnyBroker::Amqp(AmqpBroker::connect(url).await?))
+            Ok(AnyBroker::Amqp(
+                AmqpBroker::connect(url).await?.with_queue_options(queues),
+            ))
         } else {
             Err(Error::Config(format!(
                 "BROKER_URL `{}` is not supported (use amqp://user:pass@host:port/vhost or memory://)",

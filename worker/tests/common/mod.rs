@@ -150,3 +150,24 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let status = response.status().as_u16();
     (status, response.text().await.expect("a text body"))
 }
+
+/// Counts SUCCESS announcements per task id, as seen on Redis pub/sub.
+pub fn count_successes(
+    mut pubsub: redis::aio::PubSub,
+) -> tokio::sync::watch::Receiver<std::collections::HashMap<String, u32>> {
+    let (tx, rx) = tokio::sync::watch::channel(std::collections::HashMap::new());
+    tokio::spawn(async move {
+        use futures_util::StreamExt as _;
+        let mut messages = pubsub.on_message();
+        while let Some(msg) = messages.next().await {
+            let payload: Vec<u8> = msg.get_payload().unwrap_or_default();
+            if let Ok(meta) = serde_json::from_slice::<serde_json::Value>(&payload)
+                && meta["status"] == "SUCCESS"
+            {
+                let id = meta["task_id"].as_str().unwrap_or_default().to_owned();
+                tx.send_modify(|m| *m.entry(id).or_default() += 1);
+            }
+        }
+    });
+    rx
+}
