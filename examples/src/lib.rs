@@ -19,15 +19,21 @@ pub const MONTHLY_TARIFF: &str = "0b4b6f0e-2d3c-4c55-9b51-6c1c7c000001";
 /// (`target/release/examples/bench` → `target/release/worker`; a test in `target/debug/deps`
 /// → `target/debug/worker`).
 pub fn worker_binary() -> anyhow::Result<PathBuf> {
+    built_binary("worker")
+}
+
+/// A binary of the workspace (`worker`, `scheduler`, `monitor`, `billing-api`) from the build
+/// this program belongs to, found as [`worker_binary`] finds the worker.
+pub fn built_binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let path = exe
         .parent()
         .and_then(|p| p.parent())
         .context("program location")?
-        .join("worker");
+        .join(name);
     if !path.exists() {
         bail!(
-            "{} not found: run `cargo build --release -p worker` first",
+            "{} not found: run `cargo build --workspace` (with --release for a release program) first",
             path.display()
         );
     }

@@ -48,6 +48,9 @@ pub struct Inspector {
     ttl: Duration,
     // Held across a refresh, so concurrent requests share one round of broadcasts.
     cache: tokio::sync::Mutex<Cache>,
+    /// The consumed queues as of the last full refresh, and when it was: readable while a
+    /// refresh waits for replies (see [`Inspector::known_queue_names`]).
+    known: std::sync::Mutex<(Vec<String>, Option<Instant>)>,
 }
 
 impl Inspector {
@@ -58,7 +61,19 @@ impl Inspector {
             timeout,
             ttl,
             cache: tokio::sync::Mutex::new(Cache::default()),
+            known: std::sync::Mutex::new((Vec::new(), None)),
         }
+    }
+
+    /// The queues the workers consumed at the last full refresh, at once, whether that refresh
+    /// is older than the time to live (the caller refreshes in the background), and whether
+    /// there was none yet. A
+    /// scrape of `/metrics` must not wait for a broadcast's replies: Prometheus gives up on a
+    /// slow scrape, and a request it abandons would never complete the refresh.
+    pub fn known_queue_names(&self) -> (Vec<String>, bool, bool) {
+        let known = self.known.lock().expect("known lock");
+        let stale = known.1.is_none_or(|t| t.elapsed() >= self.ttl);
+        (known.0.clone(), stale, known.1.is_none())
     }
 
     /// The cached nodes, refreshed first when `refresh` is set or the cache is older than its
@@ -80,16 +95,7 @@ impl Inspector {
 
     /// The names of the queues the cached workers consume.
     pub async fn queue_names(&self) -> Result<Vec<String>> {
-        let nodes = self.workers(false, None).await?;
-        let mut names: Vec<String> = nodes
-            .values()
-            .filter_map(|info| info.get("active_queues")?.as_array().cloned())
-            .flatten()
-            .filter_map(|q| q.get("name")?.as_str().map(str::to_owned))
-            .collect();
-        names.sort();
-        names.dedup();
-        Ok(names)
+        Ok(queue_names(&self.workers(false, None).await?))
     }
 
     async fn inspect(&self, cache: &mut Cache, workername: Option<&str>) -> Result<()> {
@@ -144,7 +150,21 @@ impl Inspector {
         if workername.is_none() {
             cache.nodes.retain(|node, _| answered.contains(node));
             cache.refreshed = Some(Instant::now());
+            *self.known.lock().expect("known lock") = (queue_names(&cache.nodes), cache.refreshed);
         }
         Ok(())
     }
+}
+
+/// The names of the queues `nodes` report consuming, sorted, once each.
+fn queue_names(nodes: &BTreeMap<String, NodeInfo>) -> Vec<String> {
+    let mut names: Vec<String> = nodes
+        .values()
+        .filter_map(|info| info.get("active_queues")?.as_array().cloned())
+        .flatten()
+        .filter_map(|q| q.get("name")?.as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }

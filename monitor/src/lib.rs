@@ -168,6 +168,35 @@ impl AppState {
     /// configured (`MONITOR_BROKER_API`); otherwise of every queue the workers report consuming
     /// (missing queues left out), without unacknowledged counts or ages.
     pub async fn queue_stats(&self) -> Result<Vec<(String, QueueStats)>> {
+        self.queue_stats_with(None).await
+    }
+
+    /// [`AppState::queue_stats`] for a scrape: never waits for the workers' replies. Without the
+    /// management API it uses the queues of the last refresh of the inspect cache and, when
+    /// that is stale, refreshes it in the background for the next scrape.
+    pub async fn queue_stats_now(&self) -> Result<Vec<(String, QueueStats)>> {
+        let (mut names, stale, never) = self.inner.inspector.known_queue_names();
+        if stale && self.inner.broker_api.is_none() {
+            let state = self.clone();
+            let refresh = tokio::spawn(async move {
+                if let Err(e) = state.inner.inspector.workers(false, None).await {
+                    tracing::warn!(error = %e, "cannot refresh the workers' queues");
+                }
+            });
+            // The first scrape waits for the first refresh (which goes on if the scraper gives
+            // up); later ones answer from the last one.
+            if never {
+                let _ = refresh.await;
+                names = self.inner.inspector.known_queue_names().0;
+            }
+        }
+        self.queue_stats_with(Some(names)).await
+    }
+
+    async fn queue_stats_with(
+        &self,
+        known: Option<Vec<String>>,
+    ) -> Result<Vec<(String, QueueStats)>> {
         if let Some(api) = &self.inner.broker_api {
             let now = task_core::events::unix_now();
             return Ok(api
@@ -185,8 +214,12 @@ impl AppState {
                 })
                 .collect());
         }
+        let names = match known {
+            Some(names) => names,
+            None => self.inner.inspector.queue_names().await?,
+        };
         let mut out = Vec::new();
-        for name in self.inner.inspector.queue_names().await? {
+        for name in names {
             if let Some(stats) = self.inner.probe.stats(&name).await? {
                 out.push((name, stats));
             }

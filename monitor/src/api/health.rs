@@ -30,7 +30,7 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
         ),
         Err(e) => tracing::warn!(error = %e, "cannot read workers for /metrics"),
     }
-    match state.queue_stats().await {
+    match state.queue_stats_now().await {
         Ok(queues) => state.metrics().set_queues(queues),
         Err(e) => tracing::warn!(error = %e, "cannot read queues for /metrics"),
     }

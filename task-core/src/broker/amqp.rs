@@ -163,15 +163,6 @@ impl Link {
         self.connection.status().connected()
     }
 
-    /// Closes the publishing channel; the next publish opens a new one.
-    async fn reset_publisher(&self) {
-        if let Some(ch) = self.publisher.lock().await.take()
-            && ch.status().connected()
-        {
-            let _ = ch.close(200, "replaced after a nack".into()).await;
-        }
-    }
-
     /// The publishing channel, opening a new one (in confirm mode) if the last one was closed.
     async fn publisher(&self) -> Result<Channel> {
         let mut current = self.publisher.lock().await;
@@ -483,9 +474,6 @@ impl AmqpBroker {
                     Err(e @ Error::Refused { .. }) if link.healthy() => return Err(e),
                     Err(e @ Error::NotConfirmed { .. }) if link.healthy() => {
                         link.declared.lock().expect("declared lock").clear();
-                        // A quorum queue whose leader was lost nacks through the channel that
-                        // knew the old leader; a fresh channel finds the new one.
-                        link.reset_publisher().await;
                         e
                     }
                     // The publishing channel closed under this publish (another publish's
@@ -794,6 +782,12 @@ impl AmqpBroker {
                 }
                 result
             }
+            // Another publish's nack closed the shared channel under this one (below): not
+            // confirmed, so retried on the next channel.
+            Err(e) if !shared.status().connected() && link.healthy() => Err(Error::NotConfirmed {
+                queue: queue.to_owned(),
+                reason: format!("its channel closed before the confirm ({e})"),
+            }),
             result => result,
         }
     }
@@ -831,10 +825,15 @@ impl AmqpBroker {
                     returned.reply_code, returned.reply_text
                 ),
             }),
-            Confirmation::Nack(_) => Err(Error::NotConfirmed {
-                queue: queue.to_owned(),
-                reason: "the broker refused it (nack)".into(),
-            }),
+            Confirmation::Nack(_) => {
+                // A quorum queue whose leader was lost nacks through the channel that knew the
+                // old leader; the next publish opens a fresh channel, which finds the new one.
+                let _ = channel.close(200, "replaced after a nack".into()).await;
+                Err(Error::NotConfirmed {
+                    queue: queue.to_owned(),
+                    reason: "the broker refused it (nack)".into(),
+                })
+            }
         }
     }
 }
