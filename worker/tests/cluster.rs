@@ -53,10 +53,12 @@ async fn chaos_broker_a_cluster_node_killed_mid_run_loses_and_duplicates_nothing
         ("BROKER_QUEUE_TYPE", "quorum"),
         ("WORKER_CONCURRENCY", "8"),
     ];
-    let workers = [
-        common::WorkerProcess::spawn(&queue, &env),
-        common::WorkerProcess::spawn(&queue, &env),
-    ];
+    let workers = [1, 2].map(|n| {
+        let name = format!("cluster{n}-{}@%h", &queue[queue.len() - 8..]);
+        let mut env = env.to_vec();
+        env.push(("WORKER_HOSTNAME", name.as_str()));
+        common::WorkerProcess::spawn(&queue, &env)
+    });
     for w in &workers {
         w.ready().await;
     }
@@ -114,6 +116,33 @@ async fn chaos_broker_a_cluster_node_killed_mid_run_loses_and_duplicates_nothing
         sending.elapsed().as_secs_f64(),
         killed.elapsed().as_secs_f64()
     );
+    // Remote control while node 1 is still down: each worker's mailbox lived on node 1; both
+    // declared it again on the node they moved to and answer a ping.
+    let pongs = common::eventually(
+        "both workers answering a ping with node 1 down",
+        Duration::from_secs(60),
+        || async {
+            let replies = task_core::control::broadcast(
+                &broker,
+                "ping",
+                json!({}),
+                None,
+                Duration::from_secs(2),
+                None,
+            )
+            .await
+            .ok()?;
+            let suffix = format!("-{}@", &queue[queue.len() - 8..]);
+            let mine: Vec<String> = replies
+                .into_iter()
+                .map(|(node, _)| node)
+                .filter(|node| node.contains(&suffix))
+                .collect();
+            (mine.len() == 2).then_some(mine)
+        },
+    )
+    .await;
+    println!("with node 1 down, ping answered by {pongs:?}");
     tokio::task::spawn_blocking(|| cluster(&["restart", "1"]))
         .await
         .unwrap();
