@@ -669,10 +669,35 @@ impl AmqpBroker {
                     }
                 };
                 topic(DELIVER_EXCHANGE.to_owned()).await?;
+                // A quorum queue like the levels: at-least-once dead-lettering waits for every
+                // target queue's confirm, so a classic sink on one node of a cluster stalls every
+                // level's deliveries while that node is down. On a channel of its own, because a
+                // sink declared classic by an older version refuses this declaration.
                 let mut sink = FieldTable::default();
                 sink.insert("x-message-ttl".into(), AMQPValue::LongLongInt(0));
-                ch.queue_declare(short(delay::SINK_QUEUE)?, durable_queue(), sink)
-                    .await?;
+                sink.insert(
+                    "x-queue-type".into(),
+                    AMQPValue::LongString(LongString::from("quorum")),
+                );
+                let own = link.connection.create_channel().await?;
+                match own
+                    .queue_declare(short(delay::SINK_QUEUE)?, durable_queue(), sink)
+                    .await
+                {
+                    Ok(_) => {
+                        let _ = own.close(200, "declared".into()).await;
+                    }
+                    Err(e) if soft_error(&e) == Some(AMQPSoftError::PRECONDITIONFAILED) => {
+                        tracing::warn!(
+                            queue = delay::SINK_QUEUE,
+                            "the delay sink is a classic queue (an older version declared it); \
+                             in a cluster it stalls delayed deliveries while its node is down: \
+                             delete it (`rabbitmqctl delete_queue tq.delay.sink`) and it is \
+                             declared again as a quorum queue"
+                        );
+                    }
+                    Err(e) => return Err(e.into()),
+                }
                 ch.queue_bind(
                     short(delay::SINK_QUEUE)?,
                     short(DELIVER_EXCHANGE)?,

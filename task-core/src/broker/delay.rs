@@ -31,7 +31,7 @@ pub(super) const LEVELS: u32 = 22;
 /// The exchange that hands delayed messages to their destination queues.
 pub(super) const DELIVER_EXCHANGE: &str = "tq.delay.deliver";
 
-/// A queue bound to [`DELIVER_EXCHANGE`] with `#` that drops everything at once (TTL 0). Quorum
+/// A quorum queue bound to [`DELIVER_EXCHANGE`] with `#` that drops everything at once (TTL 0). Quorum
 /// queues dead-letter at least once: a message whose destination queue was deleted while it
 /// waited would be unroutable, retried for ever, and after 32 such messages the level's
 /// dead-letter worker would stop moving anything. With the sink every message is routed somewhere.
