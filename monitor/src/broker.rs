@@ -130,6 +130,9 @@ pub struct QueueStats {
     /// Seconds the head message has waited (only the management API tells, and only for a
     /// message with a `timestamp` property; 0 for an empty queue).
     pub oldest_age: Option<f64>,
+    /// Messages a quorum queue holds while it dead-letters them at least once (only the
+    /// management API tells; see [`crate::broker_api::ApiQueue::dead_lettering`]).
+    pub dead_lettering: Option<u64>,
 }
 
 /// Reads queue statistics on a connection of its own, reconnecting when it was lost.

@@ -64,6 +64,20 @@ impl ApiQueue {
         }
     }
 
+    /// Messages a quorum queue has dead-lettered at least once (`x-dead-letter-strategy:
+    /// at-least-once`, as task-core's delay levels are) and still holds until every target queue
+    /// confirms them: the API's total minus ready minus unacknowledged. Normally they pass in
+    /// milliseconds; a count that stays up means dead-lettering is stuck (see deploy/README.md,
+    /// TaskQueueDeadLetteringStuck).
+    pub fn dead_lettering(&self) -> Option<u64> {
+        if self.kind.as_deref() != Some("quorum") {
+            return None;
+        }
+        // The three counts are read together but may disagree by a message in passing.
+        let settled = self.messages_ready? + self.messages_unacknowledged?;
+        Some(self.messages?.saturating_sub(settled))
+    }
+
     fn lasting(&self) -> bool {
         !self.exclusive && !self.auto_delete
     }
@@ -274,5 +288,38 @@ mod tests {
         assert_eq!(q(Some(3), Some(40.0)).oldest_age(100.0), Some(60.0));
         assert_eq!(q(Some(3), None).oldest_age(100.0), None);
         assert_eq!(q(None, Some(120.0)).oldest_age(100.0), Some(0.0));
+    }
+
+    #[test]
+    fn a_quorum_queue_counts_what_it_holds_for_dead_lettering() {
+        let q = |kind: &str, all, ready, unacked| ApiQueue {
+            name: "tq.delay.1".into(),
+            messages: all,
+            messages_ready: ready,
+            messages_unacknowledged: unacked,
+            consumers: Some(0),
+            head_message_timestamp: None,
+            durable: true,
+            auto_delete: false,
+            exclusive: false,
+            kind: Some(kind.into()),
+        };
+        assert_eq!(
+            q("quorum", Some(18), Some(0), Some(0)).dead_lettering(),
+            Some(18)
+        );
+        assert_eq!(
+            q("quorum", Some(5), Some(3), Some(2)).dead_lettering(),
+            Some(0)
+        );
+        assert_eq!(
+            q("quorum", Some(4), Some(3), Some(2)).dead_lettering(),
+            Some(0)
+        );
+        assert_eq!(q("quorum", None, Some(3), Some(2)).dead_lettering(), None);
+        assert_eq!(
+            q("classic", Some(9), Some(3), Some(2)).dead_lettering(),
+            None
+        );
     }
 }

@@ -209,6 +209,7 @@ impl AppState {
                         consumers: q.consumers.unwrap_or(0),
                         unacked: q.messages_unacknowledged,
                         oldest_age: q.oldest_age(now),
+                        dead_lettering: q.dead_lettering(),
                     };
                     (q.name, stats)
                 })

@@ -6,7 +6,8 @@
 //!   `tq_monitor_last_event_timestamp_seconds`, `tq_monitor_tasks_completed_total{task,outcome}`.
 //! - Collected at scrape time: `tq_worker_up{worker}` from the stored heartbeats (a worker drops
 //!   out of the series an hour after its last event, so pod churn does not pile up series),
-//!   `tq_queue_messages{queue,state="ready"|"unacked"}`, `tq_queue_consumers{queue}`,
+//!   `tq_queue_messages{queue,state="ready"|"unacked"|"dead_lettering"}` (the last: what a quorum
+//!   queue holds until its at-least-once dead-lettering is confirmed), `tq_queue_consumers{queue}`,
 //!   `tq_queue_oldest_message_age_seconds{queue}` and `tq_dead_letter_messages{queue}` (the
 //!   messages in `<queue>.dlq`) for every queue of the virtual host when the management API is
 //!   configured (`MONITOR_BROKER_API`; the age only where the head message carries a timestamp,
@@ -254,6 +255,12 @@ impl Metrics {
                     .get_or_create(&state("unacked"))
                     .set(gauge(unacked));
             }
+            if let Some(held) = s.dead_lettering {
+                inner
+                    .queue_messages
+                    .get_or_create(&state("dead_lettering"))
+                    .set(gauge(held));
+            }
             if let Some(age) = s.oldest_age {
                 inner
                     .queue_oldest_age
@@ -298,6 +305,14 @@ mod tests {
                     consumers: 1,
                     unacked: Some(2),
                     oldest_age: Some(7.5),
+                    dead_lettering: None,
+                },
+            ),
+            (
+                "tq.delay.1".to_owned(),
+                QueueStats {
+                    dead_lettering: Some(18),
+                    ..QueueStats::default()
                 },
             ),
             (
@@ -321,6 +336,7 @@ mod tests {
             r#"tq_queue_messages{queue="celery",state="unacked"} 2"#,
             r#"tq_queue_oldest_message_age_seconds{queue="celery"} 7.5"#,
             r#"tq_dead_letter_messages{queue="celery"} 4"#,
+            r#"tq_queue_messages{queue="tq.delay.1",state="dead_lettering"} 18"#,
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

@@ -111,6 +111,9 @@ struct QueueRow {
     consumers: u64,
     /// "–" where the broker does not tell (no management API).
     unacked: String,
+    /// Held by at-least-once dead-lettering (quorum queues, with the management API); empty
+    /// when nothing is.
+    dead_lettering: String,
     oldest: String,
 }
 
@@ -121,6 +124,10 @@ impl From<(String, QueueStats)> for QueueRow {
             messages: s.messages,
             consumers: s.consumers,
             unacked: s.unacked.map_or_else(|| "–".to_owned(), |n| n.to_string()),
+            dead_lettering: match s.dead_lettering {
+                Some(n) if n > 0 => format!("+{n} dead-lettering"),
+                _ => String::new(),
+            },
             oldest: s.oldest_age.map_or_else(|| "–".to_owned(), duration),
         }
     }

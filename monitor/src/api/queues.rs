@@ -17,7 +17,7 @@ pub(super) async fn length(State(state): State<AppState>) -> ApiResult<Json<Valu
         .map(|(name, s)| match s.unacked {
             Some(unacked) => json!({
                 "name": name,
-                "messages": s.messages + unacked,
+                "messages": s.messages + unacked + s.dead_lettering.unwrap_or(0),
                 "messages_ready": s.messages,
                 "messages_unacknowledged": unacked,
                 "consumers": s.consumers,
