@@ -9,16 +9,10 @@ use serde_json::Value;
 
 /// The bindings of `queue`, from the management API.
 async fn bindings(queue: &str) -> Vec<Value> {
-    let url = format!("http://127.0.0.1:15672/api/queues/%2F/{queue}/bindings");
-    reqwest::Client::new()
-        .get(&url)
-        .basic_auth("guest", Some("guest"))
-        .send()
+    let found = common::management_get(15672, &format!("queues/%2F/{queue}/bindings"))
         .await
-        .expect("the management API answers (scripts/services enables it)")
-        .json()
-        .await
-        .unwrap()
+        .expect("the management API answers (scripts/services enables it)");
+    serde_json::from_value(found).unwrap()
 }
 
 /// A Celery 5.5 client configured for quorum queues sends a countdown through

@@ -171,3 +171,20 @@ pub fn count_successes(
     });
     rx
 }
+
+/// `GET <path>` on the RabbitMQ management API at `127.0.0.1:<port>` as guest: the JSON, or why
+/// not (a node that is down, a queue that is gone).
+pub async fn management_get(port: u16, path: &str) -> Result<serde_json::Value, String> {
+    let url = format!("http://127.0.0.1:{port}/api/{path}");
+    let response = reqwest::Client::new()
+        .get(&url)
+        .basic_auth("guest", Some("guest"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    if !response.status().is_success() {
+        return Err(format!("GET {url}: {}", response.status()));
+    }
+    response.json().await.map_err(|e| format!("GET {url}: {e}"))
+}
