@@ -112,7 +112,8 @@ pub async fn connect(url: &str) -> Result<Connection> {
         format!("monitor {}@{}", std::process::id(), task_core::hostname()).into(),
     );
     let shown = task_core::redact_url(url);
-    tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props))
+    let tls = task_core::broker::BrokerTls::from_env().map_err(|e| Error::Config(e.to_string()))?;
+    tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(url, props))
         .await
         .map_err(|_| Error::Unavailable(format!("timed out connecting to BROKER_URL {shown}")))?
         .map_err(|e| Error::Unavailable(format!("cannot connect to BROKER_URL {shown}: {e}")))

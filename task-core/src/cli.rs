@@ -35,6 +35,18 @@ pub struct ConnectionArgs {
     /// x-delivery-limit of quorum queues: a message redelivered that often is dropped.
     #[arg(long, env = "BROKER_DELIVERY_LIMIT", value_parser = clap::value_parser!(u32).range(1..))]
     pub broker_delivery_limit: Option<u32>,
+
+    /// For amqps:// URLs: a PEM CA trusted besides the system's store.
+    #[arg(long, env = "BROKER_TLS_CA_FILE")]
+    pub broker_tls_ca_file: Option<String>,
+
+    /// For amqps:// URLs: a PEM client certificate chain (with BROKER_TLS_KEY_FILE).
+    #[arg(long, env = "BROKER_TLS_CERT_FILE", requires = "broker_tls_key_file")]
+    pub broker_tls_cert_file: Option<String>,
+
+    /// For amqps:// URLs: the client certificate's PKCS#8 key, PEM.
+    #[arg(long, env = "BROKER_TLS_KEY_FILE", requires = "broker_tls_cert_file")]
+    pub broker_tls_key_file: Option<String>,
 }
 
 impl ConnectionArgs {
@@ -52,6 +64,17 @@ impl ConnectionArgs {
 
     /// Connects to the broker these settings name.
     pub async fn broker(&self) -> crate::Result<crate::AnyBroker> {
+        if self.broker_url.starts_with("amqp://") || self.broker_url.starts_with("amqps://") {
+            let tls = crate::broker::BrokerTls::from_files(
+                self.broker_tls_ca_file.as_deref(),
+                self.broker_tls_cert_file.as_deref(),
+                self.broker_tls_key_file.as_deref(),
+            )?;
+            let broker = crate::AmqpBroker::connect_with_tls(&self.broker_url, tls).await?;
+            return Ok(crate::AnyBroker::Amqp(
+                broker.with_queue_options(self.queue_options()),
+            ));
+        }
         crate::AnyBroker::connect_with(&self.broker_url, self.queue_options()).await
     }
 

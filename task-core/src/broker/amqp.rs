@@ -64,7 +64,9 @@ use super::amqp_settle::Settler;
 use super::delay::{self, DELIVER_EXCHANGE, LEVELS};
 use super::field_table::{json_to_table, short, table_to_json};
 use super::quorum::{self, QueueOptions, QueueType};
-use super::{Acker, Broker, Consumer, Delivery, dead_letter_queue, with_dead_letter_headers};
+use super::{
+    Acker, Broker, BrokerTls, Consumer, Delivery, dead_letter_queue, with_dead_letter_headers,
+};
 use crate::error::{Error, Result};
 use crate::protocol::{Properties, RawMessage};
 
@@ -127,6 +129,8 @@ struct Inner {
     closed: AtomicBool,
     /// Settling tasks of consumer channels, awaited on close so their last acks go out.
     settlers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// What `amqps://` connections trust and present.
+    tls: BrokerTls,
 }
 
 impl Inner {
@@ -248,6 +252,12 @@ impl AmqpBroker {
     /// URL or several nodes' separated by `;` or `,`. Task queues are declared as the environment
     /// says ([`QueueOptions::from_env`]).
     pub async fn connect(uri: &str) -> Result<Self> {
+        Self::connect_with_tls(uri, BrokerTls::from_env()?).await
+    }
+
+    /// [`connect`](Self::connect) with `amqps://` connections trusting and presenting what `tls`
+    /// says instead of what the environment does.
+    pub async fn connect_with_tls(uri: &str, tls: BrokerTls) -> Result<Self> {
         let uris: Vec<String> = uri
             .split([';', ','])
             .map(str::trim)
@@ -280,6 +290,7 @@ impl AmqpBroker {
                 consume_generations: AtomicU64::new(0),
                 closed: AtomicBool::new(false),
                 settlers: Mutex::new(Vec::new()),
+                tls,
             }),
             retry_for: Duration::from_secs(60),
             qos: QosScope::default(),
@@ -419,7 +430,7 @@ impl AmqpBroker {
             let node = &self.inner.displays[i];
             let attempt = tokio::time::timeout(
                 CONNECT_TIMEOUT,
-                Connection::connect(&self.inner.uris[i], props.clone()),
+                self.inner.tls.connect(&self.inner.uris[i], props.clone()),
             )
             .await;
             match attempt {

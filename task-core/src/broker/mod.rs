@@ -14,10 +14,12 @@ mod delay;
 pub mod field_table;
 mod memory;
 mod quorum;
+mod tls;
 
 pub use amqp::{AmqpBroker, QosScope};
 pub use memory::MemoryBroker;
 pub use quorum::{QueueOptions, QueueType};
+pub use tls::BrokerTls;
 
 use std::future::Future;
 use std::time::Duration;
