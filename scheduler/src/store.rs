@@ -244,7 +244,7 @@ fn open(url: &str, prefix: &str) -> Result<(redis::Client, String)> {
             "`{shown}` is not a store URL (use redis://host:port/db or memory://)"
         )));
     }
-    let client = redis::Client::open(url)
+    let client = task_core::redis_url::client(url)
         .map_err(|e| Error::Store(format!("invalid Redis URL `{shown}`: {e}")))?;
     Ok((client, shown))
 }

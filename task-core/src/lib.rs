@@ -29,6 +29,7 @@ pub mod health;
 pub mod metrics;
 pub mod protocol;
 pub mod redact;
+pub mod redis_url;
 mod registry;
 pub mod shutdown;
 pub mod signals;

@@ -110,7 +110,7 @@ impl RedisBackend {
     /// Connects to `redis://host:port/db`. Fails if Redis cannot be reached now.
     pub async fn connect(url: &str) -> Result<Self> {
         let display_url = crate::redact_url(url);
-        let client = redis::Client::open(url)
+        let client = crate::redis_url::client(url)
             .map_err(|e| Error::Config(format!("RESULT_BACKEND `{display_url}`: {e}")))?;
         let conn = ConnectionManager::new_with_config(client.clone(), manager_config())
             .await

@@ -1,6 +1,8 @@
 //! Helpers for tests against the real services (RabbitMQ, Redis) that `scripts/test` starts.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod tls;
+
 use std::future::Future;
 use std::time::Duration;
 
@@ -97,4 +99,20 @@ pub fn diag_registry() -> Registry {
     let mut r = Registry::new();
     task_core::diag::register(&mut r);
     r
+}
+
+/// The virtualenv Python with `celery` installed (`scripts/python-venv`, which `scripts/test`
+/// runs, creates `.venv`).
+pub fn python() -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned();
+    let p = root.join(".venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/python-venv",
+        p.display()
+    );
+    p
 }
