@@ -273,12 +273,13 @@ async fn python_delays_expiry_time_limits_retries_and_unknown_tasks_on_the_rust_
         .filter_map(Value::as_str)
         .collect();
     // The next attempt is published before this one stores RETRY (as in Celery's `Task.retry`),
-    // so with no delay a later attempt can finish first and the last RETRY is not written over
-    // its SUCCESS: one or two RETRYs, then SUCCESS; the result counts both retries.
+    // so with no delay a later attempt can finish first, and a RETRY stored after that SUCCESS
+    // is refused (a finished state is never written over): up to two RETRYs, then SUCCESS (on a
+    // busy machine both attempts' RETRYs can come late); the result counts both retries.
     let (last, retries) = states.split_last().unwrap();
     assert_eq!(*last, "SUCCESS", "{flaky}");
     assert!(
-        (1..=2).contains(&retries.len()) && retries.iter().all(|s| *s == "RETRY"),
+        retries.len() <= 2 && retries.iter().all(|s| *s == "RETRY"),
         "{flaky}"
     );
 

@@ -14,6 +14,7 @@ import time
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -29,7 +30,9 @@ driver = webdriver.Chrome(
     service=Service(os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")), options=options)
 # Generous waits: the suite runs this next to everything else on two cores.
 driver.set_page_load_timeout(60)
-wait = WebDriverWait(driver, 60)
+# A form's submit navigates while a condition may still read the old page's body: that read
+# raises StaleElementReferenceException, which means "not yet", not "failed".
+wait = WebDriverWait(driver, 60, ignored_exceptions=(StaleElementReferenceException,))
 
 
 def fail(step, why):
