@@ -30,7 +30,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -47,52 +47,39 @@ use tokio::sync::Mutex;
 
 const WINDOW: usize = 1000;
 
+/// The queue bench: throughput and latency of the `worker` binary (target/release/worker) on
+/// the broker and result backend below; see the module documentation.
+#[derive(clap::Parser)]
+#[command(name = "bench")]
 struct Settings {
+    /// Tasks in each throughput run.
+    #[arg(long, default_value_t = 50_000)]
     tasks: usize,
+    /// Seconds of the fixed-rate latency run.
+    #[arg(long, default_value_t = 10)]
     latency_seconds: u64,
+    /// The worker's WORKER_CONCURRENCY.
+    #[arg(long, default_value_t = 32)]
     concurrency: u32,
+    /// The worker's WORKER_PREFETCH.
+    #[arg(long, default_value_t = 512)]
     prefetch: u32,
+    /// RabbitMQ.
+    #[arg(
+        long,
+        env = "BROKER_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     broker: String,
+    /// The Redis result backend.
+    #[arg(
+        long,
+        env = "RESULT_BACKEND",
+        default_value = "redis://127.0.0.1:6379/0"
+    )]
     backend: String,
 }
 
-/// The settings from the command line, or `None` after printing the help.
-fn settings() -> anyhow::Result<Option<Settings>> {
-    let mut s = Settings {
-        tasks: 50_000,
-        latency_seconds: 10,
-        concurrency: 32,
-        prefetch: 512,
-        broker: std::env::var("BROKER_URL")
-            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
-        backend: std::env::var("RESULT_BACKEND")
-            .unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into()),
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        if flag == "--help" || flag == "-h" {
-            println!(
-                "bench [--tasks N (50000)] [--latency-seconds S (10)] [--concurrency C (32)] \
-                 [--prefetch P (512)]\n\nRuns on BROKER_URL and RESULT_BACKEND (default: the \
-                 local RabbitMQ and Redis) with target/release/worker; see the module docs."
-            );
-            return Ok(None);
-        }
-        let value = args
-            .next()
-            .with_context(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--tasks" => s.tasks = value.parse()?,
-            "--latency-seconds" => s.latency_seconds = value.parse()?,
-            "--concurrency" => s.concurrency = value.parse()?,
-            "--prefetch" => s.prefetch = value.parse()?,
-            other => bail!(
-                "unknown flag {other} (--tasks, --latency-seconds, --concurrency, --prefetch)"
-            ),
-        }
-    }
-    Ok(Some(s))
-}
 
 /// The `worker` binary next to this one (`target/release/worker`).
 struct WorkerProcess {
@@ -480,9 +467,7 @@ async fn latency(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Some(s) = settings()? else {
-        return Ok(());
-    };
+    let s = <Settings as clap::Parser>::parse();
     let run = uuid::Uuid::new_v4().simple().to_string();
     let client = Client::connect(&s.broker, &s.backend).await?;
     let sample = client

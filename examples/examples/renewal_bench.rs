@@ -29,46 +29,45 @@ use uuid::Uuid;
 const PUBLIC_ID: &str = "pk_renewal_bench";
 const SECRET: &str = "renewal-bench-secret";
 
+/// The renewal bench: renewals end to end through the `worker` binary, with the fake gateway.
+#[derive(clap::Parser)]
+#[command(name = "renewal_bench")]
 struct Settings {
+    /// Subscriptions falling due.
+    #[arg(long, default_value_t = 100_000)]
     subscriptions: usize,
+    /// The fake gateway's answer time.
+    #[arg(long, default_value_t = 50)]
     latency_ms: u64,
+    /// The worker's WORKER_CONCURRENCY.
+    #[arg(long, default_value_t = 4)]
     concurrency: u32,
+    /// The worker's database pool size.
+    #[arg(long, default_value_t = 16)]
     pool: u32,
+    /// A PostgreSQL URL allowed to create the bench's scratch database.
+    #[arg(
+        long,
+        env = "DATABASE_ADMIN_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
     database_admin: String,
+    /// RabbitMQ.
+    #[arg(
+        long,
+        env = "BROKER_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     broker: String,
+    /// The Redis result backend.
+    #[arg(
+        long,
+        env = "RESULT_BACKEND",
+        default_value = "redis://127.0.0.1:6379/0"
+    )]
     backend: String,
 }
 
-fn settings() -> anyhow::Result<Settings> {
-    let mut s = Settings {
-        subscriptions: 100_000,
-        latency_ms: 50,
-        concurrency: 4,
-        pool: 16,
-        database_admin: std::env::var("DATABASE_ADMIN_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into()),
-        broker: std::env::var("BROKER_URL")
-            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
-        backend: std::env::var("RESULT_BACKEND")
-            .unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into()),
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let value = args
-            .next()
-            .with_context(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--subscriptions" => s.subscriptions = value.parse()?,
-            "--latency-ms" => s.latency_ms = value.parse()?,
-            "--concurrency" => s.concurrency = value.parse()?,
-            "--pool" => s.pool = value.parse()?,
-            other => {
-                bail!("unknown flag {other} (--subscriptions, --latency-ms, --concurrency, --pool)")
-            }
-        }
-    }
-    Ok(s)
-}
 
 fn rss_mb(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -83,7 +82,7 @@ fn rss_mb(pid: u32) -> f64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let s = settings()?;
+    let s = <Settings as clap::Parser>::parse();
     let run = Uuid::new_v4().simple().to_string();
     let db_name = format!("billing_bench_{}", &run[..12]);
     let admin = PgPool::connect(&s.database_admin)

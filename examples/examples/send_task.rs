@@ -12,39 +12,51 @@ use std::time::Duration;
 use serde_json::Value;
 use task_core::{Client, ContentType};
 
+/// Sends one task by name and prints its result.
+#[derive(clap::Parser)]
+#[command(name = "send_task")]
+struct Args {
+    /// The task's name (`py.mul`, `diag.echo`, …).
+    task: String,
+    /// Positional arguments, each parsed as JSON (a string when it is not JSON).
+    args: Vec<String>,
+    /// The queue to send to.
+    #[arg(long, default_value = "celery")]
+    queue: String,
+    /// json or msgpack.
+    #[arg(long, default_value = "json")]
+    serializer: String,
+    /// RabbitMQ.
+    #[arg(
+        long,
+        env = "BROKER_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    broker: String,
+    /// The Redis result backend.
+    #[arg(
+        long,
+        env = "RESULT_BACKEND",
+        default_value = "redis://127.0.0.1:6379/0"
+    )]
+    backend: String,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let Some(task) = args.next() else {
-        anyhow::bail!(
-            "usage: send_task <task name> [json args…] [--queue Q] [--serializer json|msgpack]"
-        );
-    };
-    let (mut positional, mut queue, mut serializer) =
-        (Vec::new(), "celery".to_owned(), ContentType::Json);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--queue" => {
-                queue = args
-                    .next()
-                    .ok_or_else(|| anyhow::anyhow!("--queue needs a value"))?
-            }
-            "--serializer" => {
-                serializer = args
-                    .next()
-                    .unwrap_or_default()
-                    .parse()
-                    .map_err(anyhow::Error::msg)?;
-            }
-            other => positional.push(
-                serde_json::from_str(other).unwrap_or_else(|_| Value::String(other.to_owned())),
-            ),
-        }
-    }
-    let broker = std::env::var("BROKER_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let backend =
-        std::env::var("RESULT_BACKEND").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
+    let Args {
+        task,
+        args,
+        queue,
+        serializer,
+        broker,
+        backend,
+    } = <Args as clap::Parser>::parse();
+    let serializer: ContentType = serializer.parse().map_err(anyhow::Error::msg)?;
+    let positional: Vec<Value> = args
+        .iter()
+        .map(|a| serde_json::from_str(a).unwrap_or_else(|_| Value::String(a.clone())))
+        .collect();
     let client = Client::connect(&broker, &backend)
         .await?
         .with_serializer(serializer);
