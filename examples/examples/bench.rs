@@ -80,7 +80,6 @@ struct Settings {
     backend: String,
 }
 
-
 /// The `worker` binary next to this one (`target/release/worker`).
 struct WorkerProcess {
     child: tokio::process::Child,

@@ -68,7 +68,6 @@ struct Settings {
     backend: String,
 }
 
-
 fn rss_mb(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()

@@ -18,7 +18,8 @@ use task_core::{Client, ContentType};
 struct Args {
     /// The task's name (`py.mul`, `diag.echo`, …).
     task: String,
-    /// Positional arguments, each parsed as JSON (a string when it is not JSON).
+    /// Positional arguments, each parsed as JSON (a string when it is not JSON); `-5` is a number.
+    #[arg(allow_negative_numbers = true)]
     args: Vec<String>,
     /// The queue to send to.
     #[arg(long, default_value = "celery")]
