@@ -5,11 +5,20 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+// The private CA and `localhost` certificate of task-core's TLS tests (made with `openssl`).
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../task-core/tests/common/tls.rs"]
+mod tls;
+
+use tls::Pki;
+
 /// A PostgreSQL server of its own on a free port, stopped and removed on drop.
 struct TlsPostgres {
-    dir: PathBuf,
     bin: PathBuf,
+    data: String,
     port: u16,
+    /// Holds the certificates and the data directory; removed after the server stops.
+    pki: Pki,
 }
 
 fn run(what: &str, cmd: &mut Command) {
@@ -35,76 +44,21 @@ impl TlsPostgres {
             .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
             .find(|p| p.join("initdb").exists())
             .expect("initdb under /usr/lib/postgresql/*/bin");
-        let dir = std::env::temp_dir().join(format!("pg-tls-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ssl = |args: &[&str]| {
-            run(
-                &format!("openssl {}", args[0]),
-                Command::new("openssl").args(args).current_dir(&dir),
-            )
-        };
-        ssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=ledger test CA",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-        ]);
-        std::fs::write(
-            dir.join("server.ext"),
-            "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        ssl(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-        ]);
-        ssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-            "-out",
-            "server.pem",
-        ]);
+        let pki = Pki::make();
+        // The server reads its key as `postgres`, and only from a file no one else can read.
         run(
             "chown",
             Command::new("chown")
                 .args(["-R", "postgres:postgres"])
-                .arg(&dir),
+                .arg(pki.path("")),
         );
         run(
             "chmod",
             Command::new("chmod")
                 .arg("0600")
-                .arg(dir.join("server.key")),
+                .arg(pki.path("server.key")),
         );
-        let data = dir.join("data");
+        let data = pki.path("data");
         run(
             "initdb",
             as_postgres(&bin, "initdb")
@@ -113,7 +67,7 @@ impl TlsPostgres {
         );
         // TLS or nothing over TCP.
         std::fs::write(
-            data.join("pg_hba.conf"),
+            Path::new(&data).join("pg_hba.conf"),
             "local all all trust\n\
              hostssl all all 127.0.0.1/32 trust\n\
              hostnossl all all 127.0.0.1/32 reject\n",
@@ -127,20 +81,23 @@ impl TlsPostgres {
         let options = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c ssl=on -c ssl_cert_file={} \
              -c ssl_key_file={} -c fsync=off",
-            dir.display(),
-            dir.join("server.pem").display(),
-            dir.join("server.key").display()
+            pki.path(""),
+            pki.path("server.pem"),
+            pki.path("server.key")
         );
         run(
             "pg_ctl start",
             as_postgres(&bin, "pg_ctl")
                 .args(["-w", "-t", "60", "-l"])
-                .arg(dir.join("server.log"))
-                .arg("-D")
-                .arg(&data)
-                .args(["-o", &options, "start"]),
+                .arg(pki.path("server.log"))
+                .args(["-D", &data, "-o", &options, "start"]),
         );
-        TlsPostgres { dir, bin, port }
+        TlsPostgres {
+            bin,
+            data,
+            port,
+            pki,
+        }
     }
 
     fn url(&self, host: &str, params: &str) -> String {
@@ -148,18 +105,15 @@ impl TlsPostgres {
     }
 
     fn ca(&self) -> String {
-        self.dir.join("ca.pem").display().to_string()
+        self.pki.path("ca.pem")
     }
 }
 
 impl Drop for TlsPostgres {
     fn drop(&mut self) {
         let _ = as_postgres(&self.bin, "pg_ctl")
-            .args(["-m", "immediate", "-D"])
-            .arg(self.dir.join("data"))
-            .arg("stop")
+            .args(["-m", "immediate", "-D", &self.data, "stop"])
             .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -64,20 +64,9 @@ struct Settings {
     /// The worker's WORKER_PREFETCH.
     #[arg(long, default_value_t = 512)]
     prefetch: u32,
-    /// RabbitMQ.
-    #[arg(
-        long,
-        env = "BROKER_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    broker: String,
-    /// The Redis result backend.
-    #[arg(
-        long,
-        env = "RESULT_BACKEND",
-        default_value = "redis://127.0.0.1:6379/0"
-    )]
-    backend: String,
+    /// BROKER_URL, RESULT_BACKEND and the queue settings, as the binaries take them.
+    #[command(flatten)]
+    conn: task_core::cli::ConnectionArgs,
 }
 
 /// The `worker` binary next to this one (`target/release/worker`).
@@ -99,9 +88,9 @@ impl WorkerProcess {
             uuid::Uuid::new_v4().simple()
         ));
         let child = tokio::process::Command::new(worker_binary()?)
-            .env("BROKER_URL", &s.broker)
+            .env("BROKER_URL", &s.conn.broker_url)
             .env("METRICS_BIND", "127.0.0.1:0")
-            .env("RESULT_BACKEND", &s.backend)
+            .env("RESULT_BACKEND", &s.conn.result_backend)
             .env("WORKER_QUEUES", queue)
             .env("WORKER_TASKS", "diag")
             .env("WORKER_CONCURRENCY", concurrency.to_string())
@@ -208,8 +197,9 @@ async fn raw_ceiling(
     message: &task_core::protocol::RawMessage,
 ) -> anyhow::Result<f64> {
     let queue = format!("bench.raw.{}", uuid::Uuid::new_v4().simple());
-    let producer = Connection::connect(&s.broker, ConnectionProperties::default()).await?;
-    let consumer_conn = Connection::connect(&s.broker, ConnectionProperties::default()).await?;
+    let producer = Connection::connect(&s.conn.broker_url, ConnectionProperties::default()).await?;
+    let consumer_conn =
+        Connection::connect(&s.conn.broker_url, ConnectionProperties::default()).await?;
     let publish = producer.create_channel().await?;
     publish
         .confirm_select(ConfirmSelectOptions::default())
@@ -468,7 +458,7 @@ async fn latency(
 async fn main() -> anyhow::Result<()> {
     let s = <Settings as clap::Parser>::parse();
     let run = uuid::Uuid::new_v4().simple().to_string();
-    let client = Client::connect(&s.broker, &s.backend).await?;
+    let client = s.conn.client().await?;
     let sample = client
         .task::<diag::Add>(AddArgs::new(123_456, 654_321))
         .message()?
@@ -488,7 +478,11 @@ async fn main() -> anyhow::Result<()> {
 
     // Throughput, with plain run first and last: the machine is shared, and the cost of a mode
     // is measured against the mean of the two plain runs around it.
-    let finished = Finished::listen(&s.backend, format!("celery-task-meta-bench-{run}-*")).await?;
+    let finished = Finished::listen(
+        &s.conn.result_backend,
+        format!("celery-task-meta-bench-{run}-*"),
+    )
+    .await?;
     let rounds = [Mode::Plain, Mode::Events, Mode::Limiter, Mode::Plain];
     let mut tps = HashMap::<&str, Vec<f64>>::new();
     let mut rss_peak = 0f64;
@@ -595,7 +589,11 @@ async fn main() -> anyhow::Result<()> {
     );
     worker.stop().await;
     client.broker().delete_queue(&queue).await?;
-    forget_results(&s.backend, &format!("celery-task-meta-bench-{run}-*")).await?;
+    forget_results(
+        &s.conn.result_backend,
+        &format!("celery-task-meta-bench-{run}-*"),
+    )
+    .await?;
     Ok(())
 }
 

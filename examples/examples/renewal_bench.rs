@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use billing_tasks::cloudpayments::fake::{FakeConfig, FakeGateway, TerminalConfig};
 use sqlx::PgPool;
-use task_core::{Broker, Client};
+use task_core::Broker;
 use uuid::Uuid;
 
 const PUBLIC_ID: &str = "pk_renewal_bench";
@@ -52,20 +52,9 @@ struct Settings {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     database_admin: String,
-    /// RabbitMQ.
-    #[arg(
-        long,
-        env = "BROKER_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    broker: String,
-    /// The Redis result backend.
-    #[arg(
-        long,
-        env = "RESULT_BACKEND",
-        default_value = "redis://127.0.0.1:6379/0"
-    )]
-    backend: String,
+    /// BROKER_URL, RESULT_BACKEND and the queue settings, as the binaries take them.
+    #[command(flatten)]
+    conn: task_core::cli::ConnectionArgs,
 }
 
 fn rss_mb(pid: u32) -> f64 {
@@ -119,9 +108,9 @@ async fn main() -> anyhow::Result<()> {
     let queue = format!("bench.billing.{run}");
     let log = std::env::temp_dir().join(format!("renewal-bench-worker-{run}.log"));
     let mut worker = tokio::process::Command::new(worker_binary()?)
-        .env("BROKER_URL", &s.broker)
+        .env("BROKER_URL", &s.conn.broker_url)
         .env("METRICS_BIND", "127.0.0.1:0")
-        .env("RESULT_BACKEND", &s.backend)
+        .env("RESULT_BACKEND", &s.conn.result_backend)
         .env("WORKER_TASKS", "billing")
         .env("BILLING_QUEUE", &queue)
         .env("WORKER_CONCURRENCY", s.concurrency.to_string())
@@ -147,7 +136,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let client = Client::connect(&s.broker, &s.backend).await?;
+    let client = s.conn.client().await?;
     let start = Instant::now();
     client
         .task::<billing_tasks::tasks::EnqueueRenewals>(())

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use task_core::{Client, ContentType};
+use task_core::ContentType;
 
 /// Sends one task by name and prints its result.
 #[derive(clap::Parser)]
@@ -27,20 +27,9 @@ struct Args {
     /// json or msgpack.
     #[arg(long, default_value = "json")]
     serializer: String,
-    /// RabbitMQ.
-    #[arg(
-        long,
-        env = "BROKER_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    broker: String,
-    /// The Redis result backend.
-    #[arg(
-        long,
-        env = "RESULT_BACKEND",
-        default_value = "redis://127.0.0.1:6379/0"
-    )]
-    backend: String,
+    /// BROKER_URL, RESULT_BACKEND and the queue settings, as the binaries take them.
+    #[command(flatten)]
+    conn: task_core::cli::ConnectionArgs,
 }
 
 #[tokio::main]
@@ -50,17 +39,14 @@ async fn main() -> anyhow::Result<()> {
         args,
         queue,
         serializer,
-        broker,
-        backend,
+        conn,
     } = <Args as clap::Parser>::parse();
     let serializer: ContentType = serializer.parse().map_err(anyhow::Error::msg)?;
     let positional: Vec<Value> = args
         .iter()
         .map(|a| serde_json::from_str(a).unwrap_or_else(|_| Value::String(a.clone())))
         .collect();
-    let client = Client::connect(&broker, &backend)
-        .await?
-        .with_serializer(serializer);
+    let client = conn.client().await?.with_serializer(serializer);
     let result = client
         .send_task(&task, positional, Default::default())
         .queue(queue)

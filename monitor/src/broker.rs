@@ -106,14 +106,22 @@ fn soft_error(e: &lapin::Error) -> Option<AMQPSoftError> {
     }
 }
 
+/// The `BROKER_TLS_*` files, read once: every reconnect uses the same.
+fn broker_tls() -> Result<&'static task_core::broker::BrokerTls> {
+    static TLS: std::sync::OnceLock<std::result::Result<task_core::broker::BrokerTls, String>> =
+        std::sync::OnceLock::new();
+    TLS.get_or_init(|| task_core::broker::BrokerTls::from_env().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| Error::Config(e.clone()))
+}
+
 /// Opens a connection named after the monitor.
 pub async fn connect(url: &str) -> Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name(
         format!("monitor {}@{}", std::process::id(), task_core::hostname()).into(),
     );
     let shown = task_core::redact_url(url);
-    let tls = task_core::broker::BrokerTls::from_env().map_err(|e| Error::Config(e.to_string()))?;
-    tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(url, props))
+    tokio::time::timeout(CONNECT_TIMEOUT, broker_tls()?.connect(url, props))
         .await
         .map_err(|_| Error::Unavailable(format!("timed out connecting to BROKER_URL {shown}")))?
         .map_err(|e| Error::Unavailable(format!("cannot connect to BROKER_URL {shown}: {e}")))

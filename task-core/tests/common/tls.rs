@@ -2,9 +2,9 @@
 //! `openssl` command, and socat (OpenSSL) terminating TLS in front of a local service: the TLS
 //! listeners of the `amqps://` and `rediss://` tests (`scripts/services` installs both tools).
 
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 /// A private CA and the certificates it signed, in a temporary directory.
 pub struct Pki {
@@ -119,20 +119,35 @@ impl TlsListener {
             pki.path("server.pem"),
             pki.path("server.key"),
         );
-        let child = Command::new("socat")
-            .args([listen.as_str(), &format!("TCP:127.0.0.1:{upstream}")])
+        // `-d -d` makes socat say when it listens: wait for that line rather than polling the
+        // port, then keep draining its log so it never blocks on a full pipe.
+        let mut child = Command::new("socat")
+            .args([
+                "-d",
+                "-d",
+                listen.as_str(),
+                &format!("TCP:127.0.0.1:{upstream}"),
+            ])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("socat (scripts/services installs it)");
-        let listener = TlsListener { child, port };
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return listener;
+        let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut seen = Vec::new();
+        for line in log.by_ref() {
+            let line = line.unwrap_or_default();
+            let ready = line.contains("listening on");
+            seen.push(line);
+            if ready {
+                std::thread::spawn(move || log.for_each(drop));
+                return TlsListener { child, port };
             }
-            std::thread::sleep(Duration::from_millis(25));
         }
-        panic!("socat did not listen on {port}");
+        let _ = child.wait();
+        panic!(
+            "socat ended before listening on {port}:\n{}",
+            seen.join("\n")
+        );
     }
 
     /// `amqps://guest:guest@<host>:<port>/%2f` or `rediss://<host>:<port>/0`.
