@@ -110,6 +110,9 @@ struct Live {
     state: EntryState,
     /// After a failure: when to try again, and the back-off used.
     retry: Option<(DateTime<Utc>, Duration)>,
+    /// A tick this leader published but could not record (the store failed right after the
+    /// broker took it): its retry records it instead of sending a second copy.
+    unrecorded: Option<(DateTime<Utc>, DateTime<Utc>)>,
 }
 
 /// The first back-off after a failed publish; it doubles up to [`MAX_RETRY`].
@@ -484,14 +487,25 @@ impl Beat {
         if !jitter.is_zero() {
             call = call.eta(tick + to_chrono(jitter));
         }
-        if let Err(e) = call.send().await {
-            self.metrics.publish_error(entry.name());
-            return Err(Step::Failed(e.into()));
-        }
-        let published_at = self.clock.now();
-        self.store
+        let published_at = match live.unrecorded {
+            Some((t, at)) if t == tick => at,
+            _ => {
+                if let Err(e) = call.send().await {
+                    self.metrics.publish_error(entry.name());
+                    return Err(Step::Failed(e.into()));
+                }
+                self.clock.now()
+            }
+        };
+        if let Err(e) = self
+            .store
             .record_published(entry, token, tick, &task_id, published_at)
-            .await?;
+            .await
+        {
+            live.unrecorded = Some((tick, published_at));
+            return Err(e.into());
+        }
+        live.unrecorded = None;
         let state = &mut live.state;
         state.cursor = Some(state.cursor.map_or(tick, |c| c.max(tick)));
         if state.last_run.is_none_or(|l| tick >= l) {
@@ -517,19 +531,29 @@ impl Beat {
 #[cfg(test)]
 mod tests;
 
-/// Replaces the tracked entries with freshly loaded ones, keeping retry back-offs.
+/// Replaces the tracked entries with freshly loaded ones, keeping retry back-offs and ticks
+/// published but not yet recorded.
 fn merge(old: Vec<Live>, fresh: Vec<Loaded>) -> Vec<Live> {
-    let mut retries: std::collections::HashMap<String, (DateTime<Utc>, Duration)> = old
+    type Kept = (
+        Option<(DateTime<Utc>, Duration)>,
+        Option<(DateTime<Utc>, DateTime<Utc>)>,
+    );
+    let mut kept: std::collections::HashMap<String, Kept> = old
         .into_iter()
-        .filter_map(|l| Some((l.entry.name().to_owned(), l.retry?)))
+        .filter(|l| l.retry.is_some() || l.unrecorded.is_some())
+        .map(|l| (l.entry.name().to_owned(), (l.retry, l.unrecorded)))
         .collect();
     fresh
         .into_iter()
-        .map(|l| Live {
-            retry: retries.remove(l.entry.name()),
-            entry: l.entry,
-            paused: l.paused,
-            state: l.state,
+        .map(|l| {
+            let (retry, unrecorded) = kept.remove(l.entry.name()).unwrap_or_default();
+            Live {
+                retry,
+                unrecorded,
+                entry: l.entry,
+                paused: l.paused,
+                state: l.state,
+            }
         })
         .collect()
 }

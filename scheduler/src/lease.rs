@@ -125,13 +125,19 @@ impl Store {
             }
             Backend::Redis(r) => {
                 let k = self.keys();
+                let mut conn = r.conn.pinned().await?;
                 let token: u64 = ACQUIRE
                     .key(k.lease())
                     .key(k.token())
                     .arg(format!("{node_id}#"))
                     .arg(millis(ttl))
-                    .invoke_async(&mut r.conn.clone())
+                    .invoke_async(&mut conn)
                     .await?;
+                if token > 0 {
+                    // A lease or token lost in a Sentinel failover would hand the same fencing
+                    // token to the next leader. Unconfirmed, the lease is left to expire.
+                    conn.wait_replicated().await?;
+                }
                 Ok((token > 0).then_some(token))
             }
         }

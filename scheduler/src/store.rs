@@ -35,9 +35,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use redis::Script;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManagerConfig;
 use serde::{Deserialize, Serialize};
 use task_core::Clock;
+use task_core::redis_conn::{ConnOptions, RedisConn};
 use tokio::sync::watch;
 
 use crate::entry::{Entry, EntrySpec, format_tick};
@@ -204,8 +205,7 @@ pub(crate) enum Backend {
 }
 
 pub(crate) struct RedisStore {
-    client: redis::Client,
-    pub(crate) conn: ConnectionManager,
+    pub(crate) conn: RedisConn,
     url: String,
 }
 
@@ -233,20 +233,20 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// Checks a Redis URL and prefix and opens a client (no connection yet).
-fn open(url: &str, prefix: &str) -> Result<(redis::Client, String)> {
+/// Checks a Redis URL and prefix and sets up the connection (not connected yet).
+fn open(url: &str, prefix: &str) -> Result<RedisStore> {
     if prefix.is_empty() {
         return Err(Error::Store("the key prefix is empty".into()));
     }
     let shown = task_core::redact_url(url);
-    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+    if !task_core::redis_url::is_redis_url(url) {
         return Err(Error::Store(format!(
-            "`{shown}` is not a store URL (use redis://host:port/db or memory://)"
+            "`{shown}` is not a store URL (use redis://host:port/db, sentinel://… or memory://)"
         )));
     }
-    let client = task_core::redis_url::client(url)
-        .map_err(|e| Error::Store(format!("invalid Redis URL `{shown}`: {e}")))?;
-    Ok((client, shown))
+    let conn = RedisConn::lazy(url, ConnOptions::new(manager_config()))
+        .map_err(|e| Error::Store(format!("invalid Redis URL {e}")))?;
+    Ok(RedisStore { conn, url: shown })
 }
 
 fn manager_config() -> ConnectionManagerConfig {
@@ -264,18 +264,13 @@ impl Store {
         if url.starts_with("memory://") {
             return Ok(Self::memory(prefix));
         }
-        let (client, shown) = open(url, prefix)?;
-        let conn = ConnectionManager::new_with_config(client.clone(), manager_config())
+        let store = open(url, prefix)?;
+        store
+            .conn
+            .check()
             .await
-            .map_err(|e| Error::Store(format!("cannot connect to Redis at {shown}: {e}")))?;
-        Ok(Self::with_backend(
-            prefix,
-            Backend::Redis(RedisStore {
-                client,
-                conn,
-                url: shown,
-            }),
-        ))
+            .map_err(|e| Error::Store(format!("cannot connect to Redis at {}: {e}", store.url)))?;
+        Ok(Self::with_backend(prefix, Backend::Redis(store)))
     }
 
     /// Like [`Store::connect`], but connects on first use instead of now, so a caller can
@@ -284,17 +279,8 @@ impl Store {
         if url.starts_with("memory://") {
             return Ok(Self::memory(prefix));
         }
-        let (client, shown) = open(url, prefix)?;
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config())
-            .map_err(|e| Error::Store(format!("cannot set up Redis at {shown}: {e}")))?;
-        Ok(Self::with_backend(
-            prefix,
-            Backend::Redis(RedisStore {
-                client,
-                conn,
-                url: shown,
-            }),
-        ))
+        let store = open(url, prefix)?;
+        Ok(Self::with_backend(prefix, Backend::Redis(store)))
     }
 
     /// An in-process store (one replica only).
@@ -363,7 +349,7 @@ impl Store {
             let mut task = self.inner.subscriber.lock().expect("subscriber lock");
             if task.is_none() {
                 *task = Some(tokio::spawn(listen(
-                    r.client.clone(),
+                    r.conn.clone(),
                     self.inner.keys.changed(),
                     self.inner.changes.clone(),
                 )));
@@ -718,14 +704,20 @@ impl Store {
             }
         };
         let k = self.keys();
+        let mut conn = r.conn.pinned().await?;
         let n: i64 = CLAIM
             .key(k.lease())
             .key(k.fired(name, tick))
             .arg(lease_value)
             .arg(token)
             .arg(FIRED_TTL.as_secs())
-            .invoke_async(&mut r.conn.clone())
+            .invoke_async(&mut conn)
             .await?;
+        if n == 1 || n == 2 {
+            // Published only once a replica holds the claim (through Sentinel): a claim lost in a
+            // failover would let the next leader fire the tick again.
+            conn.wait_replicated().await?;
+        }
         Ok(match n {
             1 => Claim::Fresh,
             2 => Claim::Retry,
@@ -863,10 +855,15 @@ fn state_from_hash(h: &HashMap<String, String>) -> EntryState {
 }
 
 /// Forwards change notifications from Redis pub/sub, resubscribing after a lost connection.
-async fn listen(client: redis::Client, channel: String, changes: Arc<watch::Sender<u64>>) {
+async fn listen(conn: RedisConn, channel: String, changes: Arc<watch::Sender<u64>>) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match client.get_async_pubsub().await {
+        // Through Sentinel, each attempt asks for the primary again.
+        let pubsub = match conn.client().await {
+            Ok(client) => client.get_async_pubsub().await,
+            Err(e) => Err(e),
+        };
+        match pubsub {
             Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
                 Ok(()) => {
                     backoff = Duration::from_millis(100);

@@ -95,10 +95,14 @@ fn broker_url(s: &str) -> Result<String, String> {
 }
 
 fn backend_url(s: &str) -> Result<String, String> {
-    if s.starts_with("redis://") || s.starts_with("rediss://") || s == "memory://" {
+    if crate::redis_url::is_redis_url(s) || s == "memory://" {
         Ok(s.to_owned())
     } else {
-        Err("expected redis://host:port/db or memory://".into())
+        Err(
+            "expected redis://host:port/db, rediss://…, sentinel://host:26379;sentinel://… or \
+             memory://"
+                .into(),
+        )
     }
 }
 

@@ -29,6 +29,7 @@ pub mod health;
 pub mod metrics;
 pub mod protocol;
 pub mod redact;
+pub mod redis_conn;
 pub mod redis_url;
 mod registry;
 pub mod shutdown;
@@ -64,6 +65,10 @@ pub fn hostname() -> String {
 
 /// A URL with its password replaced by `***`, for logs and error messages.
 pub fn redact_url(url: &str) -> String {
+    if url.contains(';') {
+        // Celery's list forms (`sentinel://…;sentinel://…`): each address on its own.
+        return url.split(';').map(redact_url).collect::<Vec<_>>().join(";");
+    }
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };

@@ -342,11 +342,12 @@ impl AnyBackend {
     pub async fn connect(url: &str) -> Result<Self> {
         if url.starts_with("memory://") {
             Ok(AnyBackend::Memory(MemoryBackend::new()))
-        } else if url.starts_with("redis://") || url.starts_with("rediss://") {
+        } else if crate::redis_url::is_redis_url(url) {
             Ok(AnyBackend::Redis(RedisBackend::connect(url).await?))
         } else {
             Err(Error::Config(format!(
-                "RESULT_BACKEND `{}` is not supported (use redis://host:port/db or memory://)",
+                "RESULT_BACKEND `{}` is not supported (use redis://host:port/db, \
+                 sentinel://host:26379;sentinel://… or memory://)",
                 crate::redact_url(url)
             )))
         }

@@ -12,13 +12,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Script};
+use redis::aio::ConnectionManagerConfig;
+use redis::{AsyncCommands, PushInfo, PushKind, Script};
 use tokio::sync::{Notify, OnceCell, mpsc};
 
 use super::chord::{self, ChordPart, ChordProgress};
 use super::{DEFAULT_RESULT_TTL, ResultBackend, StoreOutcome, TaskMeta, group_key, meta_key};
 use crate::error::{Error, Result};
+use crate::redis_conn::{ConnOptions, RedisConn};
 
 const STORE_SCRIPT: &str = r#"
 local current = redis.call('GET', KEYS[1])
@@ -82,8 +83,8 @@ pub struct RedisBackend {
 }
 
 struct Inner {
-    client: redis::Client,
-    conn: ConnectionManager,
+    url: String,
+    conn: RedisConn,
     store: Script,
     subscriber: OnceCell<Subscriber>,
     display_url: String,
@@ -107,19 +108,18 @@ fn manager_config() -> ConnectionManagerConfig {
 }
 
 impl RedisBackend {
-    /// Connects to `redis://host:port/db`. Fails if Redis cannot be reached now.
+    /// Connects to `redis://host:port/db`, `rediss://…` or `sentinel://…` (see
+    /// [`crate::redis_url`]). Fails if Redis cannot be reached now.
     pub async fn connect(url: &str) -> Result<Self> {
         let display_url = crate::redact_url(url);
-        let client = crate::redis_url::client(url)
-            .map_err(|e| Error::Config(format!("RESULT_BACKEND `{display_url}`: {e}")))?;
-        let conn = ConnectionManager::new_with_config(client.clone(), manager_config())
-            .await
-            .map_err(|e| {
-                Error::Backend(format!("cannot connect to Redis at {display_url}: {e}"))
-            })?;
+        let conn = RedisConn::lazy(url, ConnOptions::new(manager_config()))
+            .map_err(|e| Error::Config(format!("RESULT_BACKEND {e}")))?;
+        conn.check().await.map_err(|e| {
+            Error::Backend(format!("cannot connect to Redis at {display_url}: {e}"))
+        })?;
         Ok(RedisBackend {
             inner: Arc::new(Inner {
-                client,
+                url: url.to_owned(),
                 conn,
                 store: Script::new(STORE_SCRIPT),
                 subscriber: OnceCell::new(),
@@ -135,22 +135,23 @@ impl RedisBackend {
         self
     }
 
-    /// A command connection to the same Redis (shared, auto-reconnecting), for callers that keep
-    /// their own keys next to the results (locks, schedules).
-    pub fn connection(&self) -> ConnectionManager {
+    /// A command connection to the same Redis (shared, auto-reconnecting, following a Sentinel
+    /// failover), for callers that keep their own keys next to the results (locks, schedules).
+    pub fn connection(&self) -> RedisConn {
         self.inner.conn.clone()
     }
 
     /// Writes a chord's header size (`.s`) before its header is published, as Celery's
     /// `set_chord_size`; clears a `done` marker left by an earlier run of the same group id.
     pub async fn set_chord_size(&self, group_id: &str, size: u64) -> Result<()> {
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.inner.conn.pinned().await?;
         let key = group_key(group_id);
         let _: () = redis::pipe()
             .del(format!("{key}.c"))
             .set_ex(format!("{key}.s"), size, self.ttl.as_secs().max(1))
             .query_async(&mut conn)
             .await?;
+        conn.wait_replicated().await?;
         Ok(())
     }
 
@@ -162,7 +163,7 @@ impl RedisBackend {
             .map_or_else(|| "+inf".to_owned(), |i| i.to_string());
         let claim = uuid::Uuid::new_v4().simple().to_string();
         let ttl = self.ttl.as_secs().max(1);
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.inner.conn.pinned().await?;
         let (ready, delta, size, claimed): (i64, i64, i64, i64) = Script::new(CHORD_PART_SCRIPT)
             .key(format!("{key}.j"))
             .key(format!("{key}.t"))
@@ -180,6 +181,8 @@ impl RedisBackend {
             .arg(part.fallback_size.unwrap_or(0))
             .invoke_async(&mut conn)
             .await?;
+        // The part and the claim outlive a failover, or the call fails and is made again.
+        conn.wait_replicated().await?;
         if ready < 0 {
             return Ok(ChordProgress::AlreadyDone);
         }
@@ -236,7 +239,7 @@ impl RedisBackend {
     pub async fn save_group(&self, group_id: &str, tuple: &serde_json::Value) -> Result<()> {
         let key = group_key(group_id);
         let bytes = serde_json::to_vec(&serde_json::json!({ "result": tuple }))?;
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.inner.conn.pinned().await?;
         let _: () = redis::pipe()
             .set_ex(&key, bytes.as_slice(), self.ttl.as_secs().max(1))
             .ignore()
@@ -244,6 +247,7 @@ impl RedisBackend {
             .ignore()
             .query_async(&mut conn)
             .await?;
+        conn.wait_replicated().await?;
         Ok(())
     }
 
@@ -262,7 +266,7 @@ impl RedisBackend {
     async fn subscriber(&self) -> Result<&Subscriber> {
         self.inner
             .subscriber
-            .get_or_try_init(|| Subscriber::start(&self.inner.client, &self.inner.display_url))
+            .get_or_try_init(|| Subscriber::start(&self.inner.url, &self.inner.display_url))
             .await
     }
 }
@@ -270,7 +274,7 @@ impl RedisBackend {
 impl ResultBackend for RedisBackend {
     async fn store(&self, meta: &TaskMeta) -> Result<StoreOutcome> {
         let bytes = meta.to_json()?;
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.inner.conn.pinned().await?;
         let written: i64 = self
             .inner
             .store
@@ -279,6 +283,9 @@ impl ResultBackend for RedisBackend {
             .arg(self.ttl.as_secs().max(1))
             .invoke_async(&mut conn)
             .await?;
+        // Acknowledged only once a replica has it (through Sentinel): a result the old primary
+        // took and lost in a failover would leave the task PENDING for ever.
+        conn.wait_replicated().await?;
         Ok(if written == 1 {
             StoreOutcome::Stored
         } else {
@@ -297,21 +304,35 @@ impl ResultBackend for RedisBackend {
         let channel = meta_key(task_id);
         let subscriber = self.subscriber().await?;
         let registration = subscriber.register(&channel).await;
+        // Redis unreachable (a restart, a Sentinel failover) is waited out like a result not
+        // yet there, up to the deadline, which then reports it.
+        let mut unreachable = None;
         loop {
             let notified = registration.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(meta) = self.get(task_id).await?
-                && meta.status.is_ready()
-            {
-                return Ok(meta);
+            match self.get(task_id).await {
+                Ok(Some(meta)) if meta.status.is_ready() => return Ok(meta),
+                Ok(_) => unreachable = None,
+                Err(Error::Backend(e)) => {
+                    if unreachable.is_none() {
+                        tracing::debug!(task_id, error = %e, "result backend unreachable; still waiting");
+                    }
+                    unreachable = Some(e);
+                }
+                Err(e) => return Err(e),
             }
             let wake = tokio::time::Instant::now() + RECHECK_INTERVAL;
             tokio::select! {
                 _ = &mut notified => {}
                 _ = tokio::time::sleep_until(wake.min(deadline)) => {
                     if tokio::time::Instant::now() >= deadline {
-                        return Err(Error::Timeout(timeout));
+                        return Err(match unreachable {
+                            Some(e) => Error::Backend(format!(
+                                "no result within {timeout:?}; the backend is unreachable: {e}"
+                            )),
+                            None => Error::Timeout(timeout),
+                        });
                     }
                 }
             }
@@ -327,7 +348,7 @@ impl ResultBackend for RedisBackend {
 
 /// One pub/sub connection per process, shared by every waiter.
 struct Subscriber {
-    conn: ConnectionManager,
+    conn: RedisConn,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
@@ -340,7 +361,7 @@ struct Channel {
 struct Registration {
     channel: String,
     notify: Arc<Notify>,
-    conn: ConnectionManager,
+    conn: RedisConn,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
@@ -356,7 +377,7 @@ impl Drop for Registration {
         };
         if last {
             channels.remove(&self.channel);
-            let mut conn = self.conn.clone();
+            let conn = self.conn.clone();
             let channel = std::mem::take(&mut self.channel);
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
                 handle.spawn(async move {
@@ -368,26 +389,17 @@ impl Drop for Registration {
 }
 
 impl Subscriber {
-    async fn start(client: &redis::Client, display_url: &str) -> Result<Self> {
-        let info = client.get_connection_info().clone();
-        let settings = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        let client = redis::Client::open(
-            info.set_redis_settings(settings)
-                .into_connection_info()
-                .map_err(|e| Error::Config(e.to_string()))?,
-        )?;
+    async fn start(url: &str, display_url: &str) -> Result<Self> {
         let (tx, mut rx) = mpsc::unbounded_channel::<PushInfo>();
-        let conn = ConnectionManager::new_with_config(
-            client,
-            manager_config()
+        let options = ConnOptions {
+            config: manager_config()
                 .set_push_sender(tx)
                 .set_automatic_resubscription(),
-        )
-        .await
-        .map_err(|e| Error::Backend(format!("cannot subscribe at Redis {display_url}: {e}")))?;
+            resp3: true,
+        };
+        let conn = RedisConn::connect(url, options)
+            .await
+            .map_err(|e| Error::Backend(format!("cannot subscribe at Redis {display_url}: {e}")))?;
         let channels: Arc<Mutex<HashMap<String, Channel>>> = Arc::default();
         let weak = Arc::downgrade(&channels);
         tokio::spawn(async move {
@@ -415,6 +427,29 @@ impl Subscriber {
                 }
             }
         });
+        // A Sentinel failover moves us to a new primary, which knows none of our channels.
+        let mut switches = conn.switches();
+        let weak = Arc::downgrade(&channels);
+        let resubscriber = conn.clone();
+        tokio::spawn(async move {
+            while switches.changed().await.is_ok() {
+                let Some(channels) = weak.upgrade() else {
+                    break;
+                };
+                let names: Vec<String> = {
+                    let channels = channels.lock().expect("subscriber lock");
+                    channels.values().for_each(|c| c.notify.notify_waiters());
+                    channels.keys().cloned().collect()
+                };
+                if names.is_empty() {
+                    continue;
+                }
+                let conn = resubscriber.clone();
+                if let Err(e) = conn.subscribe(names).await {
+                    tracing::warn!(error = %e, "resubscribing after a failover failed; polling");
+                }
+            }
+        });
         Ok(Subscriber { conn, channels })
     }
 
@@ -437,7 +472,7 @@ impl Subscriber {
             channels: self.channels.clone(),
         };
         if first {
-            let mut conn = self.conn.clone();
+            let conn = self.conn.clone();
             if let Err(e) = conn.subscribe(channel).await {
                 // Not fatal: the waiter still re-reads the key every RECHECK_INTERVAL.
                 tracing::warn!(error = %e, channel, "result subscription failed; polling instead");

@@ -170,7 +170,7 @@ impl Coordinator {
     pub async fn connect(url: &str) -> Result<Self> {
         if url.starts_with("memory://") {
             Ok(Coordinator::memory())
-        } else if url.starts_with("redis://") || url.starts_with("rediss://") {
+        } else if crate::redis_url::is_redis_url(url) {
             let backend = RedisBackend::connect(url).await?;
             Ok(Coordinator::Redis(RedisCoordinator::new(
                 backend.connection(),
@@ -178,8 +178,8 @@ impl Coordinator {
             )))
         } else {
             Err(Error::Config(format!(
-                "coordination URL `{}` is not supported (use redis://host:port/db, the \
-                 RESULT_BACKEND, or memory://)",
+                "coordination URL `{}` is not supported (use redis://host:port/db, \
+                 sentinel://…, the RESULT_BACKEND, or memory://)",
                 crate::redact_url(url)
             )))
         }

@@ -3,15 +3,14 @@
 //! The scripts themselves live with the concept they implement (`revoked.rs`, `rate.rs`, …), next
 //! to the memory version that must agree with them.
 
-use ::redis::aio::ConnectionManager;
-
 use super::DEFAULT_PREFIX;
 use crate::error::Result;
+use crate::redis_conn::RedisConn;
 
 /// Coordination state in Redis. Cheap to clone: clones share the connection.
 #[derive(Clone)]
 pub struct RedisCoordinator {
-    conn: ConnectionManager,
+    conn: RedisConn,
     prefix: String,
     display_url: Option<String>,
 }
@@ -26,7 +25,7 @@ impl std::fmt::Debug for RedisCoordinator {
 }
 
 impl RedisCoordinator {
-    pub(super) fn new(conn: ConnectionManager, display_url: Option<String>) -> Self {
+    pub(super) fn new(conn: RedisConn, display_url: Option<String>) -> Self {
         RedisCoordinator {
             conn,
             prefix: DEFAULT_PREFIX.to_owned(),
@@ -40,7 +39,7 @@ impl RedisCoordinator {
     }
 
     /// A handle on the shared connection (clones are cheap and multiplexed).
-    pub(super) fn conn(&self) -> ConnectionManager {
+    pub(super) fn conn(&self) -> RedisConn {
         self.conn.clone()
     }
 

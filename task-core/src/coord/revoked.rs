@@ -121,12 +121,15 @@ impl Coordinator {
         }
         match self {
             Coordinator::Redis(r) => {
+                let mut conn = r.conn().pinned().await?;
                 let _: i64 = REVOKE
                     .key(&r.revoked_keys()[..])
                     .arg(millis(ttl))
                     .arg(ids)
-                    .invoke_async(&mut r.conn())
+                    .invoke_async(&mut conn)
                     .await?;
+                // A revoke lost in a Sentinel failover would let the task run after all.
+                conn.wait_replicated().await?;
                 Ok(())
             }
             Coordinator::Memory(m) => {
