@@ -7,27 +7,8 @@ mod common;
 use std::time::Duration;
 
 use chrono::{Duration as Span, Utc};
-use common::{World, assert_every_second_once, eventually, ticks};
+use common::{EVERY_SECOND, World, assert_every_second_once, eventually, ticks};
 use scheduler::EntrySpec;
-
-/// Every second, as a 6-field cron and as an interval, replaying missed ticks within a minute.
-const EVERY_SECOND: &str = r#"
-[[entry]]
-name = "cron"
-task = "test.cron"
-cron = "* * * * * *"
-queue = "{queue}"
-catch_up = "all"
-catch_up_window = "1m"
-
-[[entry]]
-name = "interval"
-task = "test.interval"
-every = "1s"
-queue = "{queue}"
-catch_up = "all"
-catch_up_window = "1m"
-"#;
 
 async fn replicas_publish_each_tick_exactly_once(n: usize) {
     let world = World::new(&format!("replicas{n}")).await;

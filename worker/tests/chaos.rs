@@ -2,27 +2,11 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use task_core::diag::{self, SleepArgs};
 use task_core::{Broker, Client, ResultBackend, TaskState};
-
-/// How often each task started in a worker's log (its debug line `started`, in the task's span).
-fn starts(log: &str) -> HashMap<String, u32> {
-    let mut n = HashMap::new();
-    for line in log
-        .lines()
-        .filter(|l| l.contains("\"message\":\"started\""))
-    {
-        if let Some(rest) = line.split("\"task_id\":\"").nth(1)
-            && let Some(id) = rest.split('"').next()
-        {
-            *n.entry(id.to_owned()).or_default() += 1;
-        }
-    }
-    n
-}
 
 async fn client(queue: &str) -> Client {
     Client::connect(&common::amqp_url(), &common::redis_url())
@@ -86,7 +70,7 @@ async fn a_worker_killed_mid_batch_loses_nothing_and_duplicates_nothing() {
             finished.insert(id.clone());
         }
     }
-    let before = starts(&first.log_text());
+    let before = common::starts(&first.log_text());
     drop(first);
 
     let second = common::WorkerProcess::spawn(&queue, &[("WORKER_CONCURRENCY", "8"), LOG]);
@@ -94,7 +78,7 @@ async fn a_worker_killed_mid_batch_loses_nothing_and_duplicates_nothing() {
         done(300)
     })
     .await;
-    let after = starts(&second.log_text());
+    let after = common::starts(&second.log_text());
     drop(second);
     let counts = successes.borrow().clone();
     let mut rerun = 0;

@@ -13,6 +13,25 @@ use task_core::protocol::TaskMessage;
 use task_core::{AmqpBroker, Broker};
 use tokio::process::{Child, Command};
 
+/// Every second, as a 6-field cron and as an interval, replaying missed ticks within a minute.
+pub const EVERY_SECOND: &str = r#"
+[[entry]]
+name = "cron"
+task = "test.cron"
+cron = "* * * * * *"
+queue = "{queue}"
+catch_up = "all"
+catch_up_window = "1m"
+
+[[entry]]
+name = "interval"
+task = "test.interval"
+every = "1s"
+queue = "{queue}"
+catch_up = "all"
+catch_up_window = "1m"
+"#;
+
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
@@ -47,16 +66,23 @@ pub struct World {
     pub dir: PathBuf,
     pub store: Store,
     pub broker: AmqpBroker,
+    /// The store URL the replicas get as `RESULT_BACKEND`.
+    pub store_url: String,
 }
 
 impl World {
     pub async fn new(name: &str) -> Self {
+        Self::with_store_url(name, &redis_url()).await
+    }
+
+    /// A world whose store (and the replicas') is at `url` (e.g. a `sentinel://` URL).
+    pub async fn with_store_url(name: &str, url: &str) -> Self {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let prefix = format!("test:beat:{name}:{id}:");
         let queue = format!("test.beat.{name}.{id}");
         let dir = std::env::temp_dir().join(format!("scheduler-{name}-{id}"));
         std::fs::create_dir_all(&dir).unwrap();
-        let store = Store::connect(&redis_url(), &prefix).await.unwrap();
+        let store = Store::connect(url, &prefix).await.unwrap();
         let broker = AmqpBroker::connect(&amqp_url()).await.unwrap();
         World {
             prefix,
@@ -64,6 +90,7 @@ impl World {
             dir,
             store,
             broker,
+            store_url: url.to_owned(),
         }
     }
 
@@ -81,6 +108,7 @@ impl World {
             &[
                 ("SCHEDULE_FILE", schedule.to_str().unwrap()),
                 ("SCHEDULER_KEY_PREFIX", &self.prefix),
+                ("RESULT_BACKEND", &self.store_url),
             ],
         )
     }

@@ -1,6 +1,7 @@
 //! Helpers for tests against the real services (RabbitMQ, Redis) that `scripts/test` starts.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod sentinel;
 pub mod tls;
 
 use std::future::Future;

@@ -188,3 +188,21 @@ pub async fn management_get(port: u16, path: &str) -> Result<serde_json::Value, 
     }
     response.json().await.map_err(|e| format!("GET {url}: {e}"))
 }
+
+/// How often each task started, from a worker's JSON log with `task_core::worker=debug` (its
+/// `started` line, in the task's span): results alone cannot show a task that ran twice, since
+/// the second run's store changes nothing.
+pub fn starts(log: &str) -> std::collections::HashMap<String, u32> {
+    let mut n = std::collections::HashMap::new();
+    for line in log
+        .lines()
+        .filter(|l| l.contains("\"message\":\"started\""))
+    {
+        if let Some(rest) = line.split("\"task_id\":\"").nth(1)
+            && let Some(id) = rest.split('"').next()
+        {
+            *n.entry(id.to_owned()).or_default() += 1;
+        }
+    }
+    n
+}
