@@ -268,6 +268,25 @@ async fn prometheus_scrapes_the_worker_scheduler_and_monitor_and_counts_the_work
     .await;
     println!("Prometheus: monitor counted {monitor_seen} completions from events");
 
+    // Every metric a rule or dashboard names is in the live expositions of the programs.
+    let check = std::process::Command::new(root().join("deploy/check-metrics"))
+        .args([
+            "--scrape",
+            &format!("worker=http://127.0.0.1:{worker_port}/metrics"),
+            "--scrape",
+            &format!("scheduler=http://127.0.0.1:{beat_port}/metrics"),
+            "--scrape",
+            &format!("monitor=http://127.0.0.1:{monitor_port}/metrics"),
+        ])
+        .output()
+        .expect("run deploy/check-metrics");
+    let report = String::from_utf8_lossy(&check.stdout);
+    println!("{}", report.trim());
+    assert!(
+        check.status.success(),
+        "deploy/check-metrics --scrape:\n{report}"
+    );
+
     drop((_worker, _scheduler, _monitor, _prometheus));
     let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS {db} WITH (FORCE)"

@@ -34,6 +34,10 @@ pub struct EntryLabels {
     pub entry: String,
 }
 
+/// Why a tick is skipped: `missed` (the catch-up policy drops it), `overlap` (the previous run
+/// has not finished), `in_doubt` (claimed by a leader that stopped before confirming).
+pub(crate) const SKIP_REASONS: &[&str] = &["missed", "overlap", "in_doubt"];
+
 /// Labels of skipped ticks.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SkipLabels {
@@ -107,11 +111,19 @@ impl Metrics {
         }
     }
 
-    /// Creates an entry's series at zero, so dashboards see them before the first tick.
+    /// Creates an entry's series at zero, so dashboards see them before the first tick and an
+    /// alert on `increase(...)` sees the first error or skip.
     pub(crate) fn track(&self, entry: &str) {
         let labels = Self::entry(entry);
         let _ = self.ticks_fired.get_or_create(&labels);
         let _ = self.ticks_late.get_or_create(&labels);
+        let _ = self.publish_errors.get_or_create(&labels);
+        for reason in SKIP_REASONS {
+            let _ = self.ticks_skipped.get_or_create(&SkipLabels {
+                entry: entry.to_owned(),
+                reason: (*reason).to_owned(),
+            });
+        }
     }
 
     pub(crate) fn fired(&self, entry: &str, late: bool) {

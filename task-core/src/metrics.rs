@@ -288,6 +288,14 @@ impl WorkerMetrics {
         self.inner.concurrency.set(saturating_i64(n));
     }
 
+    /// Creates the per-task series that only failures and waits would create, at zero, so an
+    /// alert on `increase(...)` sees the first one and dashboards show the task before it.
+    pub fn track_task(&self, task: &str) {
+        let _ = self.inner.rate_limit_waits.get_or_create(&TaskLabel {
+            task: task.to_owned(),
+        });
+    }
+
     /// A delivery of `task` waited for a rate or concurrency limit (call once per delivery).
     pub fn rate_limit_wait(&self, task: &str) {
         self.inner

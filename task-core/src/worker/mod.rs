@@ -262,6 +262,7 @@ impl Worker {
         let events = Events::with_clock(sink, config.hostname.clone(), config.task_events, clock);
         let metrics = WorkerMetrics::new(&config.hostname);
         metrics.set_concurrency(concurrency);
+        registry.names().for_each(|t| metrics.track_task(t));
         Worker {
             state: Arc::new(State {
                 hostname: config.hostname.clone(),
@@ -307,6 +308,7 @@ impl Worker {
     pub fn with_metrics(mut self, metrics: WorkerMetrics) -> Self {
         let state = Arc::get_mut(&mut self.state).expect("the worker is not running yet");
         metrics.set_concurrency(state.config.concurrency.max(1));
+        state.registry.names().for_each(|t| metrics.track_task(t));
         state.metrics = metrics;
         self
     }
