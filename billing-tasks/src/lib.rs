@@ -28,6 +28,7 @@ pub mod gateway_flow;
 pub mod gateway_pause;
 pub mod grpc;
 pub mod ledger;
+pub mod ledger_metrics;
 pub mod money;
 pub mod outbox;
 pub mod reconcile;

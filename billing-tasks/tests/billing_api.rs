@@ -1,5 +1,5 @@
 //! The `billing-api` binary: a bad setting stops it at start-up with one line naming the
-//! variable; a good configuration serves `/healthz` and the webhook receiver.
+//! variable; a good configuration serves `/healthz`, the webhook receiver and `/metrics`.
 
 mod billing_support;
 
@@ -146,6 +146,34 @@ async fn billing_api_answers_healthz_and_receives_webhooks() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 401);
+    // /metrics serves the ledger gauges, read from the database, and every billing metric an
+    // alert rule or dashboard names.
+    let metrics = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("billing_ledger_metrics_up 1"), "{metrics}");
+    assert!(
+        metrics.contains("billing_payments_in_flight{status=\"processing\"} 0"),
+        "{metrics}"
+    );
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let check = std::process::Command::new(root.join("deploy/check-metrics"))
+        .args([
+            "--scrape",
+            &format!("billing-api=http://127.0.0.1:{port}/metrics"),
+        ])
+        .output()
+        .expect("run deploy/check-metrics");
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success(),
+        "deploy/check-metrics --scrape:\n{report}"
+    );
     child.kill().await.unwrap();
     let mut err = String::new();
     if let Some(mut e) = child.stderr.take() {

@@ -12,6 +12,7 @@ use billing_tasks::config::BillingArgs;
 use billing_tasks::grpc::api::BillingApi;
 use billing_tasks::grpc::config::GrpcArgs;
 use billing_tasks::grpc::metrics::GrpcMetrics;
+use billing_tasks::ledger_metrics::LedgerMetrics;
 use billing_tasks::webhooks::{self, WebhookState};
 use clap::Parser;
 use prometheus_client::registry::Registry;
@@ -46,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut registry = Registry::default();
     let metrics = GrpcMetrics::register(&mut registry);
+    let ledger = LedgerMetrics::register(&mut registry, billing.db().clone());
     let registry = Arc::new(registry);
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -53,7 +55,9 @@ async fn main() -> anyhow::Result<()> {
             "/metrics",
             get(move || {
                 let registry = registry.clone();
+                let ledger = ledger.clone();
                 async move {
+                    ledger.refresh().await;
                     let mut body = String::new();
                     let _ = prometheus_client::encoding::text::encode(&mut body, &registry);
                     (
