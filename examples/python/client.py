@@ -3,7 +3,7 @@
     python client.py '{"task": "diag.add", "args": [2, 3]}'
 
 Settings (all optional) come from the JSON argument: broker, backend, queue, serializer
-(json or msgpack), compression (zlib), args (or raw_args, JSON text), kwargs, countdown, expires, timeout. The defaults match the local stack.
+(json or msgpack), result_serializer (the worker's RESULT_SERIALIZER), compression (zlib), args (or raw_args, JSON text), kwargs, countdown, expires, timeout. The defaults match the local stack.
 """
 
 import json
@@ -24,6 +24,8 @@ def main() -> None:
         task_serializer=serializer,
         accept_content=["json", "msgpack"],
         result_accept_content=["json", "msgpack"],
+        # Celery decodes a stored result with its own result_serializer: it must match the worker's.
+        result_serializer=cfg.get("result_serializer", "json"),
         broker_connection_retry_on_startup=True,
     )
     options = {"queue": cfg.get("queue", "celery"), "serializer": serializer}

@@ -80,8 +80,9 @@ impl ConnectionArgs {
 
     /// A client of the broker and the result backend these settings name.
     pub async fn client(&self) -> crate::Result<crate::Client> {
-        let backend = crate::AnyBackend::connect(&self.result_backend).await?;
-        Ok(crate::Client::new(self.broker().await?, backend))
+        let broker = self.broker().await?;
+        let backend = crate::AnyBackend::connect_with_broker(&self.result_backend, &broker).await?;
+        Ok(crate::Client::new(broker, backend))
     }
 }
 
@@ -95,12 +96,12 @@ fn broker_url(s: &str) -> Result<String, String> {
 }
 
 fn backend_url(s: &str) -> Result<String, String> {
-    if crate::redis_url::is_redis_url(s) || s == "memory://" {
+    if crate::redis_url::is_redis_url(s) || s == "memory://" || s == "rpc://" {
         Ok(s.to_owned())
     } else {
         Err(
-            "expected redis://host:port/db, rediss://…, sentinel://host:26379;sentinel://… or \
-             memory://"
+            "expected redis://host:port/db, rediss://…, sentinel://host:26379;sentinel://…, \
+             rpc:// or memory://"
                 .into(),
         )
     }

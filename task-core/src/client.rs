@@ -80,7 +80,7 @@ impl Client {
     /// Connects to a broker and a backend by URL (`amqp://`, `redis://`, `memory://`).
     pub async fn connect(broker_url: &str, backend_url: &str) -> Result<Self> {
         let broker = AnyBroker::connect(broker_url).await?;
-        let backend = AnyBackend::connect(backend_url).await?;
+        let backend = AnyBackend::connect_with_broker(backend_url, &broker).await?;
         Ok(Client::new(broker, backend))
     }
 
@@ -157,7 +157,7 @@ impl Client {
                 let coordinator = crate::coord::Coordinator::from_backend(redis);
                 self.revoke_in(&coordinator, ids, terminate, ttl).await
             }
-            AnyBackend::Memory(_) => {
+            AnyBackend::Memory(_) | AnyBackend::Rpc(_) => {
                 self.revoke_in(&crate::coord::Coordinator::memory(), ids, terminate, ttl)
                     .await
             }

@@ -38,7 +38,9 @@ pub mod task;
 pub mod telemetry;
 pub mod worker;
 
-pub use backend::{AnyBackend, MemoryBackend, RedisBackend, ResultBackend, TaskMeta, TaskState};
+pub use backend::{
+    AnyBackend, MemoryBackend, RedisBackend, ResultBackend, RpcBackend, TaskMeta, TaskState,
+};
 pub use backoff::{Backoff, RateLimit};
 pub use broker::{AmqpBroker, AnyBroker, Broker, MemoryBroker};
 pub use client::{AsyncResult, Client};

@@ -668,3 +668,56 @@ async fn amqp_a_message_delayed_twice_through_the_same_levels_arrives_both_times
     consumer.cancel().await;
     broker.delete_queue(&queue).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_goes_to_the_callers_own_queue_undeclared_and_a_gone_one_is_reported() {
+    use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+    let broker = common::amqp().await;
+    // A reply queue as Celery's rpc:// client declares it: transient, auto-delete.
+    let conn =
+        lapin::Connection::connect(&common::amqp_url(), lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let reply_queue = common::unique_queue("reply");
+    channel
+        .queue_declare(
+            reply_queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: false,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut reply = message(7);
+    reply.properties.delivery_mode = Some(1);
+    assert!(broker.publish_reply(&reply_queue, &reply).await.unwrap());
+    let got = channel
+        .basic_get(
+            reply_queue.as_str().into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("the reply is in the caller's queue");
+    assert_eq!(
+        got.properties.correlation_id().as_ref().map(|c| c.as_str()),
+        Some("id-7")
+    );
+    assert_eq!(*got.properties.delivery_mode(), Some(1));
+    // The queue was not redeclared (a durable redeclaration would have failed with 406).
+    channel
+        .queue_delete(reply_queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+
+    // The caller is gone: reported, and the broker keeps working.
+    assert!(!broker.publish_reply(&reply_queue, &reply).await.unwrap());
+    let queue = common::unique_queue("after-reply");
+    broker.publish(&queue, &message(8)).await.unwrap();
+    assert_eq!(broker.queue_length(&queue).await.unwrap(), 1);
+    broker.delete_queue(&queue).await.unwrap();
+}

@@ -76,6 +76,54 @@ async fn a_success_is_never_overwritten() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn msgpack_results_are_stored_read_and_never_overwritten_by_json_ones() {
+    use task_core::protocol::ContentType;
+    let msgpack = common::redis().await.with_serializer(ContentType::Msgpack);
+    let json_backend = common::redis().await;
+    let task_id = id();
+    msgpack
+        .store(&TaskMeta::new(
+            &task_id,
+            TaskState::Success,
+            json!({"sum": 5}),
+        ))
+        .await
+        .unwrap();
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let stored: Vec<u8> = conn.get(meta_key(&task_id)).await.unwrap();
+    // A msgpack map (fixmap 0x80–0x8f, map16 0xde), as Celery's `result_serializer='msgpack'`.
+    assert!(stored[0] & 0xf0 == 0x80 || stored[0] == 0xde, "{stored:?}");
+    // The write-once rule reads msgpack too: a JSON FAILURE from another worker changes nothing.
+    let failure = TaskMeta::exception(
+        &task_id,
+        TaskState::Failure,
+        &ExceptionInfo::new("builtins", "ValueError", "late"),
+    );
+    assert_eq!(
+        json_backend.store(&failure).await.unwrap(),
+        StoreOutcome::KeptSuccess
+    );
+    for b in [&msgpack, &json_backend] {
+        let meta = b.get(&task_id).await.unwrap().unwrap();
+        assert_eq!(
+            (meta.status, meta.result),
+            (TaskState::Success, json!({"sum": 5}))
+        );
+    }
+    // Group results and chord parts are written with the serializer and read in either form.
+    let group = id();
+    msgpack
+        .save_group(&group, &json!([[["a", null], null]]))
+        .await
+        .unwrap();
+    assert_eq!(
+        json_backend.restore_group(&group).await.unwrap(),
+        Some(json!([[["a", null], null]]))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_sees_a_later_store_and_times_out_otherwise() {
     let backend = common::redis().await;
     let task_id = id();

@@ -98,6 +98,21 @@ struct Cli {
     /// Seconds results are kept in the backend.
     #[arg(long, env = "RESULT_EXPIRES", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
     result_expires: u64,
+
+    /// How results are stored: `json` (Celery's default) or `msgpack`, as Celery's
+    /// `result_serializer`; results are read in either form.
+    #[arg(long, env = "RESULT_SERIALIZER", default_value = "json", value_parser = parse_serializer)]
+    result_serializer: task_core::protocol::ContentType,
+}
+
+fn parse_serializer(name: &str) -> Result<task_core::protocol::ContentType, String> {
+    match name {
+        "json" => Ok(task_core::protocol::ContentType::Json),
+        "msgpack" => Ok(task_core::protocol::ContentType::Msgpack),
+        other => Err(format!(
+            "`{other}` is not a result serializer (json or msgpack)"
+        )),
+    }
 }
 
 fn parse_timezone(name: &str) -> Result<task_core::clock::Tz, String> {
@@ -134,15 +149,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
 
     let broker = cli.connection.broker().await?;
-    let backend = AnyBackend::connect(&cli.connection.result_backend)
+    let backend = AnyBackend::connect_with_broker(&cli.connection.result_backend, &broker)
         .await?
-        .with_ttl(Duration::from_secs(cli.result_expires));
+        .with_ttl(Duration::from_secs(cli.result_expires))
+        .with_serializer(cli.result_serializer);
 
     let coordinator = match &backend {
         AnyBackend::Redis(redis) => {
             Coordinator::from_backend(redis).with_prefix(cli.coordination_prefix.clone())
         }
         AnyBackend::Memory(_) => Coordinator::memory(),
+        AnyBackend::Rpc(_) => {
+            tracing::warn!(
+                "RESULT_BACKEND rpc:// has no shared store: revokes and limits are this worker's \
+                 own, and a duplicate delivery is recognised only in this process"
+            );
+            Coordinator::memory()
+        }
     };
     let mut registry = Registry::new();
     let mut queues = cli.queues.clone();

@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use task_core::{Broker, Client, Error, TaskState};
+use task_core::{Broker, Client, Error, ResultBackend, TaskState};
 
 /// Runs `examples/python/client.py` with a JSON config and returns its JSON output.
 async fn python_client(cfg: Value) -> Value {
@@ -37,13 +37,7 @@ async fn python_clients_run_tasks_on_the_rust_worker() {
     let worker = common::WorkerProcess::spawn(&queue, &[]);
     worker.ready().await;
     let base = json!({"broker": py_broker(), "backend": common::redis_url(), "queue": queue});
-    let with = |extra: Value| {
-        let mut cfg = base.clone();
-        cfg.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        cfg
-    };
+    let with = |extra: Value| merged(&base, extra);
 
     let (json_add, msgpack_add, failure, kwargs, countdown) = tokio::join!(
         python_client(with(json!({"task": "diag.add", "args": [2, 3]}))),
@@ -424,4 +418,82 @@ async fn rust_clients_see_python_retries_and_msgpack_results() {
     assert_eq!(meta.retries, Some(2), "{meta:?}");
     let _ = py_worker.kill().await;
     client.broker().delete_queue(&queue).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_worker_with_result_serializer_msgpack_stores_what_python_reads() {
+    let queue = common::unique_queue("msgpackresults");
+    let worker = common::WorkerProcess::spawn(&queue, &[("RESULT_SERIALIZER", "msgpack")]);
+    worker.ready().await;
+    // Celery reads a stored result with its own `result_serializer`, so the client says msgpack too.
+    let base = json!({"broker": py_broker(), "backend": common::redis_url(), "queue": queue,
+                      "result_serializer": "msgpack"});
+    let with = |extra: Value| merged(&base, extra);
+    let (add, failure) = tokio::join!(
+        python_client(with(json!({"task": "diag.add", "args": [20, 22]}))),
+        python_client(with(
+            json!({"task": "diag.fail", "args": ["card declined: 5051"]})
+        )),
+    );
+    assert_eq!(add["state"], "SUCCESS", "{add}");
+    assert_eq!(add["result"], 42);
+    assert_eq!(failure["state"], "FAILURE", "{failure}");
+    assert_eq!(failure["exc_type"], "ValueError");
+    assert_eq!(failure["exc_message"], "card declined: 5051");
+
+    // Stored as a msgpack map, and read back by a Rust client too.
+    let id = add["id"].as_str().unwrap();
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let stored: Vec<u8> = redis::cmd("GET")
+        .arg(format!("celery-task-meta-{id}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(stored[0] & 0xf0 == 0x80 || stored[0] == 0xde, "{stored:?}");
+    let rust = Client::connect(&common::amqp_url(), &common::redis_url())
+        .await
+        .unwrap();
+    let meta = rust.backend().get(id).await.unwrap().unwrap();
+    assert_eq!((meta.status, meta.result), (TaskState::Success, json!(42)));
+    rust.broker().delete_queue(&queue).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_client_with_the_rpc_backend_gets_results_from_a_rust_worker() {
+    let queue = common::unique_queue("rpcresults");
+    let worker = common::WorkerProcess::spawn(&queue, &[("RESULT_BACKEND", "rpc://")]);
+    worker.ready().await;
+    let base = json!({"broker": py_broker(), "backend": "rpc://", "queue": queue});
+    let with = |extra: Value| merged(&base, extra);
+    let (add, packed, failure) = tokio::join!(
+        python_client(with(json!({"task": "diag.add", "args": [2, 3]}))),
+        python_client(with(
+            json!({"task": "diag.echo", "kwargs": {"value": {"a": [1, 2.5, null]}}, "serializer": "msgpack"})
+        )),
+        python_client(with(
+            json!({"task": "diag.fail", "args": ["card declined: 5051"]})
+        )),
+    );
+    assert_eq!(add["state"], "SUCCESS", "{add}");
+    assert_eq!(add["result"], 5);
+    assert_eq!(packed["result"], json!({"a": [1, 2.5, null]}), "{packed}");
+    assert_eq!(failure["state"], "FAILURE", "{failure}");
+    assert_eq!(failure["exc_type"], "ValueError");
+    assert_eq!(failure["exc_message"], "card declined: 5051");
+    // Nothing was stored in Redis: the replies went to the clients' own queues.
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let stored: Option<Vec<u8>> = redis::cmd("GET")
+        .arg(format!("celery-task-meta-{}", add["id"].as_str().unwrap()))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(stored, None);
+    let log = worker.log_text();
+    assert!(!log.contains("result dropped"), "{log}");
+    let rust = Client::connect(&common::amqp_url(), "rpc://")
+        .await
+        .unwrap();
+    rust.broker().delete_queue(&queue).await.unwrap();
 }

@@ -69,7 +69,7 @@ pub(crate) fn encode_part(part: &ChordPart<'_>) -> Value {
 
 /// Reads an entry of `.j`; `None` if it is not one.
 pub(crate) fn decode_part(bytes: &[u8]) -> Option<ChordMember> {
-    let v: Value = serde_json::from_slice(bytes).ok()?;
+    let v: Value = super::decode_stored(bytes)?;
     let a = v.as_array()?;
     Some(ChordMember {
         task_id: a.get(1)?.as_str()?.to_owned(),
@@ -87,6 +87,28 @@ pub(crate) const DONE_SECS: u64 = 300;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chord_entries_read_in_json_and_in_msgpack() {
+        let result = serde_json::json!({"n": 1});
+        let p = ChordPart {
+            group_id: "g",
+            task_id: "t1",
+            group_index: Some(0),
+            state: crate::TaskState::Success,
+            result: &result,
+            fallback_size: None,
+        };
+        for ct in [
+            crate::protocol::ContentType::Json,
+            crate::protocol::ContentType::Msgpack,
+        ] {
+            let bytes = crate::backend::encode_stored(ct, &encode_part(&p)).unwrap();
+            let m = decode_part(&bytes).unwrap();
+            assert_eq!((m.task_id.as_str(), m.state.as_str()), ("t1", "SUCCESS"));
+            assert_eq!(m.result, result);
+        }
+    }
     use crate::MemoryBackend;
 
     fn part<'a>(task_id: &'a str, index: i64, result: &'a Value) -> ChordPart<'a> {

@@ -8,11 +8,13 @@
 mod chord;
 mod memory;
 mod redis_backend;
+mod rpc;
 
 pub use chord::{ChordMember, ChordPart, ChordProgress};
 
 pub use memory::MemoryBackend;
 pub use redis_backend::RedisBackend;
+pub use rpc::RpcBackend;
 
 use std::future::Future;
 use std::time::Duration;
@@ -204,6 +206,19 @@ pub struct TaskMeta {
     pub queue: Option<String>,
     /// The task id.
     pub task_id: String,
+    /// Where an `rpc://` backend sends this state: the task message's `reply_to` and
+    /// correlation id. Never stored or sent as part of the meta.
+    #[serde(skip)]
+    pub reply_to: Option<ReplyTo>,
+}
+
+/// A caller's reply queue and the correlation id its reply carries (Celery's `rpc://`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyTo {
+    /// The queue (the message's `reply_to`).
+    pub queue: String,
+    /// The message's `correlation_id`, or the task id.
+    pub correlation_id: String,
 }
 
 impl TaskMeta {
@@ -225,6 +240,7 @@ impl TaskMeta {
             retries: None,
             queue: None,
             task_id: task_id.into(),
+            reply_to: None,
         }
     }
 
@@ -249,6 +265,16 @@ impl TaskMeta {
         Ok(serde_json::to_vec(self)?)
     }
 
+    /// Serializes as Celery's `result_serializer` would: JSON, or msgpack (a map).
+    pub fn encode(&self, serializer: crate::protocol::ContentType) -> Result<Vec<u8>> {
+        match serializer {
+            crate::protocol::ContentType::Json => self.to_json(),
+            crate::protocol::ContentType::Msgpack => {
+                encode_stored(serializer, &serde_json::to_value(self)?)
+            }
+        }
+    }
+
     /// Parses stored bytes: JSON, or msgpack as a Celery worker with `result_serializer='msgpack'`
     /// stores them (a JSON meta always starts with `{`, a msgpack map never does).
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
@@ -265,6 +291,30 @@ impl TaskMeta {
         serde_json::from_value(value)
             .map_err(|e| Error::Backend(format!("unreadable task meta (msgpack): {e}")))
     }
+}
+
+/// A value as a backend stores it under `serializer` (Celery's `result_serializer`).
+pub(crate) fn encode_stored(
+    serializer: crate::protocol::ContentType,
+    value: &Value,
+) -> Result<Vec<u8>> {
+    crate::protocol::encode_value(serializer, value)
+        .map_err(|e| Error::Serialization(format!("cannot encode a result: {e}")))
+}
+
+/// A stored value, JSON or msgpack (whichever serializer the writer used: a JSON document starts
+/// with `{` or `[`, a msgpack map or array never does).
+pub(crate) fn decode_stored(bytes: &[u8]) -> Option<Value> {
+    let json = bytes
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_none_or(|b| *b == b'{' || *b == b'[');
+    let content = if json {
+        crate::protocol::ContentType::Json
+    } else {
+        crate::protocol::ContentType::Msgpack
+    };
+    crate::protocol::decode_value(content, bytes).ok()
 }
 
 mod opt_iso {
@@ -328,18 +378,29 @@ pub fn group_key(group_id: &str) -> String {
     format!("celery-taskset-meta-{group_id}")
 }
 
-/// A result backend chosen at run time from a URL: `redis://…` or `memory://`.
+/// A result backend chosen at run time from a URL: `redis://…`, `sentinel://…`, `memory://`
+/// or `rpc://`.
 #[derive(Clone, Debug)]
 pub enum AnyBackend {
     /// Redis, in Celery's format.
     Redis(RedisBackend),
     /// In-process map.
     Memory(MemoryBackend),
+    /// Replies to the caller's queue (`rpc://`); nothing stored.
+    Rpc(RpcBackend),
 }
 
 impl AnyBackend {
-    /// Connects to the backend a URL names. `memory://` gives a fresh in-process backend.
+    /// Connects to the backend a URL names. `memory://` gives a fresh in-process backend;
+    /// `rpc://` replies through a broker, so it is made with [`AnyBackend::connect_with_broker`].
     pub async fn connect(url: &str) -> Result<Self> {
+        if url.starts_with("rpc://") {
+            return Err(Error::Config(
+                "RESULT_BACKEND rpc:// replies through the broker: make it with \
+                 AnyBackend::connect_with_broker"
+                    .into(),
+            ));
+        }
         if url.starts_with("memory://") {
             Ok(AnyBackend::Memory(MemoryBackend::new()))
         } else if crate::redis_url::is_redis_url(url) {
@@ -353,11 +414,30 @@ impl AnyBackend {
         }
     }
 
+    /// [`AnyBackend::connect`], with `rpc://` replying through `broker` (Celery's RPC backend:
+    /// results go to each caller's `reply_to` queue, nothing is stored).
+    pub async fn connect_with_broker(url: &str, broker: &crate::AnyBroker) -> Result<Self> {
+        if url == "rpc://" || url == "rpc:///" {
+            return Ok(AnyBackend::Rpc(RpcBackend::new(broker.clone())));
+        }
+        Self::connect(url).await
+    }
+
+    /// Stores results with `serializer` (Celery's `result_serializer`: `json`, the default, or
+    /// `msgpack`). Results are read in either form whatever this says.
+    pub fn with_serializer(self, serializer: crate::protocol::ContentType) -> Self {
+        match self {
+            AnyBackend::Redis(r) => AnyBackend::Redis(r.with_serializer(serializer)),
+            AnyBackend::Rpc(r) => AnyBackend::Rpc(r.with_serializer(serializer)),
+            m @ AnyBackend::Memory(_) => m,
+        }
+    }
+
     /// Sets how long stored results are kept.
     pub fn with_ttl(self, ttl: Duration) -> Self {
         match self {
             AnyBackend::Redis(r) => AnyBackend::Redis(r.with_ttl(ttl)),
-            m @ AnyBackend::Memory(_) => m,
+            m @ (AnyBackend::Memory(_) | AnyBackend::Rpc(_)) => m,
         }
     }
 }
@@ -369,6 +449,7 @@ impl AnyBackend {
         match self {
             AnyBackend::Redis(b) => b.set_chord_size(group_id, size).await,
             AnyBackend::Memory(b) => b.set_chord_size(group_id, size).await,
+            AnyBackend::Rpc(_) => Err(no_store_for_groups()),
         }
     }
 
@@ -377,6 +458,7 @@ impl AnyBackend {
         match self {
             AnyBackend::Redis(b) => b.chord_part_return(part).await,
             AnyBackend::Memory(b) => b.chord_part_return(part).await,
+            AnyBackend::Rpc(_) => Err(no_store_for_groups()),
         }
     }
 
@@ -385,6 +467,7 @@ impl AnyBackend {
         match self {
             AnyBackend::Redis(b) => b.chord_cleanup(group_id, claim).await,
             AnyBackend::Memory(b) => b.chord_cleanup(group_id, claim).await,
+            AnyBackend::Rpc(_) => Err(no_store_for_groups()),
         }
     }
 
@@ -393,6 +476,7 @@ impl AnyBackend {
         match self {
             AnyBackend::Redis(b) => b.chord_abandon(group_id).await,
             AnyBackend::Memory(b) => b.chord_abandon(group_id).await,
+            AnyBackend::Rpc(_) => Err(no_store_for_groups()),
         }
     }
 
@@ -401,6 +485,7 @@ impl AnyBackend {
         match self {
             AnyBackend::Redis(b) => b.save_group(group_id, tuple).await,
             AnyBackend::Memory(b) => b.save_group(group_id, tuple).await,
+            AnyBackend::Rpc(_) => Err(no_store_for_groups()),
         }
     }
 
@@ -409,7 +494,23 @@ impl AnyBackend {
         match self {
             AnyBackend::Redis(b) => b.restore_group(group_id).await,
             AnyBackend::Memory(b) => b.restore_group(group_id).await,
+            AnyBackend::Rpc(_) => Err(no_store_for_groups()),
         }
+    }
+}
+
+/// Chords and saved groups need results that stay somewhere; Celery refuses them on `rpc://` too.
+fn no_store_for_groups() -> Error {
+    Error::Config(
+        "chords and saved groups need a result backend that stores results (redis://); \
+         rpc:// only replies to the caller"
+            .into(),
+    )
+}
+
+impl From<RpcBackend> for AnyBackend {
+    fn from(b: RpcBackend) -> Self {
+        AnyBackend::Rpc(b)
     }
 }
 
@@ -430,6 +531,7 @@ impl ResultBackend for AnyBackend {
         match self {
             AnyBackend::Redis(b) => b.store(meta).await,
             AnyBackend::Memory(b) => b.store(meta).await,
+            AnyBackend::Rpc(b) => b.store(meta).await,
         }
     }
 
@@ -437,6 +539,7 @@ impl ResultBackend for AnyBackend {
         match self {
             AnyBackend::Redis(b) => b.get(task_id).await,
             AnyBackend::Memory(b) => b.get(task_id).await,
+            AnyBackend::Rpc(b) => b.get(task_id).await,
         }
     }
 
@@ -444,6 +547,7 @@ impl ResultBackend for AnyBackend {
         match self {
             AnyBackend::Redis(b) => b.wait(task_id, timeout).await,
             AnyBackend::Memory(b) => b.wait(task_id, timeout).await,
+            AnyBackend::Rpc(b) => b.wait(task_id, timeout).await,
         }
     }
 
@@ -451,6 +555,7 @@ impl ResultBackend for AnyBackend {
         match self {
             AnyBackend::Redis(b) => b.forget(task_id).await,
             AnyBackend::Memory(b) => b.forget(task_id).await,
+            AnyBackend::Rpc(b) => b.forget(task_id).await,
         }
     }
 }

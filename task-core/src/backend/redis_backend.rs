@@ -19,12 +19,15 @@ use tokio::sync::{Notify, OnceCell, mpsc};
 use super::chord::{self, ChordPart, ChordProgress};
 use super::{DEFAULT_RESULT_TTL, ResultBackend, StoreOutcome, TaskMeta, group_key, meta_key};
 use crate::error::{Error, Result};
+use crate::protocol::ContentType;
 use crate::redis_conn::{ConnOptions, RedisConn};
 
 const STORE_SCRIPT: &str = r#"
 local current = redis.call('GET', KEYS[1])
 if current then
+  -- JSON, or msgpack as a worker with result_serializer='msgpack' stores it.
   local ok, meta = pcall(cjson.decode, current)
+  if not ok then ok, meta = pcall(cmsgpack.unpack, current) end
   if ok and type(meta) == 'table' and (meta['status'] == 'SUCCESS' or meta['status'] == 'REVOKED') then
     return 0
   end
@@ -80,6 +83,7 @@ const RECHECK_INTERVAL: Duration = Duration::from_millis(500);
 pub struct RedisBackend {
     inner: Arc<Inner>,
     ttl: Duration,
+    serializer: ContentType,
 }
 
 struct Inner {
@@ -95,6 +99,7 @@ impl std::fmt::Debug for RedisBackend {
         f.debug_struct("RedisBackend")
             .field("url", &self.inner.display_url)
             .field("ttl", &self.ttl)
+            .field("serializer", &self.serializer)
             .finish()
     }
 }
@@ -126,7 +131,15 @@ impl RedisBackend {
                 display_url,
             }),
             ttl: DEFAULT_RESULT_TTL,
+            serializer: ContentType::Json,
         })
+    }
+
+    /// Stores results, chord parts and group results with `serializer` (Celery's
+    /// `result_serializer`); what is read may be in either form.
+    pub fn with_serializer(mut self, serializer: ContentType) -> Self {
+        self.serializer = serializer;
+        self
     }
 
     /// Sets how long results are kept (`SETEX` seconds, at least 1).
@@ -172,7 +185,10 @@ impl RedisBackend {
             .key(&key)
             .key(format!("{key}.c"))
             .arg(format!("{}:{score}", part.task_id))
-            .arg(serde_json::to_vec(&chord::encode_part(part))?)
+            .arg(super::encode_stored(
+                self.serializer,
+                &chord::encode_part(part),
+            )?)
             .arg(&score)
             .arg(ttl)
             .arg(ttl)
@@ -238,7 +254,7 @@ impl RedisBackend {
     /// `celery-taskset-meta-<gid>`, published on the channel of the same name.
     pub async fn save_group(&self, group_id: &str, tuple: &serde_json::Value) -> Result<()> {
         let key = group_key(group_id);
-        let bytes = serde_json::to_vec(&serde_json::json!({ "result": tuple }))?;
+        let bytes = super::encode_stored(self.serializer, &serde_json::json!({ "result": tuple }))?;
         let mut conn = self.inner.conn.pinned().await?;
         let _: () = redis::pipe()
             .set_ex(&key, bytes.as_slice(), self.ttl.as_secs().max(1))
@@ -256,7 +272,10 @@ impl RedisBackend {
         let mut conn = self.inner.conn.clone();
         let bytes: Option<Vec<u8>> = conn.get(group_key(group_id)).await?;
         Ok(match bytes {
-            Some(b) => serde_json::from_slice::<serde_json::Value>(&b)?
+            Some(b) => super::decode_stored(&b)
+                .ok_or_else(|| {
+                    Error::Backend(format!("group {group_id}: an unreadable group result"))
+                })?
                 .get("result")
                 .cloned(),
             None => None,
@@ -273,7 +292,7 @@ impl RedisBackend {
 
 impl ResultBackend for RedisBackend {
     async fn store(&self, meta: &TaskMeta) -> Result<StoreOutcome> {
-        let bytes = meta.to_json()?;
+        let bytes = meta.encode(self.serializer)?;
         let mut conn = self.inner.conn.pinned().await?;
         let written: i64 = self
             .inner

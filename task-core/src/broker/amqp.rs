@@ -941,6 +941,26 @@ fn raw_message(d: &lapin::message::Delivery) -> RawMessage {
     }
 }
 
+impl AmqpBroker {
+    /// Publishes to a reply queue the caller declared itself (`reply_to`, Celery's `rpc://`
+    /// backend): through the default exchange, declaring nothing, since that queue's arguments
+    /// (auto-delete, its expiry) are the caller's. `Ok(false)` if no such queue exists any more
+    /// (the caller is gone): there is no one left to tell.
+    pub async fn publish_reply(&self, reply_to: &str, message: &RawMessage) -> Result<bool> {
+        // Unroutable is an answer, not a failure to retry: the queue is gone for good.
+        self.retrying("reply", |link| async move {
+            match Self::publish_on(&link, "", reply_to, message, reply_to, unix_seconds()).await {
+                Ok(()) => Ok(true),
+                Err(Error::NotConfirmed { reason, .. }) if reason.starts_with("unroutable") => {
+                    Ok(false)
+                }
+                Err(e) => Err(e),
+            }
+        })
+        .await
+    }
+}
+
 impl Broker for AmqpBroker {
     async fn publish(&self, queue: &str, message: &RawMessage) -> Result<()> {
         self.retrying("publish", |link| async move {

@@ -122,6 +122,14 @@ impl Drop for MemoryAcker {
     }
 }
 
+impl MemoryBroker {
+    /// Publishes to a reply queue (see [`crate::AmqpBroker::publish_reply`]); the in-process
+    /// broker has no declarations, so the queue always exists.
+    pub async fn publish_reply(&self, reply_to: &str, message: &RawMessage) -> Result<bool> {
+        self.publish(reply_to, message).await.map(|()| true)
+    }
+}
+
 impl Broker for MemoryBroker {
     async fn publish(&self, queue: &str, message: &RawMessage) -> Result<()> {
         if queue.is_empty() {

@@ -198,6 +198,15 @@ impl AnyBroker {
         }
     }
 
+    /// Publishes to a caller's reply queue (`reply_to`) without declaring it; `Ok(false)` when
+    /// the queue is gone.
+    pub async fn publish_reply(&self, reply_to: &str, message: &RawMessage) -> Result<bool> {
+        match self {
+            AnyBroker::Amqp(b) => b.publish_reply(reply_to, message).await,
+            AnyBroker::Memory(b) => b.publish_reply(reply_to, message).await,
+        }
+    }
+
     /// Checks that the broker is reachable (always true for the in-memory broker).
     pub async fn ping(&self) -> Result<()> {
         match self {

@@ -804,6 +804,15 @@ fn base_meta(
 ) -> TaskMeta {
     let message = &request.message;
     let mut meta = TaskMeta::new(message.headers.id.clone(), status, result);
+    // Celery's clients send the task id as the correlation id too.
+    meta.reply_to = message
+        .reply_to
+        .as_ref()
+        .filter(|q| !q.is_empty())
+        .map(|q| crate::backend::ReplyTo {
+            queue: q.clone(),
+            correlation_id: message.headers.id.clone(),
+        });
     meta.parent_id = message.headers.parent_id.clone();
     meta.group_id = message.headers.group.clone();
     if state.config.result_extended {
