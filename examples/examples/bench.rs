@@ -6,7 +6,9 @@
 //! ```
 //!
 //! 1. The raw broker ceiling with lapin alone: persistent publishes with confirms (a window of
-//!    1,000 in flight) and a consumer acknowledging each message, same message size as a task.
+//!    1,000 in flight) and a consumer acknowledging each message, same message size as a task;
+//!    then the same with one `multiple` ack per 100 deliveries, the broker's own limit for the
+//!    worker's way of acknowledging.
 //! 2. N no-op tasks produced by the client and drained by the `worker` binary with results stored
 //!    in Redis: tasks per second, and the ratio to the raw ceiling. Three modes, each with a
 //!    fresh worker:
@@ -190,11 +192,14 @@ impl Finished {
     }
 }
 
-/// Raw lapin: persistent publishes with confirms, consumed and acknowledged one by one.
+/// Raw lapin: persistent publishes with confirms, consumed and acknowledged one by one, or with
+/// `ack_every` set, one `multiple` ack per that many deliveries (and one for the last), as the
+/// worker folds its acknowledgements.
 async fn raw_ceiling(
     s: &Settings,
     n: usize,
     message: &task_core::protocol::RawMessage,
+    ack_every: Option<usize>,
 ) -> anyhow::Result<f64> {
     let queue = format!("bench.raw.{}", uuid::Uuid::new_v4().simple());
     let producer = Connection::connect(&s.conn.broker_url, ConnectionProperties::default()).await?;
@@ -243,7 +248,14 @@ async fn raw_ceiling(
                 Some(d) = deliveries.next() => {
                     let d = d?;
                     seen += 1;
-                    acks.push(async move { d.acker.ack(BasicAckOptions::default()).await });
+                    match ack_every {
+                        None => acks.push(async move { d.acker.ack(BasicAckOptions::default()).await }),
+                        // In order: a `multiple` ack sent after a later one finds its tag gone.
+                        Some(every) if seen % every == 0 || seen == n => {
+                            d.acker.ack(BasicAckOptions { multiple: true }).await?;
+                        }
+                        Some(_) => {}
+                    }
                 }
                 Some(r) = acks.next(), if !acks.is_empty() => { r?; }
             }
@@ -470,9 +482,15 @@ async fn main() -> anyhow::Result<()> {
         size - sample.body.len()
     );
 
-    let raw = raw_ceiling(&s, s.tasks, &sample).await?;
+    let raw = raw_ceiling(&s, s.tasks, &sample, None).await?;
     println!(
         "raw broker ceiling (lapin, persistent + confirms, consume + ack): {raw:.0} msg/s over {} messages",
+        s.tasks
+    );
+    // The broker's own limit for the worker's traffic: it acknowledges in `multiple` batches.
+    let batched = raw_ceiling(&s, s.tasks, &sample, Some(100)).await?;
+    println!(
+        "broker ceiling with multiple acks every 100 (the worker's way): {batched:.0} msg/s over {} messages",
         s.tasks
     );
 
@@ -493,11 +511,12 @@ async fn main() -> anyhow::Result<()> {
         }
         println!(
             "{}: {} {} tasks produced and drained, results in Redis: {t:.0} tasks/s; ratio to raw \
-             ceiling {:.2}",
+             ceiling {:.2}, to the batched-ack ceiling {:.2}",
             mode.name(),
             s.tasks,
             mode.task(),
-            t / raw
+            t / raw,
+            t / batched
         );
         tps.entry(mode.name()).or_default().push(t);
     }
