@@ -72,15 +72,7 @@ async fn a_late_second_success_for_a_paid_invoice_is_recorded_and_refunded() {
         .start_subscription(env.start_request(user, CARD_OK))
         .await
         .unwrap();
-    sqlx::query(
-        "WITH p AS (UPDATE payment SET status = 'processing', sent_at = now(), cryptogram = NULL WHERE id = $1 RETURNING id)
-         INSERT INTO status_history (entity, entity_id, from_status, to_status, actor, at)
-         SELECT 'payment', id, 'created', 'processing', 'worker', now() FROM p",
-    )
-        .bind(p.id)
-        .execute(&env.db)
-        .await
-        .unwrap();
+    env.mark_processing(p.id, Duration::zero()).await;
     charging::settle(
         &env.billing,
         p.id,

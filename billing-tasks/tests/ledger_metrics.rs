@@ -62,16 +62,7 @@ async fn stuck_payments_unmatched_notifications_findings_and_dead_messages_show_
         .start_subscription(env.start_request(user, CARD_OK))
         .await
         .unwrap();
-    sqlx::query(
-        "WITH p AS (UPDATE payment SET status = 'processing', cryptogram = NULL,
-                    sent_at = now() - interval '2 hours' WHERE id = $1 RETURNING id)
-         INSERT INTO status_history (entity, entity_id, from_status, to_status, actor, at)
-         SELECT 'payment', id, 'created', 'processing', 'worker', now() FROM p",
-    )
-    .bind(p.id)
-    .execute(&env.db)
-    .await
-    .unwrap();
+    env.mark_processing(p.id, chrono::Duration::hours(2)).await;
     sqlx::query(
         "INSERT INTO gateway_event (kind, gateway_transaction_id, payload, received_at, processed_at, outcome)
          VALUES ('pay', 987654, '{}', now(), now(), 'unmatched'),

@@ -424,10 +424,7 @@ impl RedisConn {
         if let Some(p) = &self.pinned {
             return Ok(p.manager.clone());
         }
-        match self.current() {
-            Some(c) => Ok(c.manager),
-            None => self.ensure().await,
-        }
+        self.ensure().await
     }
 
     fn failed(&self, e: &RedisError) {
@@ -522,14 +519,14 @@ async fn watchdog(inner: Weak<Inner>) {
             .read()
             .expect("redis connection lock")
             .clone();
+        let connected = current.is_some();
         let healthy = match current {
             Some(c) => {
                 let mut m = c.manager;
-                let seen = tokio::time::timeout(CHECK_TIMEOUT, replication(&mut m)).await;
-                let seen = match seen {
-                    Ok(Ok(r)) => Some(r),
-                    _ => None,
-                };
+                let seen = tokio::time::timeout(CHECK_TIMEOUT, replication(&mut m))
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
                 let primary = seen.as_ref().is_some_and(|r| r.primary);
                 side.health.lock().expect("health lock").server = Some((
                     c.addr,
@@ -542,11 +539,6 @@ async fn watchdog(inner: Weak<Inner>) {
             // Not connected yet: the first command connects.
             None => true,
         };
-        let connected = strong
-            .current
-            .read()
-            .expect("redis connection lock")
-            .is_some();
         if connected && (!healthy || asked.elapsed() >= SENTINEL_RECHECK) {
             asked = tokio::time::Instant::now();
             if let Err(e) = switch_to_primary(&strong, side).await {

@@ -349,6 +349,22 @@ impl Env {
         .unwrap()
     }
 
+    /// Moves a `created` attempt to `processing` as a worker's gateway call would, its call begun
+    /// `ago`, with the `status_history` row the ledger requires.
+    pub async fn mark_processing(&self, payment: Uuid, ago: chrono::Duration) {
+        sqlx::query(
+            "WITH p AS (UPDATE payment SET status = 'processing', sent_at = now() - $2, cryptogram = NULL
+                        WHERE id = $1 RETURNING id)
+             INSERT INTO status_history (entity, entity_id, from_status, to_status, actor, at)
+             SELECT 'payment', id, 'created', 'processing', 'worker', now() FROM p",
+        )
+        .bind(payment)
+        .bind(ago)
+        .execute(&self.db)
+        .await
+        .unwrap();
+    }
+
     pub async fn scalar_i64(&self, sql: &'static str) -> i64 {
         sqlx::query_scalar::<_, i64>(sql)
             .fetch_one(&self.db)
