@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use billing_tasks::config::BillingArgs;
 use clap::{Parser, ValueEnum};
 use task_core::cli::{ConnectionArgs, parse_or_exit};
@@ -244,13 +245,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         });
     }
+    // The consuming loop runs on a runtime thread, not on this one (`block_on`'s): the tasks it
+    // spawns for each delivery then start from that thread's own queue instead of waking a
+    // parked thread through the shared one.
+    let mut running = tokio::spawn(worker.run(task_core::shutdown::signal()));
     tokio::select! {
-        result = worker.run(task_core::shutdown::signal()) => { result?; }
+        result = &mut running => { result.context("the worker's loop panicked")??; }
         _ = async {
             task_core::shutdown::signal().await;
             task_core::shutdown::signal().await;
         } => {
             tracing::warn!("second signal: stopping now; unfinished messages will be redelivered");
+            running.abort();
         }
     }
     broker.close().await;

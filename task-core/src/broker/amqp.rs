@@ -277,6 +277,10 @@ impl AmqpBroker {
             )));
         }
         let displays: Vec<String> = uris.iter().map(|u| crate::redact_url(u)).collect();
+        let uris = uris
+            .into_iter()
+            .map(|u| with_default_frame_max(&u))
+            .collect();
         let broker = AmqpBroker {
             inner: Arc::new(Inner {
                 display: displays.join(";"),
@@ -1224,4 +1228,40 @@ async fn consume_session(
             .await;
     }
     Ok(SessionEnd::Stopped)
+}
+
+/// The largest frame this client proposes unless the URL says otherwise (`?frame_max=N`, which
+/// lapin reads as Celery's py-amqp does). lapin keeps a send and a receive buffer of 32 frames per
+/// connection, filled at once: with RabbitMQ's 128 KiB default that is 8 MiB for each of a
+/// process's two connections; at 16 KiB it is 1 MiB. Bigger messages are sent in more frames.
+pub const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
+
+fn with_default_frame_max(uri: &str) -> String {
+    let query = uri.split_once('?').map(|(_, q)| q).unwrap_or("");
+    if query.split('&').any(|p| p.starts_with("frame_max=")) {
+        return uri.to_owned();
+    }
+    let sep = if uri.contains('?') { '&' } else { '?' };
+    format!("{uri}{sep}frame_max={DEFAULT_FRAME_MAX}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_max_is_proposed_unless_the_url_sets_it() {
+        assert_eq!(
+            with_default_frame_max("amqp://g:g@h:5672/%2f"),
+            "amqp://g:g@h:5672/%2f?frame_max=16384"
+        );
+        assert_eq!(
+            with_default_frame_max("amqps://h/v?heartbeat=10"),
+            "amqps://h/v?heartbeat=10&frame_max=16384"
+        );
+        assert_eq!(
+            with_default_frame_max("amqp://h/v?frame_max=131072"),
+            "amqp://h/v?frame_max=131072"
+        );
+    }
 }

@@ -447,7 +447,8 @@ impl Worker {
                         state.stats.received.fetch_add(1, Ordering::Relaxed);
                         // The place is taken here, in receiving order (see `order`).
                         let place = state.line.join();
-                        in_flight.spawn(execute::handle(state.clone(), d, place));
+                        // Boxed: the future is large, and spawning moves it through several places.
+                        in_flight.spawn(Box::pin(execute::handle(state.clone(), d, place)));
                     }
                     None => break,
                 },
