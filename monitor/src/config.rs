@@ -11,8 +11,8 @@ pub const DEFAULT_EVENTS_QUEUE: &str = "tq.monitor.events";
 /// Everything [`crate::run`] needs.
 #[derive(Debug, Clone, Args)]
 pub struct Config {
-    /// Address the UI, the API and /metrics are served on. Without authentication (none exists
-    /// yet) only a loopback address is accepted.
+    /// Address the UI, the API and /metrics are served on. Without users (MONITOR_USERS) only a
+    /// loopback address is accepted, unless MONITOR_ALLOW_UNAUTHENTICATED says otherwise.
     #[arg(long, env = "MONITOR_BIND", default_value = "127.0.0.1:5555")]
     pub bind: SocketAddr,
 
@@ -20,6 +20,35 @@ pub struct Config {
     /// proxy. Anyone who reaches the port can revoke tasks and stop workers.
     #[arg(long, env = "MONITOR_ALLOW_UNAUTHENTICATED", default_value_t = false)]
     pub allow_unauthenticated: bool,
+
+    /// Staff who may sign in: `name role hash` entries, one per line or `;`-separated; roles
+    /// `viewer`, `operator`, `admin`; the hash an Argon2 PHC string (`monitor --hash-password`
+    /// prints one). With users, every page and API route needs a sign-in.
+    #[arg(long, env = "MONITOR_USERS", hide_env_values = true)]
+    pub users: Option<String>,
+
+    /// A file of MONITOR_USERS entries (e.g. a mounted Kubernetes secret), instead of the
+    /// variable.
+    #[arg(long, env = "MONITOR_USERS_FILE")]
+    pub users_file: Option<std::path::PathBuf>,
+
+    /// Key signing sessions and CSRF tokens, at least 32 bytes as hex or base64 (`openssl rand
+    /// -hex 32`); replicas behind one address need the same. Unset: a random key per process.
+    #[arg(long, env = "MONITOR_SESSION_KEY", hide_env_values = true)]
+    pub session_key: Option<String>,
+
+    /// How long a sign-in lasts, e.g. `8h`.
+    #[arg(long, env = "MONITOR_SESSION_TTL", default_value = "8h", value_parser = parse_duration)]
+    pub session_ttl: Duration,
+
+    /// Mark the session cookie `Secure` (sent over HTTPS only). Default: yes unless
+    /// MONITOR_BIND is a loopback address.
+    #[arg(long, env = "MONITOR_SECURE_COOKIES")]
+    pub secure_cookies: Option<bool>,
+
+    /// When set, /metrics answers only requests with `Authorization: Bearer <token>`.
+    #[arg(long, env = "MONITOR_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
 
     /// The store (PostgreSQL); the database is created if missing, the tables live in schema
     /// `monitor`.
@@ -106,13 +135,18 @@ impl Config {
 
     /// Refuses a non-loopback bind without authentication, naming the setting to change.
     pub fn check_bind(&self) -> crate::Result<()> {
-        if self.bind.ip().is_loopback() || self.allow_unauthenticated {
+        if self.bind.ip().is_loopback()
+            || self.allow_unauthenticated
+            || self.users.is_some()
+            || self.users_file.is_some()
+        {
             return Ok(());
         }
         Err(crate::Error::Config(format!(
             "MONITOR_BIND {} is not a loopback address and no authentication is configured: \
-             anyone reaching it could revoke tasks and stop workers. Bind 127.0.0.1, or set \
-             MONITOR_ALLOW_UNAUTHENTICATED=true when an authenticating proxy is in front",
+             anyone reaching it could revoke tasks and stop workers. Set MONITOR_USERS (or \
+             MONITOR_USERS_FILE), bind 127.0.0.1, or set MONITOR_ALLOW_UNAUTHENTICATED=true \
+             when an authenticating proxy is in front",
             self.bind
         )))
     }

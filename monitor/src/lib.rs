@@ -9,6 +9,7 @@
 //! - [`inspect`]: worker details from remote control, cached.
 //! - [`run`]: the whole monitor until a shutdown signal.
 
+pub mod access;
 pub mod actions;
 pub mod api;
 pub mod audit;
@@ -61,6 +62,7 @@ struct Shared {
     intake: Arc<IntakeStatus>,
     updates: tokio::sync::broadcast::Sender<intake::Update>,
     inspect_timeout: std::time::Duration,
+    access: Arc<access::Access>,
 }
 
 impl AppState {
@@ -97,10 +99,15 @@ impl AppState {
                 intake: Arc::default(),
                 updates: tokio::sync::broadcast::channel(64).0,
                 inspect_timeout: config.inspect_timeout,
+                access: Arc::new(access::Access::from_config(config)?),
             }),
         })
     }
 
+    /// Who may sign in and what they may do.
+    pub fn access(&self) -> &Arc<access::Access> {
+        &self.inner.access
+    }
     /// The store.
     pub fn store(&self) -> &Store {
         &self.inner.store

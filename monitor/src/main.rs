@@ -18,6 +18,11 @@ struct Cli {
     #[command(flatten)]
     config: monitor::Config,
 
+    /// Read a password from standard input, print its Argon2id hash for a MONITOR_USERS
+    /// entry (`name role hash`), and exit.
+    #[arg(long)]
+    hash_password: bool,
+
     /// Log lines as `pretty` text or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "pretty")]
     log_format: LogFormat,
@@ -26,6 +31,23 @@ struct Cli {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli: Cli = parse_or_exit();
+    if cli.hash_password {
+        let mut password = String::new();
+        if std::io::stdin().read_line(&mut password).is_err() || password.trim_end().is_empty() {
+            eprintln!("monitor: --hash-password reads the password from standard input");
+            return ExitCode::from(2);
+        }
+        return match staff_auth::hash_password(password.trim_end_matches(['\r', '\n'])) {
+            Ok(hash) => {
+                println!("{hash}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("monitor: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     task_core::telemetry::init(cli.log_format);
     match monitor::run(cli.config, task_core::shutdown::signal()).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,7 +17,7 @@ use crate::error::Error;
 
 /// The router over `state`.
 pub fn app(state: AppState) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/api/workers", get(workers::list))
         .route("/api/worker/shutdown/{worker}", post(workers::shutdown))
         .route("/api/worker/pool/grow/{worker}", post(workers::pool_grow))
@@ -54,7 +54,21 @@ pub fn app(state: AppState) -> Router {
         .route("/live", get(crate::pages::live))
         .route("/metrics", get(health::metrics))
         .route("/livez", get(health::livez))
-        .route("/readyz", get(health::readyz))
+        .route("/readyz", get(health::readyz));
+    let router = match state.access().guard() {
+        Some(guard) => router.merge(guard.routes()),
+        None => router,
+    };
+    let access = state.access().clone();
+    router
+        .layer(axum::middleware::from_fn_with_state(
+            access.clone(),
+            crate::access::identify,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            access,
+            crate::access::authenticate,
+        ))
         .layer(axum::middleware::from_fn(same_origin_only))
         .with_state(state)
 }
