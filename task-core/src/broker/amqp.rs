@@ -70,6 +70,9 @@ use super::{
 use crate::error::{Error, Result};
 use crate::protocol::{Properties, RawMessage};
 
+mod reader;
+pub use reader::{Held, QueueReader};
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 

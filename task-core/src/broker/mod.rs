@@ -16,7 +16,7 @@ mod memory;
 mod quorum;
 mod tls;
 
-pub use amqp::{AmqpBroker, QosScope};
+pub use amqp::{AmqpBroker, Held, QosScope, QueueReader};
 pub use memory::MemoryBroker;
 pub use quorum::{QueueOptions, QueueType};
 pub use tls::BrokerTls;
@@ -282,6 +282,35 @@ impl Broker for AnyBroker {
             AnyBroker::Memory(b) => b.delete_queue(queue).await,
         }
     }
+}
+
+/// A message of dead-letter queue `dlq` as it is to be sent again: the queue it came from (its
+/// [`DEAD_LETTER_QUEUE_HEADER`], else `dlq` without `.dlq`) and the message without the
+/// dead-letter headers (ours and RabbitMQ's `x-death`).
+pub fn restored_from_dead_letter(dlq: &str, message: &RawMessage) -> (String, RawMessage) {
+    let queue = message
+        .headers
+        .get(DEAD_LETTER_QUEUE_HEADER)
+        .and_then(|v| v.as_str())
+        .filter(|q| !q.is_empty())
+        .map(str::to_owned)
+        .unwrap_or_else(|| dlq.strip_suffix(".dlq").unwrap_or(dlq).to_owned());
+    let mut m = message.clone();
+    for h in [
+        DEAD_LETTER_REASON_HEADER,
+        DEAD_LETTER_QUEUE_HEADER,
+        "x-dead-lettered-at",
+        "x-death",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-first-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+        "x-last-death-exchange",
+    ] {
+        m.headers.remove(h);
+    }
+    (queue, m)
 }
 
 /// Adds the dead-letter headers to a copy of `message`.
