@@ -16,6 +16,7 @@ pub mod audit;
 pub mod broker;
 pub mod broker_api;
 pub mod config;
+pub mod dead_letters;
 mod error;
 pub mod event;
 pub mod inspect;
@@ -104,6 +105,10 @@ impl AppState {
         })
     }
 
+    /// The broker, for what only RabbitMQ does (reading a queue without consuming it).
+    pub fn amqp(&self) -> &AmqpBroker {
+        &self.inner.broker
+    }
     /// Who may sign in and what they may do.
     pub fn access(&self) -> &Arc<access::Access> {
         &self.inner.access

@@ -694,6 +694,204 @@ pub(crate) async fn live(
     Sse::new(stream).keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
 }
 
+/// A row of the dead-letter queues page.
+struct DeadLetterQueueRow {
+    name: String,
+    link: String,
+    messages: u64,
+    consumers: u64,
+}
+
+#[derive(Template)]
+#[template(path = "dead_letters.html")]
+struct DeadLettersPage {
+    nav: &'static str,
+    refresh: u32,
+    error: Option<String>,
+    all_queues: bool,
+    queues: Vec<DeadLetterQueueRow>,
+}
+
+/// `GET /dead-letters`: every dead-letter queue and how many messages it holds.
+pub(crate) async fn dead_letters(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let (queues, error) = match crate::dead_letters::list(&state).await {
+        Ok(q) => (q, None),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
+    render(&DeadLettersPage {
+        nav: "dead-letters",
+        refresh: refresh(&params),
+        error,
+        all_queues: state.lists_all_queues(),
+        queues: queues
+            .into_iter()
+            .map(|(name, s)| DeadLetterQueueRow {
+                link: url_encode(&name),
+                name,
+                messages: s.messages,
+                consumers: s.consumers,
+            })
+            .collect(),
+    })
+}
+
+/// A dead-lettered message on its queue's page.
+struct LetterRow {
+    task: String,
+    task_id: String,
+    reason: String,
+    original_queue: String,
+    at: String,
+    args: String,
+    request_id: String,
+}
+
+#[derive(Template)]
+#[template(path = "dead_letter_queue.html")]
+struct DeadLetterQueuePage {
+    nav: &'static str,
+    refresh: u32,
+    queue: String,
+    link: String,
+    error: Option<String>,
+    done: String,
+    total: u64,
+    letters: Vec<LetterRow>,
+    request_id: String,
+}
+
+/// `GET /dead-letters/<queue>?limit=`: its first messages (100 by default), left in place.
+pub(crate) async fn dead_letter_queue(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let limit = params
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(100usize);
+    let total = match state.queue_probe().stats(&queue).await {
+        Ok(Some(s)) => s.messages,
+        Ok(None) => {
+            return (StatusCode::NOT_FOUND, format!("no queue `{queue}`")).into_response();
+        }
+        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    };
+    let (letters, error) = match crate::dead_letters::peek(&state, &queue, limit).await {
+        Ok(l) => (l, None),
+        Err(crate::Error::BadRequest(m)) => return (StatusCode::BAD_REQUEST, m).into_response(),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
+    let done = match (params.get("replayed"), params.get("kept")) {
+        (Some(n), kept) => {
+            let kept = kept.map(String::as_str).unwrap_or("");
+            if kept.is_empty() {
+                format!("{n} message(s) sent back to their queues.")
+            } else {
+                format!(
+                    "{n} message(s) sent back to their queues; left here because they have succeeded since: {kept}."
+                )
+            }
+        }
+        _ => String::new(),
+    };
+    render(&DeadLetterQueuePage {
+        nav: "dead-letters",
+        refresh: 0,
+        link: url_encode(&queue),
+        queue,
+        error,
+        done,
+        total,
+        letters: letters
+            .into_iter()
+            .map(|l| LetterRow {
+                task: l.task.unwrap_or_default(),
+                task_id: l.task_id.unwrap_or_default(),
+                reason: l.reason.unwrap_or_default(),
+                original_queue: l.original_queue.unwrap_or_default(),
+                at: l.dead_lettered_at.unwrap_or_default(),
+                args: match (l.args, l.kwargs) {
+                    (Some(a), Some(k)) if k != "{}" => format!("{a} {k}"),
+                    (Some(a), _) => a,
+                    (None, Some(k)) => k,
+                    (None, None) => String::new(),
+                },
+                request_id: uuid::Uuid::new_v4().to_string(),
+            })
+            .collect(),
+        request_id: uuid::Uuid::new_v4().to_string(),
+    })
+}
+
+/// The replay forms' fields: one task's message, or the oldest N.
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct ReplayForm {
+    request_id: String,
+    reason: String,
+    #[serde(default)]
+    note: String,
+    task_id: Option<String>,
+    oldest: Option<usize>,
+}
+
+/// `POST /dead-letters/<queue>/replay` (the page's forms): a reason is required; back to the
+/// page, saying what was done.
+pub(crate) async fn replay_dead_letters(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+    headers: axum::http::HeaderMap,
+    axum::Form(form): axum::Form<ReplayForm>,
+) -> Response {
+    let reason = match (form.reason.trim(), form.note.trim()) {
+        ("", _) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "A reason is required to replay dead letters",
+            )
+                .into_response();
+        }
+        (r, "") => r.to_owned(),
+        (r, note) => format!("{r}: {note}"),
+    };
+    let which = match (form.task_id.filter(|t| !t.is_empty()), form.oldest) {
+        (Some(id), _) => crate::dead_letters::Which::Task(id),
+        (None, Some(n)) => crate::dead_letters::Which::Oldest(n),
+        (None, None) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "say which messages: task_id or oldest",
+            )
+                .into_response();
+        }
+    };
+    let asked = crate::actions::Asked {
+        actor: crate::audit::actor(&headers),
+        reason: crate::audit::reason(Some(&reason)),
+        request_id: Some(form.request_id.chars().take(100).collect()),
+    };
+    match crate::dead_letters::replay(&state, &queue, &which, &asked).await {
+        Ok(r) => axum::response::Redirect::to(&format!(
+            "/dead-letters/{}?replayed={}&kept={}",
+            url_encode(&queue),
+            r.replayed,
+            url_encode(&r.succeeded_since.join(", "))
+        ))
+        .into_response(),
+        Err(e) => {
+            let status = match e {
+                crate::Error::NotFound(_) => StatusCode::NOT_FOUND,
+                crate::Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            (status, format!("Nothing was replayed: {e}")).into_response()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,6 +40,11 @@ const ACTIONS: &[(&str, &str)] = &[
         "/task/00000000-0000-0000-0000-000000000003/retry",
         "operator",
     ),
+    ("/dead-letters/celery.dlq/replay", "operator"),
+    (
+        "/api/dead-letters/celery.dlq/replay?oldest=1&reason=test",
+        "operator",
+    ),
 ];
 
 const PAGES: &[&str] = &[
@@ -49,6 +54,8 @@ const PAGES: &[&str] = &[
     "/queues",
     "/audit",
     "/audit.csv",
+    "/dead-letters",
+    "/api/dead-letters",
     "/api/workers",
     "/api/tasks",
     "/api/task/types",

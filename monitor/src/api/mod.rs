@@ -51,6 +51,21 @@ pub fn app(state: AppState) -> Router {
         .route("/audit.csv", get(crate::pages::audit_csv))
         .route("/workers", get(crate::pages::workers))
         .route("/queues", get(crate::pages::queues))
+        .route("/dead-letters", get(crate::pages::dead_letters))
+        .route(
+            "/dead-letters/{queue}",
+            get(crate::pages::dead_letter_queue),
+        )
+        .route(
+            "/dead-letters/{queue}/replay",
+            post(crate::pages::replay_dead_letters),
+        )
+        .route("/api/dead-letters", get(queues::dead_letters))
+        .route("/api/dead-letters/{queue}", get(queues::peek_dead_letters))
+        .route(
+            "/api/dead-letters/{queue}/replay",
+            post(queues::replay_dead_letters),
+        )
         .route("/live", get(crate::pages::live))
         .route("/metrics", get(health::metrics))
         .route("/livez", get(health::livez))

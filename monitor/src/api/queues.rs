@@ -1,11 +1,16 @@
-//! `GET /api/queues/length`.
+//! `GET /api/queues/length`, and the dead-letter queues: `GET /api/dead-letters`,
+//! `GET /api/dead-letters/<queue>?limit=`, `POST /api/dead-letters/<queue>/replay`.
+
+use std::collections::HashMap;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use serde_json::{Value, json};
 
-use super::ApiResult;
+use super::{ApiError, ApiResult, asked};
 use crate::AppState;
+use crate::dead_letters::{self, Which};
 
 /// `{"active_queues": [{"name", "messages", …}]}`: Flower's shape. `messages` is the ready count;
 /// with the management API (`MONITOR_BROKER_API`) every queue is listed and, as Flower passes the
@@ -26,4 +31,51 @@ pub(super) async fn length(State(state): State<AppState>) -> ApiResult<Json<Valu
         })
         .collect();
     Ok(Json(json!({ "active_queues": list })))
+}
+
+/// `[{"name", "messages", "consumers"}]`: every dead-letter queue.
+pub(super) async fn dead_letters(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    let list: Vec<Value> = dead_letters::list(&state)
+        .await?
+        .into_iter()
+        .map(|(name, s)| json!({"name": name, "messages": s.messages, "consumers": s.consumers}))
+        .collect();
+    Ok(Json(Value::Array(list)))
+}
+
+/// The first `limit` (100) messages of a dead-letter queue, left in it.
+pub(super) async fn peek_dead_letters(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+    Query(p): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let limit = match p.get("limit") {
+        Some(l) => l.parse().map_err(|_| {
+            ApiError::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                "limit must be a number",
+            )
+        })?,
+        None => 100,
+    };
+    let letters = dead_letters::peek(&state, &queue, limit).await?;
+    Ok(Json(json!({"queue": queue, "messages": letters})))
+}
+
+/// `?task_id=` (that task's message) or `?oldest=N` (at most N from the head), `reason`
+/// required, `request_id` optional: `{"replayed", "succeeded_since", "repeated"}`.
+pub(super) async fn replay_dead_letters(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+    headers: HeaderMap,
+    Query(p): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let bad = |m: &str| ApiError::new(axum::http::StatusCode::BAD_REQUEST, m);
+    let which = match (p.get("task_id"), p.get("oldest")) {
+        (Some(id), None) if !id.is_empty() => Which::Task(id.clone()),
+        (None, Some(n)) => Which::Oldest(n.parse().map_err(|_| bad("oldest must be a number"))?),
+        _ => return Err(bad("give task_id or oldest (one of them)")),
+    };
+    let done = dead_letters::replay(&state, &queue, &which, &asked(&headers, &p)).await?;
+    Ok(Json(json!(done)))
 }
