@@ -846,16 +846,12 @@ pub(crate) async fn replay_dead_letters(
     headers: axum::http::HeaderMap,
     axum::Form(form): axum::Form<ReplayForm>,
 ) -> Response {
-    let reason = match (form.reason.trim(), form.note.trim()) {
-        ("", _) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                "A reason is required to replay dead letters",
-            )
-                .into_response();
-        }
-        (r, "") => r.to_owned(),
-        (r, note) => format!("{r}: {note}"),
+    let Some(asked) = form_asked(&headers, &form.reason, &form.note, &form.request_id) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "A reason is required to replay dead letters",
+        )
+            .into_response();
     };
     let which = match (form.task_id.filter(|t| !t.is_empty()), form.oldest) {
         (Some(id), _) => crate::dead_letters::Which::Task(id),
@@ -867,11 +863,6 @@ pub(crate) async fn replay_dead_letters(
             )
                 .into_response();
         }
-    };
-    let asked = crate::actions::Asked {
-        actor: crate::audit::actor(&headers),
-        reason: crate::audit::reason(Some(&reason)),
-        request_id: Some(form.request_id.chars().take(100).collect()),
     };
     match crate::dead_letters::replay(&state, &queue, &which, &asked).await {
         Ok(r) => axum::response::Redirect::to(&format!(
@@ -927,6 +918,26 @@ pub(crate) struct RetryForm {
     note: String,
 }
 
+/// Who asks and why, from an action form: its reason (required: `None` without one) and
+/// optional note, and its request id.
+fn form_asked(
+    headers: &axum::http::HeaderMap,
+    reason: &str,
+    note: &str,
+    request_id: &str,
+) -> Option<crate::actions::Asked> {
+    let reason = match (reason.trim(), note.trim()) {
+        ("", _) => return None,
+        (r, "") => r.to_owned(),
+        (r, note) => format!("{r}: {note}"),
+    };
+    Some(crate::actions::Asked {
+        actor: crate::audit::actor(headers),
+        reason: crate::audit::reason(Some(&reason)),
+        request_id: Some(request_id.chars().take(100).collect()),
+    })
+}
+
 /// `POST /task/<id>/retry` (the task page's form): a reason is required; on success the new
 /// task's page, which links back.
 pub(crate) async fn retry(
@@ -935,21 +946,15 @@ pub(crate) async fn retry(
     headers: axum::http::HeaderMap,
     axum::Form(form): axum::Form<RetryForm>,
 ) -> Response {
-    let reason = match (form.reason.trim(), form.note.trim()) {
-        ("", _) => {
+    let asked = match form_asked(&headers, &form.reason, &form.note, &form.request_id) {
+        Some(a) => a,
+        None => {
             return (
                 StatusCode::BAD_REQUEST,
                 "A reason is required to retry a task",
             )
                 .into_response();
         }
-        (r, "") => r.to_owned(),
-        (r, note) => format!("{r}: {note}"),
-    };
-    let asked = crate::actions::Asked {
-        actor: crate::audit::actor(&headers),
-        reason: crate::audit::reason(Some(&reason)),
-        request_id: Some(form.request_id.chars().take(100).collect()),
     };
     match crate::actions::retry(&state, &id, &asked).await {
         Ok(r) => axum::response::Redirect::to(&format!(

@@ -139,15 +139,11 @@ async fn dead_letters_are_read_without_loss_and_replayed_once_each() {
     assert_eq!(ready_count(&dlq).await, 3);
 
     // One by id through the API.
-    let done = post_json(
-        &router,
-        &format!(
-            "/api/dead-letters/{dlq}/replay?task_id={}&reason=deployed&request_id=one-{}",
-            ids[1], ids[1]
-        ),
-        "",
-    )
-    .await;
+    let replay_one = format!(
+        "/api/dead-letters/{dlq}/replay?task_id={}&reason=deployed&request_id=one-{}",
+        ids[1], ids[1]
+    );
+    let done = post_json(&router, &replay_one, "").await;
     assert_eq!(done["replayed"], 1, "{done}");
     let backend = client.backend().clone();
     let result = |id: String| {
@@ -171,15 +167,7 @@ async fn dead_letters_are_read_without_loss_and_replayed_once_each() {
     assert_eq!(result(ids[1].clone()).await.result, json!(20));
     assert_eq!(ready_count(&dlq).await, 2);
     // The same request again does nothing.
-    let again = post_json(
-        &router,
-        &format!(
-            "/api/dead-letters/{dlq}/replay?task_id={}&reason=deployed&request_id=one-{}",
-            ids[1], ids[1]
-        ),
-        "",
-    )
-    .await;
+    let again = post_json(&router, &replay_one, "").await;
     assert_eq!(again["repeated"], true, "{again}");
 
     // The rest through the page's bulk form.
