@@ -338,7 +338,7 @@ impl Beat {
             .count_between(first, latest)
             .saturating_sub(selected.len() as u64);
         if dropped > 0 {
-            self.metrics.skipped(live.entry.name(), "missed", dropped);
+            self.skipped(live.entry.name(), "missed", dropped).await;
             tracing::info!(
                 entry = live.entry.name(),
                 dropped,
@@ -397,6 +397,15 @@ impl Beat {
         }
     }
 
+    /// Counts ticks not published, in the metrics and in the store (for the monitor's beat
+    /// page); a store that cannot take the count does not hold up the beat.
+    async fn skipped(&self, entry: &str, reason: &str, n: u64) {
+        self.metrics.skipped(entry, reason, n);
+        if let Err(e) = self.store.count_skipped(entry, reason, n).await {
+            tracing::warn!(entry, reason, error = %e, "could not record skipped ticks in the store");
+        }
+    }
+
     /// Fires one tick: overlap check, claim, publish, record.
     async fn fire(
         &self,
@@ -407,7 +416,7 @@ impl Beat {
         lease: &str,
     ) -> Result<(), Step> {
         if live.entry.overlap() == Overlap::Skip && self.previous_running(live, now).await? {
-            self.metrics.skipped(live.entry.name(), "overlap", 1);
+            self.skipped(live.entry.name(), "overlap", 1).await;
             tracing::info!(
                 entry = live.entry.name(),
                 %tick,
@@ -424,7 +433,7 @@ impl Beat {
             Claim::NotLeader => Err(Step::Deposed),
             Claim::Done => Ok(()),
             Claim::InDoubt => {
-                self.metrics.skipped(live.entry.name(), "in_doubt", 1);
+                self.skipped(live.entry.name(), "in_doubt", 1).await;
                 tracing::warn!(
                     entry = live.entry.name(),
                     %tick,

@@ -58,4 +58,4 @@ pub use error::{Error, Result};
 pub use lease::{LeaseConfig, LeaseHolder, Role};
 pub use metrics::{AppState, Metrics, app};
 pub use schedule::{Schedule, ScheduleError};
-pub use store::{DEFAULT_KEY_PREFIX, EntryStatus, Keys, Source, Store};
+pub use store::{DEFAULT_KEY_PREFIX, EntryStatus, Keys, Skipped, Source, Store};

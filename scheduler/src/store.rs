@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | `entries` | hash | entry name → `{"source": "file"\|"api", "spec": {..}}` (JSON [`EntrySpec`]) |
 //! | `paused` | set | names of paused entries |
-//! | `state:<name>` | hash | `cursor` (last tick dealt with), `last_run`, `last_task_id`, `last_published_at`, `next_run` (RFC 3339 UTC), `spec` (the schedule's fingerprint), `token` (fencing token of the last leader that wrote) |
+//! | `state:<name>` | hash | `cursor` (last tick dealt with), `last_run`, `last_task_id`, `last_published_at`, `next_run` (RFC 3339 UTC), `spec` (the schedule's fingerprint), `token` (fencing token of the last leader that wrote), `skipped_missed`, `skipped_overlap`, `skipped_in_doubt` (ticks not published, by reason) |
 //! | `fired:<name>:<unix secs>` | string, TTL [`FIRED_TTL`] | `claimed:<token>` then `published:<token>`: the tick's firing key |
 //! | `lease`, `token` | string, counter | the leader lease (see [`crate::lease`]) |
 //! | `changed` | pub/sub channel | an entry name, each time the API changes something |
@@ -131,6 +131,19 @@ pub struct EntryState {
     pub fingerprint: Option<String>,
     /// Fencing token of the last leader that wrote.
     pub token: u64,
+    /// Ticks not published, by reason.
+    pub skipped: Skipped,
+}
+
+/// Ticks of an entry the beat did not publish, by reason (counted since the entry was added).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Skipped {
+    /// Dropped by the catch-up policy (no scheduler was running, or it fell behind).
+    pub missed: u64,
+    /// The previous run had not finished (`overlap = "skip"`).
+    pub overlap: u64,
+    /// Claimed by an earlier leader that stopped before confirming its publish.
+    pub in_doubt: u64,
 }
 
 /// An entry as the monitor shows it.
@@ -150,6 +163,8 @@ pub struct EntryStatus {
     pub last_published_at: Option<DateTime<Utc>>,
     /// The next tick (none while paused).
     pub next_run: Option<DateTime<Utc>>,
+    /// Ticks not published, by reason.
+    pub skipped: Skipped,
 }
 
 /// An entry loaded for the beat loop.
@@ -477,6 +492,7 @@ impl Store {
                 last_task_id: state.last_task_id,
                 last_published_at: state.last_published_at,
                 next_run: if paused { None } else { state.next_run },
+                skipped: state.skipped,
             })
             .collect())
     }
@@ -779,6 +795,36 @@ impl Store {
         Ok(n == 1)
     }
 
+    /// Counts `n` ticks of `name` not published for `reason` (`missed`, `overlap`,
+    /// `in_doubt`), if the entry still exists.
+    pub(crate) async fn count_skipped(&self, name: &str, reason: &str, n: u64) -> Result<()> {
+        match &self.inner.backend {
+            Backend::Memory(m) => {
+                let mut m = lock(m);
+                if m.entries.contains_key(name) {
+                    let s = &mut m.states.entry(name.to_owned()).or_default().skipped;
+                    match reason {
+                        "missed" => s.missed += n,
+                        "overlap" => s.overlap += n,
+                        _ => s.in_doubt += n,
+                    }
+                }
+            }
+            Backend::Redis(r) => {
+                let k = self.keys();
+                let _: i64 = COUNT_SKIPPED
+                    .key(k.entries())
+                    .key(k.state(name))
+                    .arg(name)
+                    .arg(format!("skipped_{reason}"))
+                    .arg(n)
+                    .invoke_async(&mut r.conn.clone())
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Moves the cursor forward to `cursor` (never back) and records the next tick (fenced).
     pub(crate) async fn advance(
         &self,
@@ -843,6 +889,7 @@ fn parse_time(s: &str) -> Option<DateTime<Utc>> {
 
 fn state_from_hash(h: &HashMap<String, String>) -> EntryState {
     let time = |f: &str| h.get(f).and_then(|s| parse_time(s));
+    let count = |f: &str| h.get(f).and_then(|s| s.parse().ok()).unwrap_or(0);
     EntryState {
         cursor: time("cursor"),
         last_run: time("last_run"),
@@ -851,6 +898,11 @@ fn state_from_hash(h: &HashMap<String, String>) -> EntryState {
         next_run: time("next_run"),
         fingerprint: h.get("spec").cloned(),
         token: h.get("token").and_then(|t| t.parse().ok()).unwrap_or(0),
+        skipped: Skipped {
+            missed: count("skipped_missed"),
+            overlap: count("skipped_overlap"),
+            in_doubt: count("skipped_in_doubt"),
+        },
     }
 }
 
@@ -914,6 +966,16 @@ if redis.call('HGET', KEYS[1], 'spec') == ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'spec', ARGV[1], 'cursor', ARGV[2])
 redis.call('HDEL', KEYS[1], 'next_run')
 return 1
+",
+    )
+});
+
+/// KEYS: entries, state. ARGV: name, field, n.
+static COUNT_SKIPPED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+return redis.call('HINCRBY', KEYS[2], ARGV[2], ARGV[3])
 ",
     )
 });

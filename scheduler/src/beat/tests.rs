@@ -369,6 +369,9 @@ async fn after_downtime_each_catch_up_policy_does_what_it_says() {
         "once with a 3 s window: nothing older runs: {once_window:?}"
     );
     assert!(skipped_all >= 15, "{skipped_all}");
+    // The store counts them too, for the monitor's beat page.
+    let status = w.store.get("all").await.unwrap().unwrap();
+    assert_eq!(status.skipped.missed, skipped_all);
     for e in ["skip", "once", "all", "once-window"] {
         let ticks = w.ticks(e);
         assert_once_each(&ticks, e);
@@ -391,6 +394,11 @@ async fn overlap_skip_waits_for_the_previous_run() {
     let first: Vec<_> = w.ticks("slow").into_keys().collect();
     assert_eq!(first.len(), 1, "{first:?}");
     assert!(a.metrics.ticks_skipped("slow", "overlap") >= 2);
+    let status = w.store.get("slow").await.unwrap().unwrap();
+    assert_eq!(
+        status.skipped.overlap,
+        a.metrics.ticks_skipped("slow", "overlap")
+    );
 
     // A worker picks it up (STARTED): still skipped, even past its expiry.
     let id = format!("beat:slow:{}", crate::entry::format_tick(first[0]));
@@ -577,6 +585,7 @@ async fn a_tick_claimed_by_a_leader_that_died_is_never_sent_by_another() {
     let got: Vec<_> = ticks.into_keys().take(expected.len()).collect();
     assert_eq!(got, expected);
     assert_eq!(in_doubt, 1);
+    assert_eq!(w.store.get("t").await.unwrap().unwrap().skipped.in_doubt, 1);
 }
 
 #[tokio::test(start_paused = true)]

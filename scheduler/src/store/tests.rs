@@ -76,6 +76,18 @@ async fn runtime_api(store: &Store) {
     assert!(!listed[0].paused);
     assert_eq!(store.count().await.unwrap(), 1);
 
+    // Skipped ticks are counted per reason, and not for an entry that is gone.
+    store.count_skipped("a", "missed", 3).await.unwrap();
+    store.count_skipped("a", "missed", 2).await.unwrap();
+    store.count_skipped("a", "overlap", 1).await.unwrap();
+    store.count_skipped("gone", "missed", 1).await.unwrap();
+    let skipped = store.get("a").await.unwrap().unwrap().skipped;
+    assert_eq!(
+        (skipped.missed, skipped.overlap, skipped.in_doubt),
+        (5, 1, 0)
+    );
+    assert!(store.get("gone").await.unwrap().is_none());
+
     store.pause("a").await.unwrap();
     assert!(store.get("a").await.unwrap().unwrap().paused);
     store.resume("a").await.unwrap();
