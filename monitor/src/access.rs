@@ -1,6 +1,8 @@
 //! Who may do what: staff sign in ([`staff_auth`], shared with billing's back-office) as a
 //! `viewer` (every page and read-only API), an `operator` (also every action: retry, revoke,
-//! send, pool and limit changes, consumers) or an `admin` (also shutting workers down).
+//! send, pool and limit changes, consumers, dead-letter replay, pausing, resuming, running and
+//! adding schedule entries) or an `admin` (also shutting workers down and removing schedule
+//! entries).
 //!
 //! With `MONITOR_USERS` (or `MONITOR_USERS_FILE`) set, every route but `/login`, `/livez`,
 //! `/readyz` and `/metrics` needs a session cookie or an `Authorization: Basic` header, and a
@@ -53,7 +55,10 @@ impl Role for MonitorRole {
 pub fn required_role(method: &Method, path: &str) -> MonitorRole {
     if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
         MonitorRole::Viewer
-    } else if path.starts_with("/api/worker/shutdown/") {
+    } else if path.starts_with("/api/worker/shutdown/")
+        || ((path.starts_with("/beat/") || path.starts_with("/api/beat/"))
+            && path.ends_with("/remove"))
+    {
         MonitorRole::Admin
     } else {
         MonitorRole::Operator

@@ -82,6 +82,11 @@ pub struct Config {
     )]
     pub result_backend: String,
 
+    /// The key prefix of the scheduler's store (in RESULT_BACKEND's Redis), as the `scheduler`
+    /// replicas are given it: the beat page reads and changes their entries there.
+    #[arg(long, env = "SCHEDULER_KEY_PREFIX", default_value = scheduler::DEFAULT_KEY_PREFIX)]
+    pub scheduler_prefix: String,
+
     /// The durable queue bound to `celeryev` that keeps events while the monitor is down.
     #[arg(long, env = "MONITOR_EVENTS_QUEUE", default_value = DEFAULT_EVENTS_QUEUE)]
     pub events_queue: String,

@@ -13,6 +13,7 @@ pub mod access;
 pub mod actions;
 pub mod api;
 pub mod audit;
+pub mod beat;
 pub mod broker;
 pub mod broker_api;
 pub mod config;
@@ -64,6 +65,7 @@ struct Shared {
     updates: tokio::sync::broadcast::Sender<intake::Update>,
     inspect_timeout: std::time::Duration,
     access: Arc<access::Access>,
+    beat: scheduler::Store,
 }
 
 impl AppState {
@@ -101,6 +103,15 @@ impl AppState {
                 updates: tokio::sync::broadcast::channel(64).0,
                 inspect_timeout: config.inspect_timeout,
                 access: Arc::new(access::Access::from_config(config)?),
+                beat: scheduler::Store::connect_lazy(
+                    &config.result_backend,
+                    &config.scheduler_prefix,
+                )
+                .map_err(|e| {
+                    Error::Config(format!(
+                        "the scheduler's store (RESULT_BACKEND, SCHEDULER_KEY_PREFIX): {e}"
+                    ))
+                })?,
             }),
         })
     }
@@ -108,6 +119,10 @@ impl AppState {
     /// The broker, for what only RabbitMQ does (reading a queue without consuming it).
     pub fn amqp(&self) -> &AmqpBroker {
         &self.inner.broker
+    }
+    /// The scheduler's store (its entries, their state, the leader lease).
+    pub fn beat(&self) -> &scheduler::Store {
+        &self.inner.beat
     }
     /// Who may sign in and what they may do.
     pub fn access(&self) -> &Arc<access::Access> {

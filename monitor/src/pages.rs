@@ -883,6 +883,258 @@ pub(crate) async fn replay_dead_letters(
     }
 }
 
+/// An entry on the beat page.
+struct BeatRow {
+    name: String,
+    link: String,
+    source: &'static str,
+    paused: bool,
+    task: String,
+    args: String,
+    schedule: String,
+    queue: String,
+    last_run: String,
+    last_task_id: String,
+    next_run: String,
+    missed: u64,
+    overlap: u64,
+    in_doubt: u64,
+    /// (path verb, button label) of the changes that apply.
+    actions: Vec<(&'static str, &'static str)>,
+    request_id: String,
+}
+
+#[derive(Template)]
+#[template(path = "beat.html")]
+struct BeatPage {
+    nav: &'static str,
+    refresh: u32,
+    error: Option<String>,
+    done: String,
+    leader: String,
+    prefix: String,
+    entries: Vec<BeatRow>,
+    request_id: String,
+}
+
+fn utc(t: Option<DateTime<Utc>>) -> String {
+    t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_default()
+}
+
+/// `GET /beat`: the leader and every schedule entry with its last and next run and skipped
+/// ticks, and the forms that change them.
+pub(crate) async fn beat(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let (overview, error) = match crate::beat::overview(&state).await {
+        Ok(o) => (Some(o), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let leader = overview
+        .as_ref()
+        .and_then(|o| o.leader.as_ref())
+        .map(|l| format!("{} (fencing token {})", l.node_id, l.token))
+        .unwrap_or_default();
+    let entries = overview
+        .map(|o| o.entries)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| {
+            let spec = &e.spec;
+            let schedule = match (&spec.cron, &spec.every) {
+                (Some(c), _) => format!(
+                    "cron {c}{}",
+                    spec.timezone
+                        .as_deref()
+                        .map(|z| format!(" ({z})"))
+                        .unwrap_or_default()
+                ),
+                (None, Some(every)) => format!("every {every}"),
+                (None, None) => String::new(),
+            };
+            let mut actions = vec![if e.paused {
+                ("resume", "Resume")
+            } else {
+                ("pause", "Pause")
+            }];
+            actions.push(("run", "Run now"));
+            actions.push(("remove", "Remove"));
+            BeatRow {
+                link: url_encode(&spec.name),
+                name: spec.name.clone(),
+                source: match e.source {
+                    scheduler::Source::File => "from the schedule file",
+                    scheduler::Source::Api => "added at run time",
+                },
+                paused: e.paused,
+                task: spec.task.clone(),
+                args: if spec.args.is_empty() && spec.kwargs.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "{} {}",
+                        serde_json::Value::from(spec.args.clone()),
+                        serde_json::Value::Object(spec.kwargs.clone())
+                    )
+                },
+                schedule,
+                queue: spec.queue.clone().unwrap_or_else(|| "celery".into()),
+                last_run: utc(e.last_run),
+                last_task_id: e.last_task_id.clone().unwrap_or_default(),
+                next_run: if e.paused {
+                    "paused".into()
+                } else {
+                    utc(e.next_run)
+                },
+                missed: e.skipped.missed,
+                overlap: e.skipped.overlap,
+                in_doubt: e.skipped.in_doubt,
+                actions,
+                request_id: uuid::Uuid::new_v4().to_string(),
+            }
+        })
+        .collect();
+    let done = match (params.get("done"), params.get("entry")) {
+        (Some(what), Some(entry)) => match params.get("task_id") {
+            Some(id) if !id.is_empty() => format!("{entry}: {what}; sent as task {id}."),
+            _ => format!("{entry}: {what}."),
+        },
+        _ => String::new(),
+    };
+    render(&BeatPage {
+        nav: "beat",
+        refresh: 0,
+        error,
+        done,
+        leader,
+        prefix: state.beat().keys().prefix().to_owned(),
+        entries,
+        request_id: uuid::Uuid::new_v4().to_string(),
+    })
+}
+
+/// A beat form's fields besides the entry.
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct BeatForm {
+    request_id: String,
+    reason: String,
+    #[serde(default)]
+    note: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    task: String,
+    #[serde(default)]
+    cron: String,
+    #[serde(default)]
+    every: String,
+    #[serde(default)]
+    timezone: String,
+    #[serde(default)]
+    args: String,
+    #[serde(default)]
+    queue: String,
+}
+
+fn beat_answer(result: crate::Result<crate::beat::Changed>, what: &str) -> Response {
+    match result {
+        Ok(c) => axum::response::Redirect::to(&format!(
+            "/beat?done={}&entry={}&task_id={}",
+            url_encode(what),
+            url_encode(&c.entry),
+            url_encode(c.task_id.as_deref().unwrap_or(""))
+        ))
+        .into_response(),
+        Err(e) => {
+            let status = match e {
+                crate::Error::NotFound(_) => StatusCode::NOT_FOUND,
+                crate::Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            (status, format!("The schedule was not changed: {e}")).into_response()
+        }
+    }
+}
+
+/// `POST /beat/<entry>/<pause|resume|run|remove>` (the beat page's forms).
+pub(crate) async fn beat_change(
+    State(state): State<AppState>,
+    Path((name, verb)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+    axum::Form(form): axum::Form<BeatForm>,
+) -> Response {
+    let (change, what) = match verb.as_str() {
+        "pause" => (crate::beat::Change::Pause, "paused"),
+        "resume" => (crate::beat::Change::Resume, "resumed"),
+        "run" => (crate::beat::Change::RunNow, "run now"),
+        "remove" => (crate::beat::Change::Remove, "removed"),
+        _ => return (StatusCode::NOT_FOUND, "no such change").into_response(),
+    };
+    let Some(asked) = form_asked(&headers, &form.reason, &form.note, &form.request_id) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "A reason is required to change the schedule",
+        )
+            .into_response();
+    };
+    beat_answer(
+        crate::beat::change(&state, &name, &change, &asked).await,
+        what,
+    )
+}
+
+/// `POST /beat` (the add form): a cron expression or an interval, optional JSON arguments.
+pub(crate) async fn beat_add(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    axum::Form(form): axum::Form<BeatForm>,
+) -> Response {
+    let Some(asked) = form_asked(&headers, &form.reason, &form.note, &form.request_id) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "A reason is required to change the schedule",
+        )
+            .into_response();
+    };
+    let text = |s: &str| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
+    let args = match text(&form.args) {
+        None => Vec::new(),
+        Some(a) => match serde_json::from_str::<Vec<serde_json::Value>>(&a) {
+            Ok(v) => v,
+            Err(e) => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    format!("args must be a JSON list, e.g. [1, \"a\"]: {e}"),
+                )
+                    .into_response();
+            }
+        },
+    };
+    let spec = scheduler::EntrySpec {
+        name: form.name.trim().to_owned(),
+        task: form.task.trim().to_owned(),
+        cron: text(&form.cron),
+        timezone: text(&form.timezone),
+        every: text(&form.every),
+        args,
+        queue: text(&form.queue),
+        ..scheduler::EntrySpec::default()
+    };
+    let name = spec.name.clone();
+    beat_answer(
+        crate::beat::change(
+            &state,
+            &name,
+            &crate::beat::Change::Add(Box::new(spec)),
+            &asked,
+        )
+        .await,
+        "saved",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

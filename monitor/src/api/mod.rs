@@ -2,6 +2,7 @@
 //! Flower's API (`/api/...`, same paths, parameters and JSON shapes as Flower 2.2, so scripts
 //! written for Flower keep working), `/metrics`, `/livez` and `/readyz`.
 
+mod beat;
 mod health;
 mod queues;
 pub(crate) mod tasks;
@@ -60,6 +61,13 @@ pub fn app(state: AppState) -> Router {
             "/dead-letters/{queue}/replay",
             post(crate::pages::replay_dead_letters),
         )
+        .route(
+            "/beat",
+            get(crate::pages::beat).post(crate::pages::beat_add),
+        )
+        .route("/beat/{name}/{verb}", post(crate::pages::beat_change))
+        .route("/api/beat", get(beat::overview).post(beat::add))
+        .route("/api/beat/{name}/{verb}", post(beat::change))
         .route("/api/dead-letters", get(queues::dead_letters))
         .route("/api/dead-letters/{queue}", get(queues::peek_dead_letters))
         .route(
