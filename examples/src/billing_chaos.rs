@@ -134,6 +134,7 @@ pub struct ChaosReport {
     pub three_ds_answered: usize,
     pub refunds_requested: usize,
     pub kills: u32,
+    /// Workers that exited on their own, started while RabbitMQ or Redis was away.
     pub worker_exits_during_chaos: u32,
     pub broker_restarts: u32,
     pub redis_restarts: u32,
@@ -195,7 +196,7 @@ impl ChaosReport {
                 if self.settled { "" } else { " (not settled)" }
             ),
             format!(
-                "chaos: {} worker kills ({} exits of its own while the broker was away), {} RabbitMQ restart(s), {} Redis restart(s), {} gateway faults, {} notifications sent",
+                "chaos: {} worker kills ({} exits of its own, started while RabbitMQ or Redis was away), {} RabbitMQ restart(s), {} Redis restart(s), {} gateway faults, {} notifications sent",
                 self.kills,
                 self.worker_exits_during_chaos,
                 self.broker_restarts,
@@ -429,6 +430,9 @@ pub async fn run(s: &ChaosSettings) -> anyhow::Result<ChaosReport> {
     let mut answered_3ds = HashSet::new();
     let mut refunded = HashSet::new();
     let mut restarts: Vec<(&str, tokio::task::JoinHandle<anyhow::Result<()>>)> = Vec::new();
+    // When each restart began and when it was seen done: a worker started in between may
+    // exit on its own (it cannot start without the broker and Redis), whenever that is noticed.
+    let mut away: Vec<(Instant, Option<Instant>)> = Vec::new();
     let (mut broker_due, mut redis_due) = (s.restart_broker, s.restart_redis);
     let mut last_kill = Instant::now();
     let mut last_spawn = Instant::now();
@@ -441,6 +445,7 @@ pub async fn run(s: &ChaosSettings) -> anyhow::Result<ChaosReport> {
         if broker_due && elapsed >= s.chaos / 3 {
             broker_due = false;
             println!("  restarting RabbitMQ");
+            away.push((Instant::now(), None));
             restarts.push((
                 "RabbitMQ",
                 tokio::task::spawn_blocking(|| restart_rabbitmq(Duration::from_secs(3))),
@@ -450,16 +455,23 @@ pub async fn run(s: &ChaosSettings) -> anyhow::Result<ChaosReport> {
             redis_due = false;
             println!("  restarting Redis (its data lost)");
             let url = s.backend.clone();
+            away.push((Instant::now(), None));
             restarts.push((
                 "Redis",
                 tokio::spawn(async move { restart_redis(&url, Duration::from_secs(3)).await }),
             ));
         }
+        for ((_, restart), (_, back)) in restarts.iter().zip(away.iter_mut()) {
+            if back.is_none() && restart.is_finished() {
+                *back = Some(Instant::now());
+            }
+        }
         if !calm && elapsed >= s.chaos && !broker_due && !redis_due {
-            for (what, restart) in restarts.drain(..) {
+            for ((what, restart), (_, back)) in restarts.drain(..).zip(away.iter_mut()) {
                 restart
                     .await?
                     .with_context(|| format!("restarting {what}"))?;
+                back.get_or_insert_with(Instant::now);
                 match what {
                     "RabbitMQ" => report.broker_restarts += 1,
                     _ => report.redis_restarts += 1,
@@ -481,12 +493,15 @@ pub async fn run(s: &ChaosSettings) -> anyhow::Result<ChaosReport> {
             last_kill = Instant::now();
             last_spawn = Instant::now();
         }
-        // A worker that exits on its own: expected only while the broker is away (it cannot
-        // start without one); after the chaos it is a crash.
+        // A worker that exits on its own: expected only if it was started while the broker or
+        // Redis was away (it cannot start without them); otherwise, after the chaos, a crash.
         if let Some(status) = worker.try_wait()?
             && last_spawn.elapsed() >= Duration::from_secs(1)
         {
-            if calm {
+            let started_while_away = away
+                .iter()
+                .any(|(began, back)| last_spawn >= *began && back.is_none_or(|b| last_spawn <= b));
+            if calm && !started_while_away {
                 report.worker_crashes_after_chaos += 1;
                 println!(
                     "  the worker exited on its own ({status}); see {}",
