@@ -22,6 +22,7 @@ mod error;
 pub mod event;
 pub mod inspect;
 pub mod intake;
+pub mod jobs;
 pub mod metrics;
 mod pages;
 pub mod search;
@@ -297,6 +298,9 @@ impl Monitor {
             state.updates().clone(),
             stopped,
         ));
+        if let Err(e) = jobs::resume_all(&state).await {
+            tracing::error!(error = %e, "cannot resume the bulk jobs left running");
+        }
         Ok(Monitor {
             state,
             stop,

@@ -304,6 +304,8 @@ struct TaskList {
     tasks: Vec<TaskRow>,
     next: Option<String>,
     first: String,
+    /// The filter as a query string, for the bulk actions' links.
+    filter_query: String,
 }
 
 /// `GET /tasks`: newest first, keyset pages (`before=<received>:<uuid>`), Flower's filters and
@@ -371,9 +373,16 @@ pub(crate) async fn tasks(
                 url_encode(&t.uuid)
             ))
         });
+    let filter_query = filter_query(&crate::jobs::Filter {
+        search: search.clone(),
+        state: st.clone(),
+        taskname: taskname.clone(),
+        workername: workername.clone(),
+    });
     render(&TaskList {
         nav: "tasks",
         refresh: 0,
+        filter_query,
         search,
         state_options: STATES.iter().map(|s| (*s, *s == st)).collect(),
         taskname,
@@ -1133,6 +1142,274 @@ pub(crate) async fn beat_add(
         .await,
         "saved",
     )
+}
+
+/// A task-list filter as a query string.
+fn filter_query(f: &crate::jobs::Filter) -> String {
+    format!(
+        "search={}&state={}&taskname={}&workername={}",
+        url_encode(&f.search),
+        url_encode(&f.state),
+        url_encode(&f.taskname),
+        url_encode(&f.workername)
+    )
+}
+
+fn bulk_filter(p: &HashMap<String, String>) -> crate::jobs::Filter {
+    let get = |k: &str| p.get(k).cloned().unwrap_or_default();
+    crate::jobs::Filter {
+        search: get("search"),
+        state: get("state"),
+        taskname: get("taskname"),
+        workername: get("workername"),
+    }
+}
+
+#[derive(Template)]
+#[template(path = "job_new.html")]
+struct JobNewPage {
+    nav: &'static str,
+    refresh: u32,
+    action: &'static str,
+    states: String,
+    described: String,
+    filter: crate::jobs::Filter,
+    filter_query: String,
+    error: Option<String>,
+    count: i64,
+    sample: Vec<TaskRow>,
+    request_id: String,
+}
+
+/// `GET /jobs/new?action=retry|revoke&search=&state=&taskname=&workername=`: how many tasks a
+/// bulk action over the task list's filter would take, a sample, and the form that starts it.
+pub(crate) async fn job_new(
+    State(state): State<AppState>,
+    Query(p): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(kind) = p.get("action").and_then(|a| crate::jobs::Kind::parse(a)) else {
+        return (StatusCode::BAD_REQUEST, "action must be retry or revoke").into_response();
+    };
+    let filter = bulk_filter(&p);
+    let described = [
+        ("", &filter.search),
+        ("state=", &filter.state),
+        ("task=", &filter.taskname),
+        ("worker=", &filter.workername),
+    ]
+    .iter()
+    .filter(|(_, v)| !v.is_empty())
+    .map(|(k, v)| format!("{k}{v}"))
+    .collect::<Vec<_>>()
+    .join(" ");
+    let (count, sample, error) = match crate::jobs::preview(&state, kind, &filter).await {
+        Ok(n) => {
+            let sample = crate::jobs::sample(&state, kind, &filter, 10)
+                .await
+                .unwrap_or_default();
+            (n, sample, None)
+        }
+        Err(e) => (0, Vec::new(), Some(e.to_string())),
+    };
+    render(&JobNewPage {
+        nav: "tasks",
+        refresh: 0,
+        action: kind.name(),
+        states: kind.states().join(", "),
+        described: if described.is_empty() {
+            "(everything)".into()
+        } else {
+            described
+        },
+        filter_query: filter_query(&filter),
+        filter,
+        error,
+        count,
+        sample: sample
+            .into_iter()
+            .map(|t| TaskRow {
+                received: time(t.received),
+                runtime: seconds(t.runtime),
+                name: text(&t.name),
+                args: text(&t.args),
+                kwargs: text(&t.kwargs),
+                result: String::new(),
+                worker: text(&t.worker),
+                lost: false,
+                state: t.state,
+                uuid: t.uuid,
+            })
+            .collect(),
+        request_id: uuid::Uuid::new_v4().to_string(),
+    })
+}
+
+/// The start form's fields.
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct JobForm {
+    request_id: String,
+    reason: String,
+    #[serde(default)]
+    note: String,
+    action: String,
+    expected: i64,
+    #[serde(flatten)]
+    filter: crate::jobs::Filter,
+}
+
+fn job_error(e: crate::Error, what: &str) -> Response {
+    let status = match e {
+        crate::Error::NotFound(_) => StatusCode::NOT_FOUND,
+        crate::Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+        crate::Error::Conflict(_) => StatusCode::CONFLICT,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (status, format!("{what}: {e}")).into_response()
+}
+
+/// `POST /jobs` (the preview's form): starts the job, then its page.
+pub(crate) async fn job_start(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    axum::Form(form): axum::Form<JobForm>,
+) -> Response {
+    let Some(kind) = crate::jobs::Kind::parse(&form.action) else {
+        return (StatusCode::BAD_REQUEST, "action must be retry or revoke").into_response();
+    };
+    let Some(asked) = form_asked(&headers, &form.reason, &form.note, &form.request_id) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "A reason is required for a bulk action",
+        )
+            .into_response();
+    };
+    match crate::jobs::start(&state, kind, &form.filter, form.expected, &asked).await {
+        Ok(id) => axum::response::Redirect::to(&format!("/jobs/{id}")).into_response(),
+        Err(e) => job_error(e, "The job was not started"),
+    }
+}
+
+struct JobRow {
+    id: i64,
+    kind: String,
+    filter: String,
+    actor: String,
+    reason: String,
+    state: String,
+    abort_requested: bool,
+    total: i32,
+    done: i64,
+    skipped: i64,
+    failed: i64,
+    pending: i64,
+    processed: i64,
+    created: String,
+    finished: String,
+}
+
+impl From<crate::jobs::Job> for JobRow {
+    fn from(j: crate::jobs::Job) -> Self {
+        let f: crate::jobs::Filter = serde_json::from_value(j.filter.clone()).unwrap_or_default();
+        JobRow {
+            id: j.id,
+            kind: j.kind,
+            filter: [&f.search, &f.state, &f.taskname, &f.workername]
+                .iter()
+                .filter(|v| !v.is_empty())
+                .map(|v| v.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+            actor: j.actor,
+            reason: j.reason,
+            state: j.state,
+            abort_requested: j.abort_requested,
+            total: j.total,
+            done: j.done,
+            skipped: j.skipped,
+            failed: j.failed,
+            pending: j.pending,
+            processed: j.done + j.skipped + j.failed,
+            created: j.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            finished: j
+                .finished_at
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "jobs.html")]
+struct JobsPage {
+    nav: &'static str,
+    refresh: u32,
+    error: Option<String>,
+    jobs: Vec<JobRow>,
+}
+
+/// `GET /jobs`: the latest 100 bulk jobs.
+pub(crate) async fn jobs(State(state): State<AppState>) -> Response {
+    let (jobs, error) = match crate::jobs::list(&state, 100).await {
+        Ok(j) => (j.into_iter().map(JobRow::from).collect(), None),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
+    render(&JobsPage {
+        nav: "tasks",
+        refresh: 0,
+        error,
+        jobs,
+    })
+}
+
+#[derive(Template)]
+#[template(path = "job.html")]
+struct JobPage {
+    nav: &'static str,
+    refresh: u32,
+    j: JobRow,
+    problems: Vec<crate::jobs::Item>,
+    request_id: String,
+}
+
+/// `GET /jobs/<id>`: progress (reloading every 2 s while it runs), the skipped and failed
+/// items, and the abort form.
+pub(crate) async fn job(State(state): State<AppState>, Path(id): Path<i64>) -> Response {
+    let job = match crate::jobs::get(&state, id).await {
+        Ok(Some(j)) => j,
+        Ok(None) => return (StatusCode::NOT_FOUND, format!("no job {id}")).into_response(),
+        Err(e) => return job_error(e, "The job cannot be read"),
+    };
+    let problems = crate::jobs::problems(&state, id, 200)
+        .await
+        .unwrap_or_default();
+    let running = job.state == "running";
+    render(&JobPage {
+        nav: "tasks",
+        refresh: if running { 2 } else { 0 },
+        j: job.into(),
+        problems,
+        request_id: uuid::Uuid::new_v4().to_string(),
+    })
+}
+
+/// `POST /jobs/<id>/abort`: stops the job after the task it is on.
+pub(crate) async fn job_abort(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+    headers: axum::http::HeaderMap,
+    axum::Form(form): axum::Form<RetryForm>,
+) -> Response {
+    let Some(asked) = form_asked(&headers, &form.reason, &form.note, &form.request_id) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "A reason is required to abort a job",
+        )
+            .into_response();
+    };
+    match crate::jobs::abort(&state, id, &asked).await {
+        Ok(()) => axum::response::Redirect::to(&format!("/jobs/{id}")).into_response(),
+        Err(e) => job_error(e, "The job was not aborted"),
+    }
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ pub const SCHEMA: &str = "monitor";
 /// The store's migrations, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-const TASK_COLUMNS: &str = "uuid, name, state, args, kwargs, root_id, parent_id, retries, eta, \
+pub(crate) const TASK_COLUMNS: &str = "uuid, name, state, args, kwargs, root_id, parent_id, retries, eta, \
     expires, sent, received, started, succeeded, failed, retried, revoked, rejected, \"timestamp\", \
     runtime, result, exception, traceback, worker, client, exchange, routing_key, queue, clock";
 
@@ -266,24 +266,7 @@ impl Store {
     pub async fn tasks(&self, query: &TaskQuery) -> Result<Vec<TaskRecord>> {
         let mut q: QueryBuilder<Postgres> =
             QueryBuilder::new(format!("SELECT {TASK_COLUMNS} FROM tasks WHERE true"));
-        if let Some(name) = &query.name {
-            q.push(" AND name = ").push_bind(name.clone());
-        }
-        if let Some(state) = &query.state {
-            q.push(" AND state = ").push_bind(state.clone());
-        }
-        if let Some(worker) = &query.worker {
-            q.push(" AND worker = ").push_bind(worker.clone());
-        }
-        if let Some(t) = query.received_start {
-            q.push(" AND received >= ").push_bind(t);
-        }
-        if let Some(t) = query.received_end {
-            q.push(" AND received < ").push_bind(t);
-        }
-        for term in &query.search {
-            term.push_sql(&mut q);
-        }
+        push_filters(&mut q, query);
         let (column, descending) = match query.sort_by.as_deref() {
             None => (None, true),
             Some(s) => (Some(s.trim_start_matches('-')), s.starts_with('-')),
@@ -322,6 +305,15 @@ impl Store {
         q.push(" OFFSET ")
             .push_bind(i64::try_from(query.offset).unwrap_or(i64::MAX));
         Ok(q.build_query_as().fetch_all(&self.pool).await?)
+    }
+
+    /// How many tasks `query`'s filters match (its order and pages aside).
+    pub async fn count_tasks(&self, query: &TaskQuery) -> Result<i64> {
+        let mut q: QueryBuilder<Postgres> =
+            QueryBuilder::new("SELECT count(*) FROM tasks WHERE true");
+        push_filters(&mut q, query);
+        let (n,): (i64,) = q.build_query_as().fetch_one(&self.pool).await?;
+        Ok(n)
     }
 
     /// Tasks per state among those received (or, lacking that, last changed) since `since`.
@@ -439,5 +431,27 @@ async fn create_database_if_missing(options: &PgConnectOptions, shown: &str) -> 
             }
         }
         Err(e) => Err(unavailable(shown, e)),
+    }
+}
+
+/// The `WHERE` conditions of `query` after a `WHERE true`.
+pub(crate) fn push_filters(q: &mut QueryBuilder<Postgres>, query: &TaskQuery) {
+    if let Some(name) = &query.name {
+        q.push(" AND name = ").push_bind(name.clone());
+    }
+    if let Some(state) = &query.state {
+        q.push(" AND state = ").push_bind(state.clone());
+    }
+    if let Some(worker) = &query.worker {
+        q.push(" AND worker = ").push_bind(worker.clone());
+    }
+    if let Some(t) = query.received_start {
+        q.push(" AND received >= ").push_bind(t);
+    }
+    if let Some(t) = query.received_end {
+        q.push(" AND received < ").push_bind(t);
+    }
+    for term in &query.search {
+        term.push_sql(q);
     }
 }

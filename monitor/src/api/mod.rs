@@ -4,6 +4,7 @@
 
 mod beat;
 mod health;
+mod jobs;
 mod queues;
 pub(crate) mod tasks;
 mod workers;
@@ -68,6 +69,17 @@ pub fn app(state: AppState) -> Router {
         .route("/beat/{name}/{verb}", post(crate::pages::beat_change))
         .route("/api/beat", get(beat::overview).post(beat::add))
         .route("/api/beat/{name}/{verb}", post(beat::change))
+        .route(
+            "/jobs",
+            get(crate::pages::jobs).post(crate::pages::job_start),
+        )
+        .route("/jobs/new", get(crate::pages::job_new))
+        .route("/jobs/{id}", get(crate::pages::job))
+        .route("/jobs/{id}/abort", post(crate::pages::job_abort))
+        .route("/api/jobs", get(jobs::list).post(jobs::start))
+        .route("/api/jobs/preview", get(jobs::preview))
+        .route("/api/jobs/{id}", get(jobs::get))
+        .route("/api/jobs/{id}/abort", post(jobs::abort))
         .route("/api/dead-letters", get(queues::dead_letters))
         .route("/api/dead-letters/{queue}", get(queues::peek_dead_letters))
         .route(
