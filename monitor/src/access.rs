@@ -1,8 +1,8 @@
 //! Who may do what: staff sign in ([`staff_auth`], shared with billing's back-office) as a
 //! `viewer` (every page and read-only API), an `operator` (also every action: retry, revoke,
 //! send, pool and limit changes, consumers, dead-letter replay, pausing, resuming, running and
-//! adding schedule entries) or an `admin` (also shutting workers down and removing schedule
-//! entries).
+//! adding schedule entries, pausing and resuming queues) or an `admin` (also shutting workers
+//! down, removing schedule entries and purging queues).
 //!
 //! With `MONITOR_USERS` (or `MONITOR_USERS_FILE`) set, every route but `/login`, `/livez`,
 //! `/readyz` and `/metrics` needs a session cookie or an `Authorization: Basic` header, and a
@@ -58,6 +58,8 @@ pub fn required_role(method: &Method, path: &str) -> MonitorRole {
     } else if path.starts_with("/api/worker/shutdown/")
         || ((path.starts_with("/beat/") || path.starts_with("/api/beat/"))
             && path.ends_with("/remove"))
+        || ((path.starts_with("/queues/") || path.starts_with("/api/queues/"))
+            && path.ends_with("/purge"))
     {
         MonitorRole::Admin
     } else {

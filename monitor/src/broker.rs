@@ -197,6 +197,14 @@ impl QueueProbe {
         }
     }
 
+    /// Drops the ready messages of `queue`: how many.
+    pub async fn purge(&self, queue: &str) -> Result<u64> {
+        let ch = self.channel().await?;
+        let n = ch.queue_purge(queue.into(), Default::default()).await?;
+        let _ = ch.close(200, "ok".into()).await;
+        Ok(u64::from(n))
+    }
+
     /// Deletes `queue` (tests clean up their events queues with it).
     pub async fn delete(&self, queue: &str) -> Result<()> {
         let ch = self.channel().await?;

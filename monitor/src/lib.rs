@@ -25,6 +25,7 @@ pub mod intake;
 pub mod jobs;
 pub mod metrics;
 mod pages;
+pub mod queue_actions;
 pub mod search;
 pub mod store;
 
@@ -153,6 +154,10 @@ impl AppState {
     pub fn updates(&self) -> &tokio::sync::broadcast::Sender<intake::Update> {
         &self.inner.updates
     }
+    /// How long one remote-control broadcast waits for replies.
+    pub fn inspect_timeout(&self) -> std::time::Duration {
+        self.inner.inspect_timeout
+    }
     /// The queue probe.
     pub fn queue_probe(&self) -> &QueueProbe {
         &self.inner.probe
@@ -243,10 +248,16 @@ impl AppState {
                 })
                 .collect());
         }
-        let names = match known {
+        let mut names = match known {
             Some(names) => names,
             None => self.inner.inspector.queue_names().await?,
         };
+        // A queue the monitor paused has no consumer, and still belongs on the list.
+        for q in queue_actions::paused_names(self).await {
+            if !names.contains(&q) {
+                names.push(q);
+            }
+        }
         let mut out = Vec::new();
         for name in names {
             if let Some(stats) = self.inner.probe.stats(&name).await? {

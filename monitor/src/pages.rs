@@ -115,11 +115,15 @@ struct QueueRow {
     /// when nothing is.
     dead_lettering: String,
     oldest: String,
+    link: String,
+    paused: bool,
 }
 
 impl From<(String, QueueStats)> for QueueRow {
     fn from((name, s): (String, QueueStats)) -> Self {
         QueueRow {
+            link: url_encode(&name),
+            paused: false,
             name,
             messages: s.messages,
             consumers: s.consumers,
@@ -670,8 +674,113 @@ pub(crate) async fn queues(
         refresh: refresh(&params),
         error,
         all_queues: state.lists_all_queues(),
-        queues: queues.into_iter().map(QueueRow::from).collect(),
+        queues: {
+            let paused = crate::queue_actions::paused_names(&state).await;
+            queues
+                .into_iter()
+                .map(|q| {
+                    let mut row = QueueRow::from(q);
+                    row.paused = paused.contains(&row.name);
+                    row
+                })
+                .collect()
+        },
     })
+}
+
+#[derive(Template)]
+#[template(path = "queue.html")]
+struct QueuePage {
+    nav: &'static str,
+    refresh: u32,
+    queue: String,
+    link: String,
+    done: String,
+    ready: u64,
+    consumers: u64,
+    paused: Option<crate::queue_actions::Paused>,
+    request_id: String,
+}
+
+/// `GET /queues/<queue>`: its counts, whether the monitor paused it, and the pause, resume and
+/// purge forms.
+pub(crate) async fn queue(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let stats = match state.queue_probe().stats(&queue).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return (StatusCode::NOT_FOUND, format!("no queue `{queue}`")).into_response(),
+        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    };
+    let paused = crate::queue_actions::paused(&state)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .find(|p| p.queue == queue);
+    let done = params.get("done").cloned().unwrap_or_default();
+    render(&QueuePage {
+        nav: "queues",
+        refresh: 0,
+        link: url_encode(&queue),
+        queue,
+        done,
+        ready: stats.messages,
+        consumers: stats.consumers,
+        paused,
+        request_id: uuid::Uuid::new_v4().to_string(),
+    })
+}
+
+/// The queue forms' fields.
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct QueueForm {
+    request_id: String,
+    reason: String,
+    #[serde(default)]
+    note: String,
+    #[serde(default)]
+    shown: u64,
+}
+
+/// `POST /queues/<queue>/<pause|resume|purge>` (the queue page's forms).
+pub(crate) async fn queue_action(
+    State(state): State<AppState>,
+    Path((queue, verb)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+    axum::Form(form): axum::Form<QueueForm>,
+) -> Response {
+    let Some(asked) = form_asked(&headers, &form.reason, &form.note, &form.request_id) else {
+        return (StatusCode::BAD_REQUEST, "A reason is required").into_response();
+    };
+    let result = match verb.as_str() {
+        "pause" => crate::queue_actions::pause(&state, &queue, &asked).await,
+        "resume" => crate::queue_actions::resume(&state, &queue, &asked).await,
+        "purge" => crate::queue_actions::purge(&state, &queue, form.shown, &asked).await,
+        _ => return (StatusCode::NOT_FOUND, "no such action").into_response(),
+    };
+    match result {
+        Ok(d) => {
+            let said = match (verb.as_str(), d.purged) {
+                (_, Some(n)) => format!("{n} message(s) purged."),
+                ("pause", _) => format!("Paused on {}.", d.workers.join(", ")),
+                _ => format!("Resumed on {}.", d.workers.join(", ")),
+            };
+            let said = if d.refused.is_empty() {
+                said
+            } else {
+                format!("{said} Not confirmed by {}.", d.refused.join(", "))
+            };
+            axum::response::Redirect::to(&format!(
+                "/queues/{}?done={}",
+                url_encode(&queue),
+                url_encode(&said)
+            ))
+            .into_response()
+        }
+        Err(e) => job_error(e, "Nothing was done"),
+    }
 }
 
 /// `GET /live`: Server-Sent Events, one `batch` event (`{"events", "tasks", "workers"}`) per

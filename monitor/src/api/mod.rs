@@ -53,6 +53,10 @@ pub fn app(state: AppState) -> Router {
         .route("/audit.csv", get(crate::pages::audit_csv))
         .route("/workers", get(crate::pages::workers))
         .route("/queues", get(crate::pages::queues))
+        .route("/queues/{queue}", get(crate::pages::queue))
+        .route("/queues/{queue}/{verb}", post(crate::pages::queue_action))
+        .route("/api/queues/paused", get(queues::paused))
+        .route("/api/queues/{queue}/{verb}", post(queues::act))
         .route("/dead-letters", get(crate::pages::dead_letters))
         .route(
             "/dead-letters/{queue}",

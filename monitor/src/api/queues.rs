@@ -79,3 +79,33 @@ pub(super) async fn replay_dead_letters(
     let done = dead_letters::replay(&state, &queue, &which, &asked(&headers, &p)).await?;
     Ok(Json(json!(done)))
 }
+
+/// `POST /api/queues/<queue>/<pause|resume|purge>?reason=&request_id=&shown=`.
+pub(super) async fn act(
+    State(state): State<AppState>,
+    Path((queue, verb)): Path<(String, String)>,
+    headers: HeaderMap,
+    Query(p): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let asked = asked(&headers, &p);
+    let done = match verb.as_str() {
+        "pause" => crate::queue_actions::pause(&state, &queue, &asked).await?,
+        "resume" => crate::queue_actions::resume(&state, &queue, &asked).await?,
+        "purge" => {
+            let shown = p.get("shown").and_then(|s| s.parse().ok()).unwrap_or(0);
+            crate::queue_actions::purge(&state, &queue, shown, &asked).await?
+        }
+        other => {
+            return Err(ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                format!("no action `{other}` (pause, resume, purge)"),
+            ));
+        }
+    };
+    Ok(Json(crate::queue_actions::to_json(&done)))
+}
+
+/// `GET /api/queues/paused`: the queues the monitor paused, with the workers it told.
+pub(super) async fn paused(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    Ok(Json(json!(crate::queue_actions::paused(&state).await?)))
+}
