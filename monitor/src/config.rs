@@ -46,6 +46,12 @@ pub struct Config {
     #[arg(long, env = "MONITOR_SECURE_COOKIES")]
     pub secure_cookies: Option<bool>,
 
+    /// Also serve Flower's metric names on /metrics (`flower_events_total`,
+    /// `flower_task_runtime_seconds`, `flower_worker_online`, …), so a Grafana dashboard or
+    /// alert rules written for Flower keep working.
+    #[arg(long, env = "MONITOR_FLOWER_METRICS", default_value_t = false)]
+    pub flower_metrics: bool,
+
     /// When set, /metrics answers only requests with `Authorization: Bearer <token>`.
     #[arg(long, env = "MONITOR_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,

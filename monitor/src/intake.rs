@@ -280,6 +280,7 @@ fn record(
     for c in &summary.completed {
         metrics.completed(&c.task, c.outcome);
     }
+    metrics.observe(summary);
 }
 
 /// Writes a batch, retrying with back-off while the store fails; `None` if told to stop first.

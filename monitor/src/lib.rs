@@ -100,7 +100,7 @@ impl AppState {
                 probe: QueueProbe::new(config.broker_url.clone()),
                 client,
                 broker,
-                metrics: Metrics::new(),
+                metrics: Metrics::with_flower_aliases(config.flower_metrics),
                 intake: Arc::default(),
                 updates: tokio::sync::broadcast::channel(64).0,
                 inspect_timeout: config.inspect_timeout,

@@ -14,6 +14,15 @@
 //!   which task-core's client sets), otherwise ready and consumers for every queue the
 //!   workers report consuming, from the broker.
 //!
+//! - From the events too: `tq_task_runtime_seconds{task,queue}` (task-succeeded's `runtime`) and
+//!   `tq_task_queue_wait_seconds{task,queue}` (received → started), histograms.
+//! - With `MONITOR_FLOWER_METRICS=true`, Flower's names as well, so its Grafana dashboard and
+//!   alert rules keep working: `flower_events_total{worker,type,task}`,
+//!   `flower_task_runtime_seconds{worker,task}`, `flower_task_prefetch_time_seconds{worker,task}`
+//!   (the last received → started wait), `flower_worker_prefetched_tasks{worker,task}` (received,
+//!   not yet started), `flower_worker_online{worker}`,
+//!   `flower_worker_number_of_currently_executing_tasks{worker}` (the heartbeat's `active`).
+//!
 //! Cardinality: `type` is bounded by Celery's event kinds (others count as `other`), `task` by
 //! the task names producers use, `worker` and `queue` by the fleet.
 
@@ -24,6 +33,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::broker::QueueStats;
@@ -75,6 +85,92 @@ struct QueueLabel {
 
 type FloatGauge = Gauge<f64, AtomicU64>;
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskQueue {
+    task: String,
+    queue: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FlowerEvent {
+    worker: String,
+    r#type: String,
+    task: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerTask {
+    worker: String,
+    task: String,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Buckets of the runtime and wait histograms, in seconds: 5 ms to 10 min.
+fn duration_histogram() -> Histogram {
+    Histogram::new([
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+        600.0,
+    ])
+}
+
+/// Flower's metric names, in a registry of their own (no `tq_` prefix).
+#[derive(Debug)]
+struct Flower {
+    registry: Registry,
+    events: Family<FlowerEvent, Counter>,
+    runtime: Histograms<WorkerTask>,
+    prefetch_time: Family<WorkerTask, FloatGauge>,
+    prefetched: Family<WorkerTask, Gauge>,
+    online: Family<WorkerLabel, Gauge>,
+    executing: Family<WorkerLabel, Gauge>,
+}
+
+impl Flower {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("flower");
+        let events = Family::<FlowerEvent, Counter>::default();
+        registry.register("events", "Number of events", events.clone());
+        let runtime: Histograms<WorkerTask> = Family::new_with_constructor(duration_histogram);
+        registry.register_with_unit(
+            "task_runtime",
+            "Task runtime",
+            Unit::Seconds,
+            runtime.clone(),
+        );
+        let prefetch_time = Family::<WorkerTask, FloatGauge>::default();
+        registry.register_with_unit(
+            "task_prefetch_time",
+            "The time the task spent waiting at the worker to be executed",
+            Unit::Seconds,
+            prefetch_time.clone(),
+        );
+        let prefetched = Family::<WorkerTask, Gauge>::default();
+        registry.register(
+            "worker_prefetched_tasks",
+            "Number of tasks of given type prefetched at a worker",
+            prefetched.clone(),
+        );
+        let online = Family::<WorkerLabel, Gauge>::default();
+        registry.register("worker_online", "Worker online status", online.clone());
+        let executing = Family::<WorkerLabel, Gauge>::default();
+        registry.register(
+            "worker_number_of_currently_executing_tasks",
+            "Number of tasks currently executing at a worker",
+            executing.clone(),
+        );
+        Flower {
+            registry,
+            events,
+            runtime,
+            prefetch_time,
+            prefetched,
+            online,
+            executing,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     registry: Registry,
@@ -87,6 +183,9 @@ struct Inner {
     queue_consumers: Family<QueueLabel, Gauge>,
     queue_oldest_age: Family<QueueLabel, FloatGauge>,
     dead_letters: Family<QueueLabel, Gauge>,
+    runtime: Histograms<TaskQueue>,
+    queue_wait: Histograms<TaskQueue>,
+    flower: Option<Flower>,
 }
 
 /// The monitor's metrics. Cheap to clone.
@@ -104,6 +203,11 @@ impl Default for Metrics {
 impl Metrics {
     /// A fresh registry with every metric at zero.
     pub fn new() -> Self {
+        Self::with_flower_aliases(false)
+    }
+
+    /// [`Metrics::new`], with Flower's metric names too when `flower` (see the module docs).
+    pub fn with_flower_aliases(flower: bool) -> Self {
         let mut registry = Registry::with_prefix("tq");
         let events = Family::<TypeLabel, Counter>::default();
         registry.register(
@@ -161,8 +265,25 @@ impl Metrics {
             "Messages in a queue's dead-letter queue (<queue>.dlq), by the original queue",
             dead_letters.clone(),
         );
+        let runtime: Histograms<TaskQueue> = Family::new_with_constructor(duration_histogram);
+        registry.register_with_unit(
+            "task_runtime",
+            "How long tasks ran (task-succeeded's runtime), by task and queue",
+            Unit::Seconds,
+            runtime.clone(),
+        );
+        let queue_wait: Histograms<TaskQueue> = Family::new_with_constructor(duration_histogram);
+        registry.register_with_unit(
+            "task_queue_wait",
+            "How long tasks waited at a worker between being received and started, by task and queue",
+            Unit::Seconds,
+            queue_wait.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
+                runtime,
+                queue_wait,
+                flower: flower.then(Flower::new),
                 registry,
                 events,
                 completed,
@@ -211,14 +332,81 @@ impl Metrics {
         self.inner.lag.set((now - newest_event).max(0.0));
     }
 
-    /// Replaces the worker gauges with `workers` (name, up).
-    pub fn set_workers(&self, workers: impl IntoIterator<Item = (String, bool)>) {
+    /// Replaces the worker gauges with `workers` (name, up, tasks executing as its last
+    /// heartbeat said).
+    pub fn set_workers(&self, workers: impl IntoIterator<Item = (String, bool, Option<i64>)>) {
         self.inner.worker_up.clear();
-        for (worker, up) in workers {
+        if let Some(f) = &self.inner.flower {
+            f.online.clear();
+            f.executing.clear();
+        }
+        for (worker, up, active) in workers {
+            let label = WorkerLabel { worker };
             self.inner
                 .worker_up
-                .get_or_create(&WorkerLabel { worker })
+                .get_or_create(&label)
                 .set(i64::from(up));
+            if let Some(f) = &self.inner.flower {
+                f.online.get_or_create(&label).set(i64::from(up));
+                f.executing
+                    .get_or_create(&label)
+                    .set(if up { active.unwrap_or(0) } else { 0 });
+            }
+        }
+    }
+
+    /// Observes what a committed batch's events told: runtimes, queue waits and, with Flower's
+    /// names on, its per-event counts and prefetch gauges.
+    pub fn observe(&self, summary: &crate::store::BatchSummary) {
+        for t in &summary.timings {
+            let label = TaskQueue {
+                task: t.task.clone(),
+                queue: t.queue.clone(),
+            };
+            let family = if t.runtime {
+                &self.inner.runtime
+            } else {
+                &self.inner.queue_wait
+            };
+            family.get_or_create(&label).observe(t.seconds);
+            if let Some(f) = &self.inner.flower {
+                let wt = WorkerTask {
+                    worker: t.worker.clone(),
+                    task: t.task.clone(),
+                };
+                if t.runtime {
+                    f.runtime.get_or_create(&wt).observe(t.seconds);
+                } else {
+                    f.prefetch_time.get_or_create(&wt).set(t.seconds);
+                }
+            }
+        }
+        if let Some(f) = &self.inner.flower {
+            for (worker, kind, task) in &summary.task_events {
+                f.events
+                    .get_or_create(&FlowerEvent {
+                        worker: worker.clone(),
+                        r#type: kind.clone(),
+                        task: task.clone(),
+                    })
+                    .inc();
+                let wt = WorkerTask {
+                    worker: worker.clone(),
+                    task: task.clone(),
+                };
+                match kind.as_str() {
+                    "task-received" => {
+                        f.prefetched.get_or_create(&wt).inc();
+                    }
+                    "task-started" => {
+                        let g = f.prefetched.get_or_create(&wt);
+                        if g.get() > 0 {
+                            g.dec();
+                        }
+                    }
+                    _ => {}
+                }
+            }
         }
     }
 
@@ -281,6 +469,14 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.inner.registry)
             .expect("writing to a String cannot fail");
+        if let Some(f) = &self.inner.flower {
+            // One exposition: the first registry's `# EOF` goes, the second's ends it.
+            if let Some(body) = out.strip_suffix("# EOF\n") {
+                out.truncate(body.len());
+            }
+            prometheus_client::encoding::text::encode(&mut out, &f.registry)
+                .expect("writing to a String cannot fail");
+        }
         out
     }
 }
@@ -296,7 +492,7 @@ mod tests {
         m.event("made-up");
         m.completed("diag.add", "success");
         m.written(100.0, 100.5);
-        m.set_workers([("w1@h".to_owned(), true)]);
+        m.set_workers([("w1@h".to_owned(), true, Some(2))]);
         m.set_queues([
             (
                 "celery".to_owned(),

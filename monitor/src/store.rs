@@ -50,6 +50,21 @@ pub struct BatchSummary {
     pub workers: usize,
     /// Completion events seen, with the task's name as known after the merge.
     pub completed: Vec<Completed>,
+    /// Runtimes and queue waits the batch's events told.
+    pub timings: Vec<Timing>,
+    /// Each task event as (worker, type, task name), for Flower's `flower_events_total`.
+    pub task_events: Vec<(String, String, String)>,
+}
+
+/// How long a task ran, or waited between being received and started.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timing {
+    pub task: String,
+    pub worker: String,
+    pub queue: String,
+    /// `true`: the runtime (task-succeeded); `false`: received → started (task-started).
+    pub runtime: bool,
+    pub seconds: f64,
 }
 
 /// The PostgreSQL store. Cheap to clone.
@@ -166,10 +181,43 @@ impl Store {
             let mut finished: Vec<(String, &'static str)> = Vec::new();
             for event in &task_events {
                 let uuid = event.get("uuid").and_then(Value::as_str).unwrap_or("");
-                tasks
+                let record = tasks
                     .entry(uuid.to_owned())
-                    .or_insert_with(|| TaskRecord::new(uuid))
-                    .apply(event);
+                    .or_insert_with(|| TaskRecord::new(uuid));
+                record.apply(event);
+                let kind = event.get("type").and_then(Value::as_str).unwrap_or("");
+                let task = record.name.clone().unwrap_or_else(|| "<unknown>".into());
+                let worker = event
+                    .get("hostname")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                    .or_else(|| record.worker.clone())
+                    .unwrap_or_default();
+                let timing = match kind {
+                    "task-succeeded" => event
+                        .get("runtime")
+                        .and_then(Value::as_f64)
+                        .map(|s| (true, s)),
+                    "task-started" => match (record.received, record.started) {
+                        (Some(r), Some(s)) if s >= r => Some((false, s - r)),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                if let Some((runtime, seconds)) = timing {
+                    summary.timings.push(Timing {
+                        task: task.clone(),
+                        worker: worker.clone(),
+                        queue: record
+                            .routing_key
+                            .clone()
+                            .or_else(|| record.queue.clone())
+                            .unwrap_or_default(),
+                        runtime,
+                        seconds,
+                    });
+                }
+                summary.task_events.push((worker, kind.to_owned(), task));
                 let outcome = match event.get("type").and_then(Value::as_str) {
                     Some("task-succeeded") => Some("success"),
                     Some("task-failed") => Some("failure"),

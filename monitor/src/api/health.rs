@@ -25,7 +25,7 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
                 .filter(|w| now - w.last_heartbeat < WORKER_SERIES_KEEP)
                 .map(|w| {
                     let up = w.online(now);
-                    (w.hostname, up)
+                    (w.hostname, up, w.active)
                 }),
         ),
         Err(e) => tracing::warn!(error = %e, "cannot read workers for /metrics"),
