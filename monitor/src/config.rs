@@ -46,6 +46,15 @@ pub struct Config {
     #[arg(long, env = "MONITOR_SECURE_COOKIES")]
     pub secure_cookies: Option<bool>,
 
+    /// How long task rows are kept, by state: `SUCCESS=7d,FAILURE=90d,*=30d` (`*`: every other
+    /// state), or `off`.
+    #[arg(long, env = "MONITOR_RETENTION", default_value = "*=30d", value_parser = crate::retention::parse)]
+    pub retention: crate::retention::Retention,
+
+    /// How often old task rows are looked for.
+    #[arg(long, env = "MONITOR_RETENTION_EVERY", default_value = "10m", value_parser = parse_duration)]
+    pub retention_every: Duration,
+
     /// Also serve Flower's metric names on /metrics (`flower_events_total`,
     /// `flower_task_runtime_seconds`, `flower_worker_online`, …), so a Grafana dashboard or
     /// alert rules written for Flower keep working.

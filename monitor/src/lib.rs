@@ -26,6 +26,7 @@ pub mod jobs;
 pub mod metrics;
 mod pages;
 pub mod queue_actions;
+pub mod retention;
 pub mod search;
 pub mod store;
 
@@ -301,6 +302,13 @@ impl Monitor {
         let intake_config = config.intake();
         intake::declare(&intake_config).await?;
         let (stop, stopped) = watch::channel(false);
+        tokio::spawn(retention::run(
+            store.clone(),
+            config.retention.clone(),
+            config.retention_every,
+            state.metrics().clone(),
+            stopped.clone(),
+        ));
         let intake = tokio::spawn(intake::run(
             intake_config,
             store,

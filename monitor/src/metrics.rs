@@ -185,6 +185,7 @@ struct Inner {
     dead_letters: Family<QueueLabel, Gauge>,
     runtime: Histograms<TaskQueue>,
     queue_wait: Histograms<TaskQueue>,
+    pruned: Counter,
     flower: Option<Flower>,
 }
 
@@ -279,8 +280,15 @@ impl Metrics {
             Unit::Seconds,
             queue_wait.clone(),
         );
+        let pruned = Counter::default();
+        registry.register(
+            "monitor_tasks_pruned",
+            "Task rows deleted by retention (MONITOR_RETENTION)",
+            pruned.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
+                pruned,
                 runtime,
                 queue_wait,
                 flower: flower.then(Flower::new),
@@ -353,6 +361,11 @@ impl Metrics {
                     .set(if up { active.unwrap_or(0) } else { 0 });
             }
         }
+    }
+
+    /// Counts task rows deleted by retention.
+    pub fn pruned(&self, n: u64) {
+        self.inner.pruned.inc_by(n);
     }
 
     /// Observes what a committed batch's events told: runtimes, queue waits and, with Flower's
