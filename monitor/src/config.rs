@@ -55,6 +55,11 @@ pub struct Config {
     #[arg(long, env = "MONITOR_RETENTION_EVERY", default_value = "10m", value_parser = parse_duration)]
     pub retention_every: Duration,
 
+    /// How often unfinished tasks are checked against the result backend, and the backend's
+    /// results walked for tasks no event told of (see `monitor::reconcile`).
+    #[arg(long, env = "MONITOR_RECONCILE_EVERY", default_value = "1m", value_parser = parse_duration)]
+    pub reconcile_every: Duration,
+
     /// Also serve Flower's metric names on /metrics (`flower_events_total`,
     /// `flower_task_runtime_seconds`, `flower_worker_online`, …), so a Grafana dashboard or
     /// alert rules written for Flower keep working.

@@ -26,6 +26,7 @@ pub mod jobs;
 pub mod metrics;
 mod pages;
 pub mod queue_actions;
+pub mod reconcile;
 pub mod retention;
 pub mod search;
 pub mod store;
@@ -302,6 +303,11 @@ impl Monitor {
         let intake_config = config.intake();
         intake::declare(&intake_config).await?;
         let (stop, stopped) = watch::channel(false);
+        tokio::spawn(reconcile::run(
+            state.clone(),
+            config.reconcile_every,
+            stopped.clone(),
+        ));
         tokio::spawn(retention::run(
             store.clone(),
             config.retention.clone(),

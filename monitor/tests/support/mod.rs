@@ -78,6 +78,9 @@ pub fn config() -> (Config, String) {
     c.events_max_length = 200_000;
     c.batch_wait = Duration::from_millis(50);
     c.inspect_timeout = Duration::from_millis(1500);
+    // Tests share one Redis: a monitor walking it would take in every other test's results.
+    // The reconciliation test calls it directly.
+    c.reconcile_every = Duration::from_secs(24 * 3600);
     (c, db_name)
 }
 

@@ -444,6 +444,15 @@ impl AnyBackend {
 
 /// Chords and saved groups, on whichever backend this is (see `chord.rs` for the keys).
 impl AnyBackend {
+    /// A step of a walk over every stored result; see [`RedisBackend::scan_task_ids`]. The
+    /// other backends have nothing to walk: `(0, [])`.
+    pub async fn scan_task_ids(&self, cursor: u64, count: usize) -> Result<(u64, Vec<String>)> {
+        match self {
+            AnyBackend::Redis(r) => r.scan_task_ids(cursor, count).await,
+            AnyBackend::Memory(_) | AnyBackend::Rpc(_) => Ok((0, Vec::new())),
+        }
+    }
+
     /// Writes a chord's header size; see [`RedisBackend::set_chord_size`].
     pub async fn set_chord_size(&self, group_id: &str, size: u64) -> Result<()> {
         match self {

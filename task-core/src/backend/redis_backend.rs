@@ -113,6 +113,26 @@ fn manager_config() -> ConnectionManagerConfig {
 }
 
 impl RedisBackend {
+    /// One step of a walk over every stored result (Redis `SCAN`, so the server is never held):
+    /// the task ids of about `count` keys from `cursor` (0 starts a walk; a returned cursor of 0
+    /// ends it). A key may be seen twice in one walk.
+    pub async fn scan_task_ids(&self, cursor: u64, count: usize) -> Result<(u64, Vec<String>)> {
+        let mut conn = self.inner.conn.clone();
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg("celery-task-meta-*")
+            .arg("COUNT")
+            .arg(count.max(1))
+            .query_async(&mut conn)
+            .await?;
+        let ids = keys
+            .into_iter()
+            .filter_map(|k| k.strip_prefix("celery-task-meta-").map(str::to_owned))
+            .collect();
+        Ok((next, ids))
+    }
+
     /// Connects to `redis://host:port/db`, `rediss://…` or `sentinel://…` (see
     /// [`crate::redis_url`]). Fails if Redis cannot be reached now.
     pub async fn connect(url: &str) -> Result<Self> {
