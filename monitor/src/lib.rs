@@ -20,6 +20,7 @@ pub mod config;
 pub mod dead_letters;
 mod error;
 pub mod event;
+mod flower_metrics;
 pub mod inspect;
 pub mod intake;
 pub mod jobs;

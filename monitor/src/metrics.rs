@@ -91,84 +91,12 @@ struct TaskQueue {
     queue: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct FlowerEvent {
-    worker: String,
-    r#type: String,
-    task: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct WorkerTask {
-    worker: String,
-    task: String,
-}
-
-type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
-
 /// Buckets of the runtime and wait histograms, in seconds: 5 ms to 10 min.
-fn duration_histogram() -> Histogram {
+pub(crate) fn duration_histogram() -> Histogram {
     Histogram::new([
         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
         600.0,
     ])
-}
-
-/// Flower's metric names, in a registry of their own (no `tq_` prefix).
-#[derive(Debug)]
-struct Flower {
-    registry: Registry,
-    events: Family<FlowerEvent, Counter>,
-    runtime: Histograms<WorkerTask>,
-    prefetch_time: Family<WorkerTask, FloatGauge>,
-    prefetched: Family<WorkerTask, Gauge>,
-    online: Family<WorkerLabel, Gauge>,
-    executing: Family<WorkerLabel, Gauge>,
-}
-
-impl Flower {
-    fn new() -> Self {
-        let mut registry = Registry::with_prefix("flower");
-        let events = Family::<FlowerEvent, Counter>::default();
-        registry.register("events", "Number of events", events.clone());
-        let runtime: Histograms<WorkerTask> = Family::new_with_constructor(duration_histogram);
-        registry.register_with_unit(
-            "task_runtime",
-            "Task runtime",
-            Unit::Seconds,
-            runtime.clone(),
-        );
-        let prefetch_time = Family::<WorkerTask, FloatGauge>::default();
-        registry.register_with_unit(
-            "task_prefetch_time",
-            "The time the task spent waiting at the worker to be executed",
-            Unit::Seconds,
-            prefetch_time.clone(),
-        );
-        let prefetched = Family::<WorkerTask, Gauge>::default();
-        registry.register(
-            "worker_prefetched_tasks",
-            "Number of tasks of given type prefetched at a worker",
-            prefetched.clone(),
-        );
-        let online = Family::<WorkerLabel, Gauge>::default();
-        registry.register("worker_online", "Worker online status", online.clone());
-        let executing = Family::<WorkerLabel, Gauge>::default();
-        registry.register(
-            "worker_number_of_currently_executing_tasks",
-            "Number of tasks currently executing at a worker",
-            executing.clone(),
-        );
-        Flower {
-            registry,
-            events,
-            runtime,
-            prefetch_time,
-            prefetched,
-            online,
-            executing,
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -183,10 +111,10 @@ struct Inner {
     queue_consumers: Family<QueueLabel, Gauge>,
     queue_oldest_age: Family<QueueLabel, FloatGauge>,
     dead_letters: Family<QueueLabel, Gauge>,
-    runtime: Histograms<TaskQueue>,
-    queue_wait: Histograms<TaskQueue>,
+    runtime: Family<TaskQueue, Histogram, fn() -> Histogram>,
+    queue_wait: Family<TaskQueue, Histogram, fn() -> Histogram>,
     pruned: Counter,
-    flower: Option<Flower>,
+    flower: Option<crate::flower_metrics::Flower>,
 }
 
 /// The monitor's metrics. Cheap to clone.
@@ -266,14 +194,18 @@ impl Metrics {
             "Messages in a queue's dead-letter queue (<queue>.dlq), by the original queue",
             dead_letters.clone(),
         );
-        let runtime: Histograms<TaskQueue> = Family::new_with_constructor(duration_histogram);
+        let runtime = Family::<TaskQueue, Histogram, fn() -> Histogram>::new_with_constructor(
+            duration_histogram,
+        );
         registry.register_with_unit(
             "task_runtime",
             "How long tasks ran (task-succeeded's runtime), by task and queue",
             Unit::Seconds,
             runtime.clone(),
         );
-        let queue_wait: Histograms<TaskQueue> = Family::new_with_constructor(duration_histogram);
+        let queue_wait = Family::<TaskQueue, Histogram, fn() -> Histogram>::new_with_constructor(
+            duration_histogram,
+        );
         registry.register_with_unit(
             "task_queue_wait",
             "How long tasks waited at a worker between being received and started, by task and queue",
@@ -291,7 +223,7 @@ impl Metrics {
                 pruned,
                 runtime,
                 queue_wait,
-                flower: flower.then(Flower::new),
+                flower: flower.then(crate::flower_metrics::Flower::new),
                 registry,
                 events,
                 completed,
@@ -345,8 +277,7 @@ impl Metrics {
     pub fn set_workers(&self, workers: impl IntoIterator<Item = (String, bool, Option<i64>)>) {
         self.inner.worker_up.clear();
         if let Some(f) = &self.inner.flower {
-            f.online.clear();
-            f.executing.clear();
+            f.clear_workers();
         }
         for (worker, up, active) in workers {
             let label = WorkerLabel { worker };
@@ -355,10 +286,7 @@ impl Metrics {
                 .get_or_create(&label)
                 .set(i64::from(up));
             if let Some(f) = &self.inner.flower {
-                f.online.get_or_create(&label).set(i64::from(up));
-                f.executing
-                    .get_or_create(&label)
-                    .set(if up { active.unwrap_or(0) } else { 0 });
+                f.worker(&label.worker, up, active);
             }
         }
     }
@@ -383,42 +311,12 @@ impl Metrics {
             };
             family.get_or_create(&label).observe(t.seconds);
             if let Some(f) = &self.inner.flower {
-                let wt = WorkerTask {
-                    worker: t.worker.clone(),
-                    task: t.task.clone(),
-                };
-                if t.runtime {
-                    f.runtime.get_or_create(&wt).observe(t.seconds);
-                } else {
-                    f.prefetch_time.get_or_create(&wt).set(t.seconds);
-                }
+                f.timing(&t.worker, &t.task, t.runtime, t.seconds);
             }
         }
         if let Some(f) = &self.inner.flower {
             for (worker, kind, task) in &summary.task_events {
-                f.events
-                    .get_or_create(&FlowerEvent {
-                        worker: worker.clone(),
-                        r#type: kind.clone(),
-                        task: task.clone(),
-                    })
-                    .inc();
-                let wt = WorkerTask {
-                    worker: worker.clone(),
-                    task: task.clone(),
-                };
-                match kind.as_str() {
-                    "task-received" => {
-                        f.prefetched.get_or_create(&wt).inc();
-                    }
-                    "task-started" => {
-                        let g = f.prefetched.get_or_create(&wt);
-                        if g.get() > 0 {
-                            g.dec();
-                        }
-                    }
-                    _ => {}
-                }
+                f.event(worker, kind, task);
             }
         }
     }
@@ -487,8 +385,7 @@ impl Metrics {
             if let Some(body) = out.strip_suffix("# EOF\n") {
                 out.truncate(body.len());
             }
-            prometheus_client::encoding::text::encode(&mut out, &f.registry)
-                .expect("writing to a String cannot fail");
+            f.encode(&mut out);
         }
         out
     }
