@@ -44,6 +44,11 @@ const ACTIONS: &[(&str, &str)] = &[
     ("/queues/celery/purge", "admin"),
     ("/api/queues/celery/resume?reason=test", "operator"),
     ("/api/queues/celery/purge?reason=test", "admin"),
+    (
+        "/api/task/rate-limit/diag.add?workername=w&ratelimit=1/s",
+        "operator",
+    ),
+    ("/api/task/timeout/diag.add?workername=w&soft=1", "operator"),
     ("/jobs", "operator"),
     ("/jobs/1/abort", "operator"),
     ("/api/jobs?action=retry&expected=0&reason=test", "operator"),

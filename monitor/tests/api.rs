@@ -254,6 +254,39 @@ async fn a_run_of_rust_tasks_appears_in_the_task_list_with_its_states() {
     );
     let (status, _) = call(&router, "POST", "/api/worker/pool/grow/nobody@nowhere", "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // Flower's rate-limit and timeout routes, answered by the worker's control commands.
+    let limited = post_json(
+        &router,
+        &format!("/api/task/rate-limit/diag.add?workername={node}&ratelimit=10/m"),
+        "",
+    )
+    .await;
+    assert_eq!(limited["message"], "new rate limit set successfully");
+    let (status, body) = call(
+        &router,
+        "POST",
+        &format!("/api/task/rate-limit/diag.add?workername={node}&ratelimit=fast"),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("Failed to set rate limit"), "{body}");
+    let timed = post_json(
+        &router,
+        &format!("/api/task/timeout/diag.add?workername={node}&soft=30&hard=60"),
+        "",
+    )
+    .await;
+    assert_eq!(timed["message"], "time limits set successfully");
+    let (status, _) = call(&router, "POST", "/api/task/timeout/diag.add?soft=1", "").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "workername is required");
+    // Lifted again, so the rest of the run is not held back.
+    post_json(
+        &router,
+        &format!("/api/task/rate-limit/diag.add?workername={node}&ratelimit="),
+        "",
+    )
+    .await;
 
     // Probes.
     let (status, body) = call(&router, "GET", "/livez", "").await;

@@ -42,6 +42,8 @@ pub fn app(state: AppState) -> Router {
         .route("/api/task/async-apply/{name}", post(tasks::send))
         .route("/api/task/send-task/{name}", post(tasks::send))
         .route("/api/task/revoke/{id}", post(tasks::revoke))
+        .route("/api/task/rate-limit/{name}", post(workers::rate_limit))
+        .route("/api/task/timeout/{name}", post(workers::time_limit))
         .route("/api/task/retry/{id}", post(tasks::retry))
         .route("/api/audit", get(tasks::audit))
         .route("/api/queues/length", get(queues::length))

@@ -137,6 +137,8 @@ fn audit_action(method: &str) -> &'static str {
         "pool_shrink" => "worker.pool_shrink",
         "add_consumer" => "worker.add_consumer",
         "cancel_consumer" => "worker.cancel_consumer",
+        "rate_limit" => "worker.rate_limit",
+        "time_limit" => "worker.time_limit",
         _ => "worker.control",
     }
 }
@@ -271,4 +273,72 @@ pub(super) async fn shutdown(
     }
     tracing::info!(worker, "shutdown requested through the API");
     Ok(Json(json!({"message": "Shutting down!"})))
+}
+
+fn workername(params: &HashMap<String, String>) -> ApiResult<String> {
+    params
+        .get("workername")
+        .filter(|w| !w.is_empty())
+        .cloned()
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "Missing argument workername"))
+}
+
+/// Flower's `POST /api/task/rate-limit/<taskname>?workername=&ratelimit=` (`10/m`, `2/s`, a
+/// number per second, or empty to lift it): Celery's `rate_limit` command to that worker.
+pub(super) async fn rate_limit(
+    State(state): State<AppState>,
+    Path(task): Path<String>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let asked = asked(&headers, &params);
+    let worker = workername(&params)?;
+    let rate = params
+        .get("ratelimit")
+        .cloned()
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "Missing argument ratelimit"))?;
+    control(
+        &state,
+        &asked,
+        &worker,
+        "rate_limit",
+        json!({"task_name": task, "rate_limit": rate}),
+        |_| "new rate limit set successfully".to_owned(),
+        |reason| format!("Failed to set rate limit: '{reason}'"),
+    )
+    .await
+}
+
+/// Flower's `POST /api/task/timeout/<taskname>?workername=&soft=&hard=` (seconds): Celery's
+/// `time_limit` command to that worker.
+pub(super) async fn time_limit(
+    State(state): State<AppState>,
+    Path(task): Path<String>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let asked = asked(&headers, &params);
+    let worker = workername(&params)?;
+    let seconds = |k: &str| -> ApiResult<Option<f64>> {
+        match params.get(k).filter(|v| !v.is_empty()) {
+            None => Ok(None),
+            Some(v) => v.parse::<f64>().map(Some).map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("{k} must be a number of seconds, not `{v}`"),
+                )
+            }),
+        }
+    };
+    let (soft, hard) = (seconds("soft")?, seconds("hard")?);
+    control(
+        &state,
+        &asked,
+        &worker,
+        "time_limit",
+        json!({"task_name": task, "soft": soft, "hard": hard}),
+        |_| "time limits set successfully".to_owned(),
+        |reason| format!("Failed to set timeouts: '{reason}'"),
+    )
+    .await
 }
