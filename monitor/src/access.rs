@@ -4,7 +4,8 @@
 //! adding schedule entries, pausing and resuming queues) or an `admin` (also shutting workers
 //! down, removing schedule entries and purging queues).
 //!
-//! With `MONITOR_USERS` (or `MONITOR_USERS_FILE`) set, every route but `/login`, `/livez`,
+//! Staff sign in as configured users, or through an OpenID Connect provider
+//! (`MONITOR_OIDC_*`: the role from a claim such as `groups`). With either configured, every route but `/login`, `/livez`,
 //! `/readyz` and `/metrics` needs a session cookie or an `Authorization: Basic` header, and a
 //! state-changing request made with the cookie needs the session's CSRF token. The signed-in
 //! user is then the actor the audit log records: any `X-Forwarded-User`/`X-Forwarded-Email` a
@@ -93,17 +94,24 @@ impl Access {
             .metrics_token
             .clone()
             .filter(|t| !t.trim().is_empty());
-        let Some(text) = text else {
+        let oidc = oidc(config)?;
+        if text.is_none() && oidc.is_none() {
             return Ok(Access {
                 guard: None,
                 metrics_token,
             });
-        };
-        let users = staff_auth::parse_users::<MonitorRole>(&text)
-            .map_err(|e| Error::Config(format!("MONITOR_USERS: {e}")))?;
-        if users.is_empty() {
-            return Err(Error::Config("MONITOR_USERS lists no user".into()));
         }
+        let users = match &text {
+            Some(text) => {
+                let users = staff_auth::parse_users::<MonitorRole>(text)
+                    .map_err(|e| Error::Config(format!("MONITOR_USERS: {e}")))?;
+                if users.is_empty() {
+                    return Err(Error::Config("MONITOR_USERS lists no user".into()));
+                }
+                users
+            }
+            None => Vec::new(),
+        };
         let key = match &config.session_key {
             Some(k) => SessionKey::parse(k)
                 .map_err(|e| Error::Config(format!("MONITOR_SESSION_KEY: {e}")))?,
@@ -120,11 +128,12 @@ impl Access {
             .unwrap_or(!config.bind.ip().is_loopback());
         let auth = Auth::new(users, key, config.session_ttl, "tq_monitor_session", secure);
         Ok(Access {
-            guard: Some(Guard::new(
+            guard: Some(Guard::with_oidc(
                 auth,
                 required_role,
                 &["/livez", "/readyz", "/metrics"],
                 LoginText::english("task monitor"),
+                oidc,
             )),
             metrics_token,
         })
@@ -139,6 +148,29 @@ impl Access {
     pub fn guard(&self) -> Option<&Arc<Guard<MonitorRole>>> {
         self.guard.as_ref()
     }
+}
+
+/// The OpenID Connect provider the configuration names, if any.
+fn oidc(config: &Config) -> Result<Option<staff_auth::Oidc<MonitorRole>>> {
+    let Some(issuer) = config.oidc_issuer.clone().filter(|i| !i.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let need = |v: &Option<String>, name: &str| {
+        v.clone().filter(|v| !v.trim().is_empty()).ok_or_else(|| {
+            Error::Config(format!("MONITOR_OIDC_ISSUER is set: {name} is needed too"))
+        })
+    };
+    let roles = staff_auth::oidc::parse_role_map::<MonitorRole>(&config.oidc_roles)
+        .map_err(|e| Error::Config(format!("MONITOR_OIDC_ROLES: {e}")))?;
+    Ok(Some(staff_auth::Oidc::new(staff_auth::OidcConfig {
+        issuer,
+        client_id: need(&config.oidc_client_id, "MONITOR_OIDC_CLIENT_ID")?,
+        client_secret: need(&config.oidc_client_secret, "MONITOR_OIDC_CLIENT_SECRET")?,
+        redirect_url: need(&config.oidc_redirect_url, "MONITOR_OIDC_REDIRECT_URL")?,
+        role_claim: config.oidc_role_claim.clone(),
+        roles,
+        name: config.oidc_name.clone(),
+    })))
 }
 
 /// The outer middleware: `/metrics`'s bearer token, then the guard when users are configured.
@@ -226,4 +258,58 @@ pub(crate) async fn identify(
         csrf,
     };
     ME.scope(me, next.run(request)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oidc_needs_its_client_settings_and_a_valid_role_map() {
+        let mut c = Config::from_env().unwrap();
+        c.oidc_issuer = Some("https://idp.example.com/realms/staff".into());
+        let e = Access::from_config(&c).unwrap_err().to_string();
+        assert!(e.contains("MONITOR_OIDC_CLIENT_ID"), "{e}");
+        c.oidc_client_id = Some("monitor".into());
+        c.oidc_client_secret = Some("secret".into());
+        c.oidc_redirect_url = Some("https://monitor.example.com/login/oidc/callback".into());
+        c.oidc_roles = "sre=chief".into();
+        let e = Access::from_config(&c).unwrap_err().to_string();
+        assert!(
+            e.contains("MONITOR_OIDC_ROLES") && e.contains("unknown role"),
+            "{e}"
+        );
+        c.oidc_roles = "sre=operator,*=viewer".into();
+        let access = Access::from_config(&c).unwrap();
+        assert!(access.signs_in(), "OIDC alone is a sign-in");
+        assert!(c.check_bind().is_ok() || c.bind.ip().is_loopback());
+    }
+
+    #[test]
+    fn roles_by_route() {
+        assert_eq!(
+            required_role(&Method::GET, "/api/tasks"),
+            MonitorRole::Viewer
+        );
+        assert_eq!(
+            required_role(&Method::POST, "/api/task/revoke/x"),
+            MonitorRole::Operator
+        );
+        assert_eq!(
+            required_role(&Method::POST, "/api/worker/shutdown/w"),
+            MonitorRole::Admin
+        );
+        assert_eq!(
+            required_role(&Method::POST, "/beat/x/remove"),
+            MonitorRole::Admin
+        );
+        assert_eq!(
+            required_role(&Method::POST, "/queues/q/purge"),
+            MonitorRole::Admin
+        );
+        assert_eq!(
+            required_role(&Method::POST, "/queues/q/pause"),
+            MonitorRole::Operator
+        );
+    }
 }

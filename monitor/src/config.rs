@@ -32,6 +32,38 @@ pub struct Config {
     #[arg(long, env = "MONITOR_USERS_FILE")]
     pub users_file: Option<std::path::PathBuf>,
 
+    /// Sign-in through an OpenID Connect provider: its issuer URL, exactly as its tokens carry
+    /// it (e.g. `https://keycloak.example.com/realms/staff`). With it, MONITOR_OIDC_CLIENT_ID,
+    /// MONITOR_OIDC_CLIENT_SECRET and MONITOR_OIDC_REDIRECT_URL are needed; MONITOR_USERS may be
+    /// set as well, or not.
+    #[arg(long, env = "MONITOR_OIDC_ISSUER")]
+    pub oidc_issuer: Option<String>,
+
+    /// The monitor's client id at the provider.
+    #[arg(long, env = "MONITOR_OIDC_CLIENT_ID")]
+    pub oidc_client_id: Option<String>,
+
+    /// The monitor's client secret at the provider.
+    #[arg(long, env = "MONITOR_OIDC_CLIENT_SECRET", hide_env_values = true)]
+    pub oidc_client_secret: Option<String>,
+
+    /// The callback registered with the provider: `https://<monitor>/login/oidc/callback`.
+    #[arg(long, env = "MONITOR_OIDC_REDIRECT_URL")]
+    pub oidc_redirect_url: Option<String>,
+
+    /// The ID token claim that carries the user's groups or roles.
+    #[arg(long, env = "MONITOR_OIDC_ROLE_CLAIM", default_value = "groups")]
+    pub oidc_role_claim: String,
+
+    /// Which claim values give which role: `monitor-admins=admin,sre=operator,*=viewer` (`*`:
+    /// everyone the provider signs in); a user given none is refused.
+    #[arg(long, env = "MONITOR_OIDC_ROLES", default_value = "*=viewer")]
+    pub oidc_roles: String,
+
+    /// The provider's name on the sign-in button.
+    #[arg(long, env = "MONITOR_OIDC_NAME", default_value = "single sign-on")]
+    pub oidc_name: String,
+
     /// Key signing sessions and CSRF tokens, at least 32 bytes as hex or base64 (`openssl rand
     /// -hex 32`); replicas behind one address need the same. Unset: a random key per process.
     #[arg(long, env = "MONITOR_SESSION_KEY", hide_env_values = true)]
@@ -164,6 +196,7 @@ impl Config {
             || self.allow_unauthenticated
             || self.users.is_some()
             || self.users_file.is_some()
+            || self.oidc_issuer.is_some()
         {
             return Ok(());
         }

@@ -15,6 +15,8 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use serde::Deserialize;
 
 use crate::{Auth, Role, Session};
@@ -39,6 +41,8 @@ pub struct LoginText {
     pub password: &'static str,
     pub submit: &'static str,
     pub failed: &'static str,
+    /// Before the identity provider's name on its button ("Sign in with").
+    pub with: &'static str,
 }
 
 impl LoginText {
@@ -52,6 +56,7 @@ impl LoginText {
             password: "Password",
             submit: "Sign in",
             failed: "Wrong user name or password.",
+            with: "Sign in with",
         }
     }
 
@@ -65,6 +70,7 @@ impl LoginText {
             password: "Пароль",
             submit: "Войти",
             failed: "Неверное имя пользователя или пароль.",
+            with: "Войти через",
         }
     }
 }
@@ -76,6 +82,7 @@ pub struct Guard<R: Role> {
     rule: fn(&Method, &str) -> R,
     public: Vec<&'static str>,
     text: LoginText,
+    oidc: Option<Arc<crate::Oidc<R>>>,
 }
 
 impl<R: Role> std::fmt::Debug for Guard<R> {
@@ -96,11 +103,24 @@ impl<R: Role> Guard<R> {
         public: &[&'static str],
         text: LoginText,
     ) -> Arc<Self> {
+        Self::with_oidc(auth, rule, public, text, None)
+    }
+
+    /// [`Guard::new`], with sign-in through an OpenID Connect provider as well (or only, when
+    /// `auth` has no users).
+    pub fn with_oidc(
+        auth: Auth<R>,
+        rule: fn(&Method, &str) -> R,
+        public: &[&'static str],
+        text: LoginText,
+        oidc: Option<crate::Oidc<R>>,
+    ) -> Arc<Self> {
         Arc::new(Guard {
             auth: Arc::new(auth),
             rule,
             public: public.to_vec(),
             text,
+            oidc: oidc.map(Arc::new),
         })
     }
 
@@ -111,6 +131,8 @@ impl<R: Role> Guard<R> {
 
     fn is_public(&self, path: &str) -> bool {
         path == "/login"
+            || path == "/login/oidc"
+            || path == "/login/oidc/callback"
             || self.public.iter().any(|p| {
                 if p.ends_with('/') {
                     path.starts_with(p)
@@ -124,6 +146,8 @@ impl<R: Role> Guard<R> {
     pub fn routes<S: Clone + Send + Sync + 'static>(self: &Arc<Self>) -> Router<S> {
         Router::new()
             .route("/login", get(login_page::<R>).post(login::<R>))
+            .route("/login/oidc", get(oidc_start::<R>))
+            .route("/login/oidc/callback", get(oidc_callback::<R>))
             .route("/logout", post(logout::<R>))
             .with_state(self.clone())
     }
@@ -290,12 +314,7 @@ fn page<R: Role>(g: &Guard<R>, next: &str, user: &str, failed: bool) -> Html<Str
 <style>body{{font:15px/1.4 system-ui,sans-serif;background:#f5f6f8;margin:0}}main{{max-width:22rem;margin:12vh auto;background:#fff;padding:1.5rem 2rem;border-radius:8px;box-shadow:0 1px 4px #0002}}label{{display:block;margin:.8rem 0 .2rem}}input{{width:100%;box-sizing:border-box;padding:.45rem;font:inherit}}button{{margin-top:1.2rem;padding:.5rem 1.2rem;font:inherit}}.error{{color:#b00020}}</style>
 </head><body><main>
 <h1>{title}</h1><h2>{heading}</h2>
-{error}<form method="post" action="/login" id="login">
-<input type="hidden" name="next" value="{next}">
-<label for="user">{user_label}</label><input id="user" name="user" value="{user}" autocomplete="username" required autofocus>
-<label for="password">{password_label}</label><input id="password" name="password" type="password" autocomplete="current-password" required>
-<button type="submit">{submit}</button>
-</form></main></body></html>"#,
+{error}{oidc}{form}</main></body></html>"#,
         lang = t.lang,
         title = escape(&t.title),
         heading = t.heading,
@@ -304,12 +323,159 @@ fn page<R: Role>(g: &Guard<R>, next: &str, user: &str, failed: bool) -> Html<Str
         } else {
             String::new()
         },
-        next = escape(next),
-        user_label = t.user,
-        user = escape(user),
-        password_label = t.password,
-        submit = t.submit,
+        oidc = match &g.oidc {
+            Some(o) => format!(
+                "<p><a class=\"oidc\" id=\"oidc\" href=\"/login/oidc?{}\">{} {}</a></p>",
+                escape(&serde_urlencoded::to_string([("next", next)]).unwrap_or_default()),
+                t.with,
+                escape(o.name())
+            ),
+            None => String::new(),
+        },
+        form = if g.auth.users() == 0 {
+            String::new()
+        } else {
+            format!(
+                r#"<form method="post" action="/login" id="login">
+<input type="hidden" name="next" value="{next}">
+<label for="user">{user_label}</label><input id="user" name="user" value="{user}" autocomplete="username" required autofocus>
+<label for="password">{password_label}</label><input id="password" name="password" type="password" autocomplete="current-password" required>
+<button type="submit">{submit}</button>
+</form>"#,
+                next = escape(next),
+                user_label = t.user,
+                user = escape(user),
+                password_label = t.password,
+                submit = t.submit,
+            )
+        },
     ))
+}
+
+/// The pending sign-in's cookie: `SameSite=Lax`, since the provider's redirect back is a
+/// cross-site navigation that a `Strict` cookie would not come with.
+fn pending_cookie_name<R: Role>(g: &Guard<R>) -> String {
+    format!("{}_oidc", g.auth.cookie_name())
+}
+
+async fn oidc_start<R: Role>(
+    State(g): State<Arc<Guard<R>>>,
+    Query(q): Query<NextPath>,
+) -> Response {
+    let Some(oidc) = &g.oidc else {
+        return text_response(
+            StatusCode::NOT_FOUND,
+            "no identity provider is configured".into(),
+        );
+    };
+    let next = local_path(q.next.as_deref());
+    match oidc.start(next).await {
+        Ok((url, pending)) => {
+            let value = g.auth.sign(
+                "oidc",
+                &B64.encode(serde_json::to_vec(&pending).unwrap_or_default()),
+            );
+            let cookie = format!(
+                "{}={value}; Path=/login/oidc; HttpOnly; SameSite=Lax; Max-Age=600{}",
+                pending_cookie_name(&g),
+                if g.auth.secure() { "; Secure" } else { "" }
+            );
+            let mut response = Redirect::to(&url).into_response();
+            if let Ok(v) = HeaderValue::from_str(&cookie) {
+                response.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            response
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start an OIDC sign-in");
+            text_response(
+                StatusCode::BAD_GATEWAY,
+                format!("the identity provider cannot be reached: {e}"),
+            )
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Callback {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+async fn oidc_callback<R: Role>(
+    State(g): State<Arc<Guard<R>>>,
+    Query(c): Query<Callback>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(oidc) = &g.oidc else {
+        return text_response(
+            StatusCode::NOT_FOUND,
+            "no identity provider is configured".into(),
+        );
+    };
+    if let Some(e) = c.error {
+        return text_response(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "the identity provider said no: {e} {}",
+                c.error_description.unwrap_or_default()
+            ),
+        );
+    }
+    let name = pending_cookie_name(&g);
+    let pending = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| {
+            let (n, v) = c.trim().split_once('=')?;
+            (n == name).then(|| v.to_owned())
+        })
+        .and_then(|v| g.auth.unsign("oidc", &v))
+        .and_then(|v| B64.decode(v).ok())
+        .and_then(|b| serde_json::from_slice::<crate::oidc::Pending>(&b).ok());
+    let (Some(pending), Some(code), Some(state)) = (pending, c.code, c.state) else {
+        return text_response(
+            StatusCode::BAD_REQUEST,
+            "this sign-in was not started here, or took over ten minutes: start again from /login"
+                .into(),
+        );
+    };
+    if state != pending.state {
+        return text_response(
+            StatusCode::BAD_REQUEST,
+            "the sign-in's state does not match: start again".into(),
+        );
+    }
+    match oidc.finish(&code, &pending).await {
+        Ok((user, role)) => {
+            let s = g.auth.new_session(&user, role, true, now());
+            tracing::info!(user = %s.user, role = s.role.name(), "signed in through OIDC");
+            // A page, not a redirect: the navigation that follows is this site's own, so the
+            // `SameSite=Strict` session cookie comes with it.
+            let next = escape(local_path(Some(&pending.next)));
+            let mut response = Html(format!(
+                "<!doctype html><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"0;url={next}\"><a href=\"{next}\">continue</a>"
+            ))
+            .into_response();
+            for cookie in [
+                g.auth.set_cookie(&s),
+                format!("{name}=; Path=/login/oidc; HttpOnly; SameSite=Lax; Max-Age=0"),
+            ] {
+                if let Ok(v) = HeaderValue::from_str(&cookie) {
+                    response.headers_mut().append(header::SET_COOKIE, v);
+                }
+            }
+            response
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "OIDC sign-in refused");
+            text_response(StatusCode::FORBIDDEN, format!("sign-in refused: {e}"))
+        }
+    }
 }
 
 #[derive(Deserialize)]

@@ -2,6 +2,9 @@
 //! with Argon2id password hashes, a role per user, signed session cookies that expire, and CSRF
 //! tokens bound to the session. One implementation, so both UIs refuse the same things.
 //!
+//! - **OpenID Connect** ([`oidc`]): any standard provider, the authorization-code flow with
+//!   PKCE; the role from a claim of the ID token. Its sessions are the same cookies, marked as
+//!   the provider's (not checked against the configured users).
 //! - **Users** come from configuration: one entry per line (or `;`-separated), `name role hash`,
 //!   the hash a PHC string as [`hash_password`] (or `argon2`'s CLI) writes it. Passwords are
 //!   never stored or logged; an unknown name costs the same Argon2 work as a wrong password.
@@ -30,8 +33,10 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 pub mod guard;
+pub mod oidc;
 
 pub use guard::{Guard, LoginText};
+pub use oidc::{Oidc, OidcConfig};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -56,6 +61,8 @@ pub struct Session<R> {
     pub role: R,
     /// Unix seconds after which the session is over.
     pub expires: i64,
+    /// Signed in through an identity provider (OIDC), not as a configured user.
+    pub external: bool,
     nonce: String,
 }
 
@@ -233,14 +240,46 @@ impl<R: Role> Auth<R> {
             .verify_password(password.as_bytes(), &parsed)
             .is_ok();
         let account = account.filter(|_| ok)?;
+        Some(self.new_session(user, account.role, false, now))
+    }
+
+    /// A session for `user` with `role`; `external` when an identity provider vouched for them
+    /// (the session is then not checked against the configured users).
+    pub fn new_session(&self, user: &str, role: R, external: bool, now: i64) -> Session<R> {
         let mut nonce = [0u8; 16];
         OsRng.fill_bytes(&mut nonce);
-        Some(Session {
+        Session {
             user: user.to_owned(),
-            role: account.role,
+            role,
             expires: now.saturating_add(i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX)),
+            external,
             nonce: B64.encode(nonce),
-        })
+        }
+    }
+
+    /// Signs `value` for a cookie of this UI: `value.mac`.
+    pub fn sign(&self, what: &str, value: &str) -> String {
+        let mac = B64.encode(self.mac(what, value).finalize().into_bytes());
+        format!("{value}.{mac}")
+    }
+
+    /// The value [`sign`](Self::sign) signed, if the signature holds.
+    pub fn unsign(&self, what: &str, signed: &str) -> Option<String> {
+        let (value, mac) = signed.rsplit_once('.')?;
+        self.mac(what, value)
+            .verify_slice(&B64.decode(mac).ok()?)
+            .ok()?;
+        Some(value.to_owned())
+    }
+
+    /// The cookie name sessions use.
+    pub fn cookie_name(&self) -> &str {
+        &self.cookie
+    }
+
+    /// Whether cookies are marked `Secure`.
+    pub fn secure(&self) -> bool {
+        self.secure
     }
 
     /// Checks an `Authorization: Basic …` header value; a session for this request only.
@@ -261,11 +300,12 @@ impl<R: Role> Auth<R> {
 
     fn cookie_value(&self, s: &Session<R>) -> String {
         let body = format!(
-            "{}.{}.{}.{}",
+            "{}.{}.{}.{}.{}",
             B64.encode(&s.user),
             s.role.name(),
             s.expires,
-            s.nonce
+            s.nonce,
+            if s.external { "oidc" } else { "local" }
         );
         let mac = B64.encode(self.mac("session", &body).finalize().into_bytes());
         format!("{body}.{mac}")
@@ -307,16 +347,26 @@ impl<R: Role> Auth<R> {
         let role = R::parse(parts.next()?)?;
         let expires: i64 = parts.next()?.parse().ok()?;
         let nonce = parts.next()?.to_owned();
+        let external = match parts.next()? {
+            "oidc" => true,
+            "local" => false,
+            _ => return None,
+        };
         if parts.next().is_some() || expires <= now {
             return None;
         }
-        let account = self.accounts.get(&user)?;
-        (account.role == role).then_some(Session {
+        let session = Session {
             user,
             role,
             expires,
+            external,
             nonce,
-        })
+        };
+        if external {
+            return Some(session);
+        }
+        let account = self.accounts.get(&session.user)?;
+        (account.role == role).then_some(session)
     }
 
     /// The CSRF token of `session`, for its forms.
