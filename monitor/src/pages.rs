@@ -658,6 +658,13 @@ struct Queues {
     error: Option<String>,
     all_queues: bool,
     queues: Vec<QueueRow>,
+    /// The name filter (a substring), the queues it matches, and the page of 200 shown.
+    filter: String,
+    total: usize,
+    page: usize,
+    pages: usize,
+    prev: Option<String>,
+    next: Option<String>,
 }
 
 /// `GET /queues`: ready messages and consumers of every queue the workers consume.
@@ -665,26 +672,46 @@ pub(crate) async fn queues(
     State(state): State<AppState>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
-    let (queues, error) = match state.queue_stats().await {
+    const PAGE: usize = 200;
+    let (mut queues, error) = match state.queue_stats().await {
         Ok(q) => (q, None),
         Err(e) => (Vec::new(), Some(e.to_string())),
     };
+    let filter = params.get("name").cloned().unwrap_or_default();
+    if !filter.is_empty() {
+        queues.retain(|(name, _)| name.contains(filter.as_str()));
+    }
+    queues.sort_by(|a, b| a.0.cmp(&b.0));
+    let total = queues.len();
+    let pages = total.div_ceil(PAGE).max(1);
+    let page = params
+        .get("page")
+        .and_then(|p| p.parse::<usize>().ok())
+        .unwrap_or(1)
+        .clamp(1, pages);
+    let link = |p: usize| format!("/queues?name={}&page={p}", url_encode(&filter));
+    let paused = crate::queue_actions::paused_names(&state).await;
     render(&Queues {
         nav: "queues",
         refresh: refresh(&params),
         error,
         all_queues: state.lists_all_queues(),
-        queues: {
-            let paused = crate::queue_actions::paused_names(&state).await;
-            queues
-                .into_iter()
-                .map(|q| {
-                    let mut row = QueueRow::from(q);
-                    row.paused = paused.contains(&row.name);
-                    row
-                })
-                .collect()
-        },
+        total,
+        page,
+        pages,
+        prev: (page > 1).then(|| link(page - 1)),
+        next: (page < pages).then(|| link(page + 1)),
+        queues: queues
+            .into_iter()
+            .skip((page - 1) * PAGE)
+            .take(PAGE)
+            .map(|q| {
+                let mut row = QueueRow::from(q);
+                row.paused = paused.contains(&row.name);
+                row
+            })
+            .collect(),
+        filter,
     })
 }
 
