@@ -165,13 +165,25 @@ pub async fn note(
     detail: Value,
     asked: &Asked,
 ) -> Result<Option<i64>> {
+    note_many(state, action, target, 1, detail, asked).await
+}
+
+/// [`note`] for an action on `count` things (workers told, messages purged).
+pub async fn note_many(
+    state: &AppState,
+    action: &'static str,
+    target: &str,
+    count: i32,
+    detail: Value,
+    asked: &Asked,
+) -> Result<Option<i64>> {
     Ok(state
         .store()
         .record(&Action {
             actor: asked.actor.clone(),
             action,
             target: target.to_owned(),
-            count: 1,
+            count,
             reason: asked.reason.clone(),
             detail,
             request_id: asked.request_id.clone(),

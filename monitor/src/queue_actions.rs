@@ -13,8 +13,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::AppState;
-use crate::actions::{Asked, failed};
-use crate::audit::Action;
+use crate::actions::{Asked, failed, note_many};
 use crate::error::{Error, Result};
 
 /// A paused queue.
@@ -108,27 +107,21 @@ pub async fn pause(state: &AppState, queue: &str, asked: &Asked) -> Result<Done>
     if workers.is_empty() {
         return Err(Error::Conflict(format!("no worker consumes `{queue}`")));
     }
-    let entry = match state
-        .store()
-        .record(&Action {
-            actor: asked.actor.clone(),
-            action: "queue.pause",
-            target: queue.to_owned(),
-            count: i32::try_from(workers.len()).unwrap_or(i32::MAX),
-            reason: Some(reason.clone()),
-            detail: json!({"workers": workers}),
-            request_id: asked.request_id.clone(),
-        })
-        .await?
-    {
-        Ok(e) => e,
-        Err(_) => {
-            return Ok(Done {
-                queue: queue.to_owned(),
-                repeated: true,
-                ..Done::default()
-            });
-        }
+    let Some(entry) = note_many(
+        state,
+        "queue.pause",
+        queue,
+        i32::try_from(workers.len()).unwrap_or(i32::MAX),
+        json!({"workers": workers}),
+        asked,
+    )
+    .await?
+    else {
+        return Ok(Done {
+            queue: queue.to_owned(),
+            repeated: true,
+            ..Done::default()
+        });
     };
     sqlx::query(
         "INSERT INTO paused_queues (queue, workers, actor, reason) VALUES ($1, $2, $3, $4)",
@@ -142,7 +135,7 @@ pub async fn pause(state: &AppState, queue: &str, asked: &Asked) -> Result<Done>
     let refused = tell(state, "cancel_consumer", queue, &workers).await;
     if !refused.is_empty() {
         let e = format!("not confirmed by {}", refused.join(", "));
-        failed(state, asked, "queue.pause.failed", queue, entry.id, &e).await;
+        failed(state, asked, "queue.pause.failed", queue, entry, &e).await;
     }
     tracing::info!(queue, workers = ?workers, "queue paused");
     Ok(Done {
@@ -155,7 +148,7 @@ pub async fn pause(state: &AppState, queue: &str, asked: &Asked) -> Result<Done>
 
 /// Tells the workers a pause stopped to consume `queue` again.
 pub async fn resume(state: &AppState, queue: &str, asked: &Asked) -> Result<Done> {
-    let reason = need_reason(asked, "resume a queue")?;
+    need_reason(asked, "resume a queue")?;
     let row: Option<(Vec<String>,)> =
         sqlx::query_as("SELECT workers FROM paused_queues WHERE queue = $1")
             .bind(queue)
@@ -164,27 +157,21 @@ pub async fn resume(state: &AppState, queue: &str, asked: &Asked) -> Result<Done
     let Some((workers,)) = row else {
         return Err(Error::Conflict(format!("`{queue}` is not paused")));
     };
-    let entry = match state
-        .store()
-        .record(&Action {
-            actor: asked.actor.clone(),
-            action: "queue.resume",
-            target: queue.to_owned(),
-            count: i32::try_from(workers.len()).unwrap_or(i32::MAX),
-            reason: Some(reason),
-            detail: json!({"workers": workers}),
-            request_id: asked.request_id.clone(),
-        })
-        .await?
-    {
-        Ok(e) => e,
-        Err(_) => {
-            return Ok(Done {
-                queue: queue.to_owned(),
-                repeated: true,
-                ..Done::default()
-            });
-        }
+    let Some(entry) = note_many(
+        state,
+        "queue.resume",
+        queue,
+        i32::try_from(workers.len()).unwrap_or(i32::MAX),
+        json!({"workers": workers}),
+        asked,
+    )
+    .await?
+    else {
+        return Ok(Done {
+            queue: queue.to_owned(),
+            repeated: true,
+            ..Done::default()
+        });
     };
     let refused = tell(state, "add_consumer", queue, &workers).await;
     if !refused.is_empty() {
@@ -193,7 +180,7 @@ pub async fn resume(state: &AppState, queue: &str, asked: &Asked) -> Result<Done
             "not confirmed by {} (gone, or consuming it already)",
             refused.join(", ")
         );
-        failed(state, asked, "queue.resume.failed", queue, entry.id, &e).await;
+        failed(state, asked, "queue.resume.failed", queue, entry, &e).await;
     }
     sqlx::query("DELETE FROM paused_queues WHERE queue = $1")
         .bind(queue)
@@ -210,31 +197,25 @@ pub async fn resume(state: &AppState, queue: &str, asked: &Asked) -> Result<Done
 
 /// Drops `queue`'s ready messages; `shown` is the count the operator saw.
 pub async fn purge(state: &AppState, queue: &str, shown: u64, asked: &Asked) -> Result<Done> {
-    let reason = need_reason(asked, "purge a queue")?;
+    need_reason(asked, "purge a queue")?;
     let Some(stats) = state.queue_probe().stats(queue).await? else {
         return Err(Error::NotFound(format!("no queue `{queue}`")));
     };
-    let entry = match state
-        .store()
-        .record(&Action {
-            actor: asked.actor.clone(),
-            action: "queue.purge",
-            target: queue.to_owned(),
-            count: i32::try_from(stats.messages).unwrap_or(i32::MAX),
-            reason: Some(reason),
-            detail: json!({"shown": shown, "ready_before": stats.messages}),
-            request_id: asked.request_id.clone(),
-        })
-        .await?
-    {
-        Ok(e) => e,
-        Err(_) => {
-            return Ok(Done {
-                queue: queue.to_owned(),
-                repeated: true,
-                ..Done::default()
-            });
-        }
+    let Some(entry) = note_many(
+        state,
+        "queue.purge",
+        queue,
+        i32::try_from(stats.messages).unwrap_or(i32::MAX),
+        json!({"shown": shown, "ready_before": stats.messages}),
+        asked,
+    )
+    .await?
+    else {
+        return Ok(Done {
+            queue: queue.to_owned(),
+            repeated: true,
+            ..Done::default()
+        });
     };
     match state.queue_probe().purge(queue).await {
         Ok(n) => {
@@ -251,7 +232,7 @@ pub async fn purge(state: &AppState, queue: &str, shown: u64, asked: &Asked) -> 
                 asked,
                 "queue.purge.failed",
                 queue,
-                entry.id,
+                entry,
                 &e.to_string(),
             )
             .await;
