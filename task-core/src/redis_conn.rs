@@ -317,6 +317,12 @@ impl RedisConn {
         }
     }
 
+    /// Whether `other` is a clone of this connection to the same database, so one script can
+    /// read and write the keys of both.
+    pub fn same_database(&self, other: &RedisConn) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner) && self.db == other.db
+    }
+
     /// Waits until the writes sent on this connection so far are on a replica (`WAIT 1`), when
     /// the primary has one; a no-op for a direct connection. Call it on a
     /// [`RedisConn::pinned`] clone that made the writes. A primary with no replica connected

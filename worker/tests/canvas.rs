@@ -336,8 +336,21 @@ async fn chords_mix_rust_and_python_tasks_both_ways() {
         "body": spec("diag.echo", json!([]), &rq)}}}),
     )
     .await;
-    // Python's `get()` raises the header's own error first (it checks the parents) ...
-    assert_eq!(out["exc_type"], "ValueError", "{out}");
+    // Python's `get()` raises the header's own error when it sees it first: it checks the
+    // parents before waiting and after each wait. Celery 5.7 skips the wait (and the second
+    // check) when the body is already failed as it starts waiting, so a header and body that
+    // both failed in the moment between its first check and its first read of the body give
+    // the body's ChordError, which names the header's ValueError.
+    match out["exc_type"].as_str() {
+        Some("ValueError") => {}
+        Some("ChordError") => assert!(
+            out["exc_message"]
+                .as_str()
+                .is_some_and(|m| m.contains("ValueError(\"bad\")")),
+            "{out}"
+        ),
+        _ => panic!("neither the header's error nor the chord's: {out}"),
+    }
     // ... and the body is stored as FAILURE with Celery's ChordError.
     let body = s.meta(out["id"].as_str().unwrap()).await;
     let exc = body.exception_info().expect("the body failed");
@@ -452,15 +465,20 @@ async fn a_chord_of_1000_rust_tasks_runs_its_body_once() {
         .unwrap();
     let gid = meta.group_id.expect("the body's group id");
     let mut conn = redis().await;
-    let marker: Option<String> = conn
-        .get(format!("celery-taskset-meta-{gid}.c"))
-        .await
-        .unwrap();
-    assert_eq!(
-        marker.as_deref(),
-        Some("done"),
-        "no later part can fire it again"
-    );
+    // The worker marks the chord done once the body is sent, which may be after the body ran.
+    common::eventually(
+        "the chord marked done, so no later part can fire it again",
+        Duration::from_secs(10),
+        || {
+            let mut conn = conn.clone();
+            let key = format!("celery-taskset-meta-{gid}.c");
+            async move {
+                let marker: Option<String> = conn.get(key).await.unwrap();
+                (marker.as_deref() == Some("done")).then_some(())
+            }
+        },
+    )
+    .await;
     let left: i64 = conn
         .exists(format!("celery-taskset-meta-{gid}.j"))
         .await

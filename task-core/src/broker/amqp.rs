@@ -1179,7 +1179,7 @@ async fn consume_session(
     }
     // Deliveries are settled through the settler, which keeps the channel open until the last one
     // is settled: closing it earlier would requeue messages whose tasks already ran.
-    let (settler, settling) = Settler::start(ch.clone());
+    let (settler, settling) = Settler::start(ch.clone(), prefetch);
     {
         let mut settlers = broker.inner.settlers.lock().expect("settlers lock");
         settlers.retain(|t| !t.is_finished());

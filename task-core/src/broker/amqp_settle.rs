@@ -1,9 +1,15 @@
 //! Settling AMQP deliveries: acknowledgements coalesced into `multiple` acks.
 //!
 //! Every acknowledgement is a frame the broker must process, and on a busy queue that is a large
-//! part of its work. Deliveries are settled through one task per channel, which takes whatever
-//! settlements have queued up and sends one `basic.ack` with `multiple` for the longest run of
-//! delivery tags that is safe to cover, and individual frames for the rest.
+//! part of its work. Deliveries are settled through one task per channel, which gathers
+//! acknowledgements and sends one `basic.ack` with `multiple` for the longest run of delivery tags
+//! that is safe to cover. An acknowledgement waits at most [`GATHER`] for others to join it; one
+//! that a `multiple` ack cannot cover yet, because an earlier delivery is still running (or
+//! waiting for its ETA or a limit), waits up to [`LINGER`] for it and then goes alone. Either kind
+//! goes at once when an eighth of the prefetch window is waiting, so the unacknowledged messages
+//! never hold the window shut. Tasks finish out of order, so
+//! without the wait a third of the acknowledgements went alone and the rest in runs of about five
+//! (the queue bench: 0.3 frames per task, against 0.01 for the broker's batched ceiling).
 //!
 //! A `multiple` ack at tag `t` acknowledges every outstanding delivery up to `t`, so `t` must be
 //! below every delivery still being worked on, and below every tag not yet handed to the
@@ -15,10 +21,12 @@
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 
@@ -85,12 +93,13 @@ pub(super) struct Settler {
 }
 
 impl Settler {
-    /// Starts the settling task for `channel`. The task ends, closing the channel, once this
-    /// handle and every acker are gone.
-    pub(super) fn start(channel: Channel) -> (Self, tokio::task::JoinHandle<()>) {
+    /// Starts the settling task for `channel`, whose consumers take up to `prefetch` deliveries
+    /// at once. The task ends, closing the channel, once this handle and every acker are gone.
+    pub(super) fn start(channel: Channel, prefetch: u16) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let tracker = Arc::new(Mutex::new(Tracker::default()));
-        let task = tokio::spawn(run(channel, rx, tracker.clone()));
+        let enough = usize::from(prefetch / 8).max(1);
+        let task = tokio::spawn(run(channel, rx, tracker.clone(), enough));
         (Settler { tx, tracker }, task)
     }
 
@@ -150,64 +159,118 @@ impl Drop for AmqpAcker {
 }
 
 const MAX_BATCH: usize = 4096;
+/// How long an acknowledgement waits for others to share its frame.
+pub(super) const GATHER: Duration = Duration::from_millis(2);
+/// How long an acknowledgement that an earlier, still running delivery keeps out of a
+/// `multiple` ack waits before it is sent alone.
+pub(super) const LINGER: Duration = Duration::from_millis(5);
+
+/// An acknowledgement not sent yet.
+struct Waiting {
+    tag: u64,
+    since: Instant,
+    done: Option<oneshot::Sender<Result<()>>>,
+}
 
 async fn run(
     channel: Channel,
     mut rx: mpsc::UnboundedReceiver<Settle>,
     tracker: Arc<Mutex<Tracker>>,
+    enough: usize,
 ) {
     let mut batch = Vec::with_capacity(64);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
+    // Acknowledgements not sent yet, in arrival order.
+    let mut waiting: Vec<Waiting> = Vec::new();
+    let mut open = true;
+    while open || !waiting.is_empty() {
+        // The earliest moment something waiting must go.
+        let due = {
+            let boundary = tracker.lock().expect("tracker lock").boundary();
+            waiting
+                .iter()
+                .map(|w| w.since + if w.tag <= boundary { GATHER } else { LINGER })
+                .min()
+        };
+        let received = if open {
+            match due {
+                Some(due) => tokio::select! {
+                    s = rx.recv() => Some(s),
+                    () = tokio::time::sleep_until(due) => None,
+                },
+                None => Some(rx.recv().await),
+            }
+        } else {
+            None
+        };
+        match received {
+            Some(Some(first)) => batch.push(first),
+            Some(None) => open = false,
+            None => {}
+        }
+        while open && batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(s) => batch.push(s),
-                Err(_) => break,
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
             }
         }
-        let (rejects, acks): (Vec<_>, Vec<_>) = batch.drain(..).partition(|s| s.reject.is_some());
-        let mut results = Vec::with_capacity(rejects.len() + acks.len());
-        for s in rejects {
+        let now = Instant::now();
+        // Rejections go at once and one by one, before any `multiple` ack that could cover them.
+        for s in batch.drain(..) {
+            let Some(requeue) = s.reject else {
+                tracker.lock().expect("tracker lock").settle(s.tag);
+                waiting.push(Waiting {
+                    tag: s.tag,
+                    since: now,
+                    done: s.done,
+                });
+                continue;
+            };
             tracker.lock().expect("tracker lock").settle(s.tag);
-            let requeue = s.reject.unwrap_or(true);
             let r = channel
                 .basic_reject(s.tag, BasicRejectOptions { requeue })
                 .await
                 .map_err(Error::from);
-            results.push((s.done, r));
-        }
-        if !acks.is_empty() {
-            let boundary = {
-                let mut t = tracker.lock().expect("tracker lock");
-                acks.iter().for_each(|s| t.settle(s.tag));
-                t.boundary()
-            };
-            let covered = acks.iter().map(|s| s.tag).filter(|t| *t <= boundary).max();
-            let mut covered_result = Ok(());
-            if let Some(tag) = covered {
-                covered_result = channel
-                    .basic_ack(tag, BasicAckOptions { multiple: true })
-                    .await
-                    .map_err(Error::from);
+            if let Some(done) = s.done {
+                let _ = done.send(r);
             }
-            for s in acks {
-                let r = if s.tag <= boundary {
-                    match &covered_result {
+        }
+        if waiting.is_empty() {
+            continue;
+        }
+        let boundary = tracker.lock().expect("tracker lock").boundary();
+        let (covered, above): (Vec<_>, Vec<_>) = waiting.drain(..).partition(|w| w.tag <= boundary);
+        let flush = !open;
+        let send_covered =
+            flush || covered.len() >= enough || covered.iter().any(|w| now >= w.since + GATHER);
+        if send_covered && let Some(tag) = covered.iter().map(|w| w.tag).max() {
+            let r = channel
+                .basic_ack(tag, BasicAckOptions { multiple: true })
+                .await
+                .map_err(Error::from);
+            for w in covered {
+                if let Some(done) = w.done {
+                    let _ = done.send(match &r {
                         Ok(()) => Ok(()),
                         Err(e) => Err(Error::Broker(e.to_string())),
-                    }
-                } else {
-                    channel
-                        .basic_ack(s.tag, BasicAckOptions { multiple: false })
-                        .await
-                        .map_err(Error::from)
-                };
-                results.push((s.done, r));
+                    });
+                }
             }
+        } else {
+            waiting.extend(covered);
         }
-        for (done, r) in results {
-            if let Some(done) = done {
-                let _ = done.send(r);
+        let crowded = flush || above.len() >= enough;
+        for w in above {
+            if crowded || now >= w.since + LINGER {
+                let r = channel
+                    .basic_ack(w.tag, BasicAckOptions { multiple: false })
+                    .await
+                    .map_err(Error::from);
+                if let Some(done) = w.done {
+                    let _ = done.send(r);
+                }
+            } else {
+                waiting.push(w);
             }
         }
     }

@@ -71,6 +71,20 @@ return n
     )
 });
 
+/// [`COUNT`], and the value of a second key in the same round trip (`false`, a nil reply, when
+/// it is not there: a nil would end the Lua table).
+static COUNT_AND_GET: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return {n, redis.call('GET', KEYS[2]) or false}
+",
+    )
+});
+
 impl Coordinator {
     /// Claims the idempotency key `key` for `ttl`: `true` for the first caller, `false` for every
     /// later one until `ttl` has passed (or [`unclaim`] was called).
@@ -127,6 +141,32 @@ impl Coordinator {
                 Ok(entry.0)
             }
         }
+    }
+
+    /// [`count`](Coordinator::count), reading `other_key` of `other` in the same round trip;
+    /// `None` when `other` is not this coordinator's Redis database (the caller then reads it
+    /// itself). The worker counts a start and reads the task's stored result with it.
+    pub(crate) async fn count_and_get(
+        &self,
+        key: &str,
+        ttl: Duration,
+        other: &crate::redis_conn::RedisConn,
+        other_key: &str,
+    ) -> Option<Result<(u64, Option<Vec<u8>>)>> {
+        let Coordinator::Redis(r) = self else {
+            return None;
+        };
+        let mut conn = r.conn();
+        if !conn.same_database(other) {
+            return None;
+        }
+        let reply: ::redis::RedisResult<(u64, Option<Vec<u8>>)> = COUNT_AND_GET
+            .key(r.keyed("count", key))
+            .key(other_key)
+            .arg(millis(ttl))
+            .invoke_async(&mut conn)
+            .await;
+        Some(reply.map_err(Into::into))
     }
 
     /// Undoes a claim, so the next [`claim_once`] of `key` succeeds: for an effect that failed

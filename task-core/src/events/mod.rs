@@ -138,6 +138,7 @@ impl Events {
                 let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
                 let task = tokio::spawn(publish_loop(
                     sink,
+                    clock.clone(),
                     rx,
                     batch.clone(),
                     published.clone(),
@@ -206,7 +207,8 @@ impl Events {
         event.insert("timestamp".into(), json!(unix_now()));
         event.insert("utcoffset".into(), json!(0));
         event.insert("pid".into(), json!(self.inner.pid));
-        event.insert("clock".into(), json!(self.inner.clock.forward()));
+        // The `clock` is stamped by the publisher as it sends, so the events of one node leave
+        // in clock order even when tasks on several threads send at once.
         // `task-sent` comes from clients, one per publish: sent at once, so a monitor sees the
         // task before a worker reports on it. Worker events too go at once (after the batch).
         if let Some(batch) = &self.inner.batch
@@ -309,6 +311,7 @@ const BATCH_WINDOW: Duration = Duration::from_millis(100);
 
 async fn publish_loop(
     sink: EventSink,
+    clock: Arc<LamportClock>,
     mut rx: mpsc::Receiver<Value>,
     batch: Option<Arc<Batch>>,
     published: Arc<AtomicU64>,
@@ -316,6 +319,7 @@ async fn publish_loop(
 ) {
     let mut out = Publisher {
         sink,
+        clock,
         channel: None,
         retry_at: tokio::time::Instant::now(),
         published,
@@ -362,6 +366,7 @@ async fn publish_loop(
 /// The sending end of the publish loop.
 struct Publisher {
     sink: EventSink,
+    clock: Arc<LamportClock>,
     channel: Option<(lapin::Channel, u64)>,
     retry_at: tokio::time::Instant,
     published: Arc<AtomicU64>,
@@ -380,8 +385,17 @@ impl Publisher {
         }
     }
 
-    /// Publishes one event, or a list of `n` task events.
-    async fn send(&mut self, event: Value, n: u64) {
+    /// Publishes one event, or a list of `n` task events, each stamped with the next clock value.
+    async fn send(&mut self, mut event: Value, n: u64) {
+        let mut stamp = |e: &mut Value| {
+            if let Value::Object(fields) = e {
+                fields.insert("clock".into(), json!(self.clock.forward()));
+            }
+        };
+        match &mut event {
+            Value::Array(list) => list.iter_mut().for_each(&mut stamp),
+            single => stamp(single),
+        }
         match &self.sink {
             EventSink::Disabled => {}
             EventSink::Memory(tx) => {
@@ -461,7 +475,6 @@ async fn publish_event(ch: &lapin::Channel, event: &Value) -> crate::Result<()> 
         .with_content_encoding("utf-8".into())
         .with_delivery_mode(1)
         .with_headers(json_to_table(&headers)?);
-    // The channel is not in confirm mode: the returned confirmation resolves at once.
     // Not a confirm channel: the confirmation resolves at once, as `NotRequested`.
     ch.basic_publish(
         EVENT_EXCHANGE.into(),
@@ -509,5 +522,31 @@ mod tests {
         assert!(started["clock"].as_u64() > online["clock"].as_u64());
         events.close(Duration::from_secs(1)).await;
         assert_eq!(events.published(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn events_sent_from_many_threads_leave_in_clock_order() {
+        let (tx, mut rx) = broadcast::channel(4096);
+        let events = Events::start(EventSink::Memory(tx), "w1@test", true);
+        let senders: Vec<_> = (0..4)
+            .map(|t| {
+                let events = events.clone();
+                std::thread::spawn(move || {
+                    for i in 0..250 {
+                        events.task("task-started", &format!("{t}-{i}"), Map::new());
+                    }
+                })
+            })
+            .collect();
+        for s in senders {
+            s.join().unwrap();
+        }
+        events.close(Duration::from_secs(5)).await;
+        let mut last = 0;
+        for _ in 0..1000 {
+            let clock = rx.recv().await.unwrap()["clock"].as_u64().unwrap();
+            assert!(clock > last, "clock {clock} after {last}");
+            last = clock;
+        }
     }
 }

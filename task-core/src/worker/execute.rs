@@ -126,17 +126,19 @@ async fn run_task(
         priority: message.priority,
         redelivered: delivery.redelivered,
     });
-    state
-        .events
-        .task("task-received", &id, received_fields(&request));
+    if state.events.task_events() {
+        state
+            .events
+            .task("task-received", &id, received_fields(&request));
+    }
 
-    // Duplicates also arrive without the redelivered flag (a retry whose ack was lost, a publish
-    // retried after a lost confirm, the delay queues' at-least-once dead-lettering), so every
-    // delivery is checked against the stored result.
-    if let Ok(Some(meta)) = state.backend().get(&id).await
-        && meta.status.is_ready()
+    // A redelivery, or a message that may wait or be sent back to the delay queues before it
+    // starts, is checked against its stored result now: a finished task's copy is settled here
+    // rather than deferred again (the start check below catches the rest).
+    if (delivery.redelivered || message.headers.eta.is_some())
+        && let Some(status) = finished(&state, &id).await
     {
-        tracing::info!(state = %meta.status, redelivered = delivery.redelivered, "task already finished; acknowledging the duplicate");
+        tracing::info!(state = %status, redelivered = delivery.redelivered, "task already finished; acknowledging the duplicate");
         state.stats.duplicates.fetch_add(1, Ordering::Relaxed);
         return settle(delivery, true).await;
     }
@@ -150,9 +152,7 @@ async fn run_task(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         place = state.line.join();
-        if let Ok(Some(meta)) = state.backend().get(&id).await
-            && meta.status.is_ready()
-        {
+        if finished(&state, &id).await.is_some() {
             state.stats.duplicates.fetch_add(1, Ordering::Relaxed);
             return settle(delivery, true).await;
         }
@@ -212,14 +212,21 @@ async fn run_task(
 
     // A limit may keep it waiting: it waits out of the line, and joins again once admitted.
     let kept = (!flow::limited(&state, &name, &options)).then_some(place);
-    let _permits = match flow::admit(&state, message, &options, task.fields()).await {
+    let permits = match flow::admit(&state, message, &options, task.fields()).await {
         Admission::Go(permits) => permits,
-        Admission::Defer(wait) => return defer(&state, delivery, wait).await,
+        Admission::Defer(wait) => {
+            if let Some(status) = finished(&state, &id).await {
+                tracing::info!(state = %status, "task already finished; acknowledging the duplicate");
+                state.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                return settle(delivery, true).await;
+            }
+            return defer(&state, delivery, wait).await;
+        }
         Admission::Stopped => return settle(delivery, false).await,
     };
     let place = kept.unwrap_or_else(|| state.line.join());
     place.turn().await;
-    let Some(Ok(_slot)) = wait_or_stop(&state, state.slots.clone().acquire_owned()).await else {
+    let Some(Ok(slot)) = wait_or_stop(&state, state.slots.clone().acquire_owned()).await else {
         return settle(delivery, false).await;
     };
     drop(place);
@@ -230,10 +237,18 @@ async fn run_task(
         return revoke(&state, delivery, &request, Revoked::Expired).await;
     }
 
-    if !options.reject_on_worker_lost {
-        // Every start is counted, so a second one means the first never finished: its worker
-        // died. Celery's default then is FAILURE `WorkerLostError`, not another run.
-        if let Some(n) = started_before(&state, message).await {
+    // Duplicates also arrive without the redelivered flag (a retry whose ack was lost, a publish
+    // retried after a lost confirm, the delay queues' at-least-once dead-lettering), so every
+    // start is counted and checked against the stored result.
+    match claim_start(&state, message).await {
+        Start::Finished(status) => {
+            tracing::info!(state = %status, redelivered = delivery.redelivered, "task already finished; acknowledging the duplicate");
+            state.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            return settle(delivery, true).await;
+        }
+        // A second start means the first never finished: its worker died. Celery's default
+        // then is FAILURE `WorkerLostError`, not another run.
+        Start::Again(n) if !options.reject_on_worker_lost => {
             drop(tracked);
             state
                 .metrics
@@ -255,22 +270,23 @@ async fn run_task(
                 Err(_) => settle(delivery, false).await,
             };
         }
-    } else if delivery.redelivered
-        && let Some(n) = poisoned(&state, message).await
-    {
-        drop(tracked);
-        let exc = ExceptionInfo::new(
-            "celery.exceptions",
-            "WorkerLostError",
-            format!("started {n} times without finishing"),
-        );
-        return dead_letter(
-            &state,
-            delivery,
-            &format!("started {n} times without finishing: a poison message (it crashes or wedges the worker)"),
-            exc,
-        )
-        .await;
+        Start::Again(n) if n > MAX_RESTARTS + 1 => {
+            drop(tracked);
+            let before = n - 1;
+            let exc = ExceptionInfo::new(
+                "celery.exceptions",
+                "WorkerLostError",
+                format!("started {before} times without finishing"),
+            );
+            return dead_letter(
+                &state,
+                delivery,
+                &format!("started {before} times without finishing: a poison message (it crashes or wedges the worker)"),
+                exc,
+            )
+            .await;
+        }
+        Start::First | Start::Again(_) => {}
     }
     let started = state.config.clock.now();
     tracked.set(Phase::Active(crate::events::unix_now()));
@@ -362,10 +378,12 @@ async fn run_task(
                 .metrics
                 .completed(&name, &queue, Metric::Success, Some(runtime));
             tracing::debug!("succeeded");
-            let mut fields = Map::new();
-            fields.insert("result".into(), repr::repr(&value).into());
-            fields.insert("runtime".into(), json!(runtime.as_secs_f64()));
-            state.events.task("task-succeeded", &id, fields);
+            if state.events.task_events() {
+                let mut fields = Map::new();
+                fields.insert("result".into(), repr::repr(&value).into());
+                fields.insert("runtime".into(), json!(runtime.as_secs_f64()));
+                state.events.task("task-succeeded", &id, fields);
+            }
             // Celery's tracer: callbacks and the next chain step go out before the result is
             // stored, and what was sent becomes `children` (after the tasks the run sent itself).
             let mut children = sent_children(&hook_ctx);
@@ -459,6 +477,9 @@ async fn run_task(
             }
             let retval = (meta.status == TaskState::Success).then_some(&meta.result);
             hooks_after(&task, &hook_ctx, meta.status, exc.as_ref(), retval, runtime);
+            // The run is over: the slot and the limits' permits go to the next task while the
+            // acknowledgement waits to share a frame with others (see `broker::amqp_settle`).
+            drop((slot, permits));
             held.settle(true).await
         }
         // The next attempt is already published: requeueing this one would run the task twice,
@@ -852,41 +873,73 @@ async fn store(state: &State, meta: &TaskMeta) -> Result<()> {
     }
 }
 
-/// Started executions of a message a redelivery may have before it is dead-lettered as poison.
-pub(crate) const MAX_STARTS: u64 = 5;
+/// Times a message whose earlier starts never finished may be started again before it is
+/// dead-lettered as poison (so it runs at most this many times plus one).
+pub(crate) const MAX_RESTARTS: u64 = 5;
 
-/// Counts a start of a redelivered message; `Some(n)` when it has started too often.
-async fn poisoned(state: &State, message: &TaskMessage) -> Option<u64> {
-    let key = format!("starts:{}:{}", message.headers.id, message.headers.retries);
-    match state
-        .coordinator
-        .count(&key, Duration::from_secs(24 * 3600))
-        .await
-    {
-        Ok(n) if n > MAX_STARTS => Some(n),
-        Ok(_) => None,
-        Err(e) => {
-            tracing::debug!(error = %e, "cannot count deliveries");
-            None
-        }
+/// The state of `id`'s stored result if it is a finished one.
+async fn finished(state: &State, id: &str) -> Option<TaskState> {
+    match state.backend().get(id).await {
+        Ok(Some(meta)) if meta.status.is_ready() => Some(meta.status),
+        _ => None,
     }
 }
 
-/// Counts a start of a task that is not to run again after its worker died; `Some(n)` when
-/// this is its `n`-th start (n > 1): an earlier one never finished.
-async fn started_before(state: &State, message: &TaskMessage) -> Option<u64> {
-    let key = format!("starts:{}:{}", message.headers.id, message.headers.retries);
-    match state
-        .coordinator
-        .count(&key, Duration::from_secs(24 * 3600))
-        .await
-    {
-        Ok(n) if n > 1 => Some(n),
-        Ok(_) => None,
-        Err(e) => {
-            tracing::debug!(error = %e, "cannot count starts");
-            None
+/// What the start counter and the stored result say about a message about to run.
+enum Start {
+    /// Its first start.
+    First,
+    /// Its `n`-th start (n > 1), and no finished result: an earlier start never finished.
+    Again(u64),
+    /// Its result is stored, in this finished state: a duplicate.
+    Finished(TaskState),
+}
+
+/// Counts a start of `message` (its id and retry number; the counter lives a day) and reads its
+/// stored result, in one round trip when the coordinator and the result backend are the same
+/// Redis database (the worker binary's setup). Redis unreachable counts as a first start: the
+/// task runs rather than waits for Redis.
+async fn claim_start(state: &State, message: &TaskMessage) -> Start {
+    const TTL: Duration = Duration::from_secs(24 * 3600);
+    let id = &message.headers.id;
+    let key = format!("starts:{id}:{}", message.headers.retries);
+    let shared = match state.backend() {
+        crate::backend::AnyBackend::Redis(redis) => {
+            state
+                .coordinator
+                .count_and_get(
+                    &key,
+                    TTL,
+                    &redis.connection(),
+                    &crate::backend::meta_key(id),
+                )
+                .await
         }
+        _ => None,
+    };
+    // `done`: the state of a finished stored result.
+    let (count, done) = match shared {
+        Some(Ok((n, bytes))) => {
+            let meta = bytes.and_then(|b| TaskMeta::from_json(&b).ok());
+            (Some(n), meta.map(|m| m.status).filter(|s| s.is_ready()))
+        }
+        Some(Err(e)) => {
+            tracing::debug!(error = %e, "cannot count starts");
+            (None, None)
+        }
+        None => {
+            let done = finished(state, id).await;
+            let count = state.coordinator.count(&key, TTL).await;
+            if let Err(e) = &count {
+                tracing::debug!(error = %e, "cannot count starts");
+            }
+            (count.ok(), done)
+        }
+    };
+    match (done, count) {
+        (Some(status), _) => Start::Finished(status),
+        (None, Some(n)) if n > 1 => Start::Again(n),
+        _ => Start::First,
     }
 }
 
