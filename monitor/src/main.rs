@@ -32,21 +32,7 @@ struct Cli {
 async fn main() -> ExitCode {
     let cli: Cli = parse_or_exit();
     if cli.hash_password {
-        let mut password = String::new();
-        if std::io::stdin().read_line(&mut password).is_err() || password.trim_end().is_empty() {
-            eprintln!("monitor: --hash-password reads the password from standard input");
-            return ExitCode::from(2);
-        }
-        return match staff_auth::hash_password(password.trim_end_matches(['\r', '\n'])) {
-            Ok(hash) => {
-                println!("{hash}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("monitor: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        return staff_auth::print_hash_from_stdin("monitor");
     }
     task_core::telemetry::init(cli.log_format);
     match monitor::run(cli.config, task_core::shutdown::signal()).await {

@@ -83,6 +83,7 @@ pub struct Guard<R: Role> {
     public: Vec<&'static str>,
     text: LoginText,
     oidc: Option<Arc<crate::Oidc<R>>>,
+    base: &'static str,
 }
 
 impl<R: Role> std::fmt::Debug for Guard<R> {
@@ -115,13 +116,38 @@ impl<R: Role> Guard<R> {
         text: LoginText,
         oidc: Option<crate::Oidc<R>>,
     ) -> Arc<Self> {
+        Self::mounted(auth, rule, public, text, oidc, "")
+    }
+
+    /// [`Guard::with_oidc`] for an application whose routes all start with `base` (such as
+    /// `/admin`): `rule` and `public` see the paths with `base` taken off, and the sign-in
+    /// routes are `base/login`, `base/logout`, `base/login/oidc`.
+    pub fn mounted(
+        auth: Auth<R>,
+        rule: fn(&Method, &str) -> R,
+        public: &[&'static str],
+        text: LoginText,
+        oidc: Option<crate::Oidc<R>>,
+        base: &'static str,
+    ) -> Arc<Self> {
         Arc::new(Guard {
+            base,
             auth: Arc::new(auth),
             rule,
             public: public.to_vec(),
             text,
             oidc: oidc.map(Arc::new),
         })
+    }
+
+    /// Where the application is mounted (empty at the root).
+    pub fn base(&self) -> &'static str {
+        self.base
+    }
+
+    /// The application's front page.
+    fn home(&self) -> &'static str {
+        if self.base.is_empty() { "/" } else { self.base }
     }
 
     /// The users and sessions.
@@ -144,11 +170,12 @@ impl<R: Role> Guard<R> {
 
     /// `GET`/`POST /login` and `POST /logout`.
     pub fn routes<S: Clone + Send + Sync + 'static>(self: &Arc<Self>) -> Router<S> {
+        let at = |p: &str| format!("{}{p}", self.base);
         Router::new()
-            .route("/login", get(login_page::<R>).post(login::<R>))
-            .route("/login/oidc", get(oidc_start::<R>))
-            .route("/login/oidc/callback", get(oidc_callback::<R>))
-            .route("/logout", post(logout::<R>))
+            .route(&at("/login"), get(login_page::<R>).post(login::<R>))
+            .route(&at("/login/oidc"), get(oidc_start::<R>))
+            .route(&at("/login/oidc/callback"), get(oidc_callback::<R>))
+            .route(&at("/logout"), post(logout::<R>))
             .with_state(self.clone())
     }
 }
@@ -168,7 +195,12 @@ pub async fn check<R: Role>(
     request: Request,
     next: Next,
 ) -> Response {
-    let path = request.uri().path().to_owned();
+    let full = request.uri().path();
+    let path = match full.strip_prefix(g.base) {
+        Some("") => "/".to_owned(),
+        Some(rest) if rest.starts_with('/') => rest.to_owned(),
+        _ => full.to_owned(),
+    };
     if g.is_public(&path) {
         return next.run(request).await;
     }
@@ -183,7 +215,7 @@ pub async fn check<R: Role>(
         Some(s) => (s, true),
         None => match basic(&g, headers).await {
             Some(s) => (s, false),
-            None => return unauthenticated(&request),
+            None => return unauthenticated(&g, &request),
         },
     };
     let method = request.method().clone();
@@ -268,7 +300,7 @@ async fn basic<R: Role>(g: &Arc<Guard<R>>, headers: &HeaderMap) -> Option<Sessio
 }
 
 /// No session: a page asked for by a browser goes to the sign-in page, anything else is 401.
-fn unauthenticated(request: &Request) -> Response {
+fn unauthenticated<R: Role>(g: &Guard<R>, request: &Request) -> Response {
     let html = request
         .headers()
         .get(header::ACCEPT)
@@ -281,7 +313,7 @@ fn unauthenticated(request: &Request) -> Response {
             .map_or("/", |p| p.as_str())
             .to_owned();
         let query = serde_urlencoded::to_string([("next", next)]).unwrap_or_default();
-        return Redirect::to(&format!("/login?{query}")).into_response();
+        return Redirect::to(&format!("{}/login?{query}", g.base)).into_response();
     }
     text_response(
         StatusCode::UNAUTHORIZED,
@@ -290,10 +322,10 @@ fn unauthenticated(request: &Request) -> Response {
 }
 
 /// Only a path on this site: `/x`, not `//host` or `/\host`, and not a URL.
-fn local_path(next: Option<&str>) -> &str {
+fn local_path<'a>(next: Option<&'a str>, home: &'a str) -> &'a str {
     match next {
         Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n,
-        _ => "/",
+        _ => home,
     }
 }
 
@@ -325,7 +357,8 @@ fn page<R: Role>(g: &Guard<R>, next: &str, user: &str, failed: bool) -> Html<Str
         },
         oidc = match &g.oidc {
             Some(o) => format!(
-                "<p><a class=\"oidc\" id=\"oidc\" href=\"/login/oidc?{}\">{} {}</a></p>",
+                "<p><a class=\"oidc\" id=\"oidc\" href=\"{}/login/oidc?{}\">{} {}</a></p>",
+                g.base,
                 escape(&serde_urlencoded::to_string([("next", next)]).unwrap_or_default()),
                 t.with,
                 escape(o.name())
@@ -336,12 +369,13 @@ fn page<R: Role>(g: &Guard<R>, next: &str, user: &str, failed: bool) -> Html<Str
             String::new()
         } else {
             format!(
-                r#"<form method="post" action="/login" id="login">
+                r#"<form method="post" action="{base}/login" id="login">
 <input type="hidden" name="next" value="{next}">
 <label for="user">{user_label}</label><input id="user" name="user" value="{user}" autocomplete="username" required autofocus>
 <label for="password">{password_label}</label><input id="password" name="password" type="password" autocomplete="current-password" required>
 <button type="submit">{submit}</button>
 </form>"#,
+                base = g.base,
                 next = escape(next),
                 user_label = t.user,
                 user = escape(user),
@@ -368,7 +402,7 @@ async fn oidc_start<R: Role>(
             "no identity provider is configured".into(),
         );
     };
-    let next = local_path(q.next.as_deref());
+    let next = local_path(q.next.as_deref(), g.home());
     match oidc.start(next).await {
         Ok((url, pending)) => {
             let value = g.auth.sign(
@@ -376,8 +410,9 @@ async fn oidc_start<R: Role>(
                 &B64.encode(serde_json::to_vec(&pending).unwrap_or_default()),
             );
             let cookie = format!(
-                "{}={value}; Path=/login/oidc; HttpOnly; SameSite=Lax; Max-Age=600{}",
+                "{}={value}; Path={}/login/oidc; HttpOnly; SameSite=Lax; Max-Age=600{}",
                 pending_cookie_name(&g),
+                g.base,
                 if g.auth.secure() { "; Secure" } else { "" }
             );
             let mut response = Redirect::to(&url).into_response();
@@ -456,14 +491,17 @@ async fn oidc_callback<R: Role>(
             tracing::info!(user = %s.user, role = s.role.name(), "signed in through OIDC");
             // A page, not a redirect: the navigation that follows is this site's own, so the
             // `SameSite=Strict` session cookie comes with it.
-            let next = escape(local_path(Some(&pending.next)));
+            let next = escape(local_path(Some(&pending.next), g.home()));
             let mut response = Html(format!(
                 "<!doctype html><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"0;url={next}\"><a href=\"{next}\">continue</a>"
             ))
             .into_response();
             for cookie in [
                 g.auth.set_cookie(&s),
-                format!("{name}=; Path=/login/oidc; HttpOnly; SameSite=Lax; Max-Age=0"),
+                format!(
+                    "{name}=; Path={}/login/oidc; HttpOnly; SameSite=Lax; Max-Age=0",
+                    g.base
+                ),
             ] {
                 if let Ok(v) = HeaderValue::from_str(&cookie) {
                     response.headers_mut().append(header::SET_COOKIE, v);
@@ -488,7 +526,7 @@ async fn login_page<R: Role>(
     Query(q): Query<NextPath>,
     headers: HeaderMap,
 ) -> Response {
-    let next = local_path(q.next.as_deref());
+    let next = local_path(q.next.as_deref(), g.home());
     let cookies = headers
         .get(header::COOKIE)
         .and_then(|v| v.to_str().ok())
@@ -507,7 +545,7 @@ struct Credentials {
 }
 
 async fn login<R: Role>(State(g): State<Arc<Guard<R>>>, Form(c): Form<Credentials>) -> Response {
-    let next = local_path(c.next.as_deref()).to_owned();
+    let next = local_path(c.next.as_deref(), g.home()).to_owned();
     let auth = g.auth.clone();
     let (user, password) = (c.user.clone(), c.password);
     let session = tokio::task::spawn_blocking(move || auth.sign_in(&user, &password, now()))
@@ -532,7 +570,7 @@ async fn login<R: Role>(State(g): State<Arc<Guard<R>>>, Form(c): Form<Credential
 }
 
 async fn logout<R: Role>(State(g): State<Arc<Guard<R>>>) -> Response {
-    let mut response = Redirect::to("/login").into_response();
+    let mut response = Redirect::to(&format!("{}/login", g.base)).into_response();
     if let Ok(v) = HeaderValue::from_str(&g.auth.clear_cookie()) {
         response.headers_mut().insert(header::SET_COOKIE, v);
     }
@@ -546,12 +584,12 @@ mod tests {
     #[test]
     fn only_local_paths_are_followed_after_sign_in() {
         assert_eq!(
-            local_path(Some("/tasks?state=FAILURE")),
+            local_path(Some("/tasks?state=FAILURE"), "/"),
             "/tasks?state=FAILURE"
         );
-        assert_eq!(local_path(Some("//evil.example")), "/");
-        assert_eq!(local_path(Some("/\\evil.example")), "/");
-        assert_eq!(local_path(Some("https://evil.example")), "/");
-        assert_eq!(local_path(None), "/");
+        assert_eq!(local_path(Some("//evil.example"), "/"), "/");
+        assert_eq!(local_path(Some("/\\evil.example"), "/"), "/");
+        assert_eq!(local_path(Some("https://evil.example"), "/"), "/");
+        assert_eq!(local_path(None, "/"), "/");
     }
 }

@@ -17,6 +17,7 @@
 //!   token (a hidden `csrf` form field or an `X-CSRF-Token` header), an HMAC of the session's
 //!   nonce. Requests authenticated with an `Authorization: Basic` header (scripts) carry no
 //!   cookie a browser could send on their behalf, and need none.
+//! - **The audit log** ([`audit`]): who did what, when and why, append-only, exportable.
 //! - **Roles** are the application's: an ordered enum implementing [`Role`]; [`guard`] asks the
 //!   application which role a request needs and refuses it with 403 below that.
 
@@ -32,6 +33,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD as B64};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+pub mod audit;
 pub mod guard;
 pub mod oidc;
 
@@ -129,6 +131,9 @@ impl SessionKey {
 /// The configured users and the session settings.
 pub struct Auth<R: Role> {
     accounts: HashMap<String, Account<R>>,
+    /// Users the application keeps (its staff table), replaced by [`Auth::set_managed`]; a
+    /// configured user of the same name wins.
+    managed: std::sync::RwLock<HashMap<String, Account<R>>>,
     key: SessionKey,
     ttl: Duration,
     cookie: String,
@@ -162,6 +167,26 @@ pub fn hash_password(password: &str) -> Result<String, String> {
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
         .map_err(|e| e.to_string())
+}
+
+/// For a program's `--hash-password`: reads a password from standard input, prints its hash
+/// for a users entry and returns the exit code (2 when no password came).
+pub fn print_hash_from_stdin(program: &str) -> std::process::ExitCode {
+    let mut password = String::new();
+    if std::io::stdin().read_line(&mut password).is_err() || password.trim_end().is_empty() {
+        eprintln!("{program}: --hash-password reads the password from standard input");
+        return std::process::ExitCode::from(2);
+    }
+    match hash_password(password.trim_end_matches(['\r', '\n'])) {
+        Ok(hash) => {
+            println!("{hash}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// Parses users entries: `name role hash`, one per line or `;`-separated; blank lines and
@@ -203,6 +228,44 @@ pub fn parse_users<R: Role>(text: &str) -> Result<Vec<(String, R, String)>, Stri
 }
 
 impl<R: Role> Auth<R> {
+    /// Replaces the users the application manages (name, role, PHC hash), e.g. after staff
+    /// were added, changed or disabled in its UI. A session of a user no longer listed, or
+    /// listed with another role, ends at its next request.
+    pub fn set_managed(&self, users: Vec<(String, R, String)>) {
+        let users = users
+            .into_iter()
+            .filter(|(name, _, _)| !self.accounts.contains_key(name))
+            .map(|(name, role, hash)| (name, Account { role, hash }))
+            .collect();
+        *self.managed.write().unwrap_or_else(|e| e.into_inner()) = users;
+    }
+
+    /// Whether `name` is a configured (not a managed) user.
+    pub fn is_configured(&self, name: &str) -> bool {
+        self.accounts.contains_key(name)
+    }
+
+    fn account(&self, name: &str) -> Option<Account<R>> {
+        self.accounts.get(name).cloned().or_else(|| {
+            self.managed
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(name)
+                .cloned()
+        })
+    }
+
+    /// The configured users and their roles, by name.
+    pub fn user_roles(&self) -> Vec<(String, R)> {
+        let mut users: Vec<(String, R)> = self
+            .accounts
+            .iter()
+            .map(|(n, a)| (n.clone(), a.role))
+            .collect();
+        users.sort();
+        users
+    }
+
     /// Users and session settings: sessions last `ttl`, in a cookie named `cookie`, marked
     /// `Secure` when `secure` (set it whenever the UI is reached over HTTPS).
     pub fn new(
@@ -217,6 +280,7 @@ impl<R: Role> Auth<R> {
                 .into_iter()
                 .map(|(name, role, hash)| (name, Account { role, hash }))
                 .collect(),
+            managed: std::sync::RwLock::new(HashMap::new()),
             key,
             ttl,
             cookie: cookie.to_owned(),
@@ -225,16 +289,18 @@ impl<R: Role> Auth<R> {
         }
     }
 
-    /// How many users are configured.
+    /// How many users there are (configured and managed).
     pub fn users(&self) -> usize {
-        self.accounts.len()
+        self.accounts.len() + self.managed.read().map_or(0, |m| m.len())
     }
 
     /// Checks a name and password: a new session on success. Takes the same Argon2 work for an
     /// unknown name as for a known one.
     pub fn sign_in(&self, user: &str, password: &str, now: i64) -> Option<Session<R>> {
-        let account = self.accounts.get(user);
-        let hash = account.map_or(self.dummy.as_str(), |a| a.hash.as_str());
+        let account = self.account(user);
+        let hash = account
+            .as_ref()
+            .map_or(self.dummy.as_str(), |a| a.hash.as_str());
         let parsed = PasswordHash::new(hash).ok()?;
         let ok = Argon2::default()
             .verify_password(password.as_bytes(), &parsed)
@@ -365,7 +431,7 @@ impl<R: Role> Auth<R> {
         if external {
             return Some(session);
         }
-        let account = self.accounts.get(&session.user)?;
+        let account = self.account(&session.user)?;
         (account.role == role).then_some(session)
     }
 
