@@ -9,7 +9,8 @@
 //! to its queue with the dead-letter headers removed and, once RabbitMQ confirms it, removed
 //! from the dead-letter queue. A message whose task has since *succeeded* is left where it is.
 //! A replay is written to the audit log before it starts; a bulk replay moves at most the count
-//! the operator was shown.
+//! the operator was shown. The page's bulk replay runs as a tracked job ([`crate::jobs`]):
+//! progress, each message's outcome, abort between messages, resumed after a restart.
 
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -213,29 +214,52 @@ async fn replay_now(state: &AppState, dlq: &str, which: &Which) -> Result<Replay
             _ => {}
         }
         taken += 1;
-        if let Some(id) = &id {
-            let backend = state.client().backend();
-            match backend.get(id).await? {
-                Some(meta) if meta.status == TaskState::Success => {
-                    done.succeeded_since.push(id.clone());
-                    if matches!(which, Which::Task(_)) {
-                        break;
-                    }
+        match replay_held(state, dlq, &reader, &held).await? {
+            Step::Replayed => done.replayed += 1,
+            Step::SucceededSince => {
+                done.succeeded_since.extend(id);
+                if !matches!(which, Which::Task(_)) {
                     continue;
                 }
-                Some(meta) if meta.status.is_ready() => backend.forget(id).await?,
-                _ => {}
             }
         }
-        let (queue, message) = restored_from_dead_letter(dlq, &held.message);
-        state.amqp().publish(&queue, &message).await?;
-        reader.ack(&held).await?;
-        done.replayed += 1;
-        tracing::info!(dlq, queue, task_id = ?id, "dead letter replayed");
         if matches!(which, Which::Task(_)) {
             break;
         }
     }
     reader.close().await;
     Ok(done)
+}
+
+/// What [`replay_held`] did with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Sent back to its queue and removed from the dead-letter queue.
+    Replayed,
+    /// Left in the dead-letter queue (given back when the reader closes): its task has
+    /// succeeded since.
+    SucceededSince,
+}
+
+/// Replays one message `reader` holds (see the module docs).
+pub async fn replay_held(
+    state: &AppState,
+    dlq: &str,
+    reader: &task_core::broker::QueueReader,
+    held: &Held,
+) -> Result<Step> {
+    let id = held.message.task_id().map(str::to_owned);
+    if let Some(id) = &id {
+        let backend = state.client().backend();
+        match backend.get(id).await? {
+            Some(meta) if meta.status == TaskState::Success => return Ok(Step::SucceededSince),
+            Some(meta) if meta.status.is_ready() => backend.forget(id).await?,
+            _ => {}
+        }
+    }
+    let (queue, message) = restored_from_dead_letter(dlq, &held.message);
+    state.amqp().publish(&queue, &message).await?;
+    reader.ack(held).await?;
+    tracing::info!(dlq, queue, task_id = ?id, "dead letter replayed");
+    Ok(Step::Replayed)
 }

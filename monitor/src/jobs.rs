@@ -6,6 +6,9 @@
 //! log, with a request id made from the job and the task, so a resumed job does nothing twice),
 //! records each item's outcome, and stops between items when aborted. The job itself is in the
 //! audit log before it starts. Jobs left running by a stopped monitor resume when it starts.
+//!
+//! A bulk dead-letter replay is a job as well ([`start_replay`]): its total is the number of
+//! messages the operator was shown, its items the messages as it replays them, oldest first.
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -28,6 +31,9 @@ pub enum Kind {
     Retry,
     /// Revoke the task (finished tasks are skipped).
     Revoke,
+    /// Send the oldest messages of a dead-letter queue back to their queues (tasks that have
+    /// succeeded since are skipped and stay).
+    Replay,
 }
 
 impl Kind {
@@ -35,6 +41,7 @@ impl Kind {
         match s {
             "retry" => Some(Kind::Retry),
             "revoke" => Some(Kind::Revoke),
+            "replay" => Some(Kind::Replay),
             _ => None,
         }
     }
@@ -43,6 +50,7 @@ impl Kind {
         match self {
             Kind::Retry => "retry",
             Kind::Revoke => "revoke",
+            Kind::Replay => "replay",
         }
     }
 
@@ -51,6 +59,7 @@ impl Kind {
         match self {
             Kind::Retry => &["FAILURE", "REVOKED"],
             Kind::Revoke => &["PENDING", "RECEIVED", "STARTED", "RETRY"],
+            Kind::Replay => &[],
         }
     }
 }
@@ -66,6 +75,9 @@ pub struct Filter {
     pub taskname: String,
     #[serde(default)]
     pub workername: String,
+    /// A replay's dead-letter queue.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub dlq: String,
 }
 
 impl Filter {
@@ -154,7 +166,7 @@ const JOB_COLUMNS: &str = "j.id, j.kind, j.filter, j.total, j.actor, j.reason, j
     count(i.*) FILTER (WHERE i.status = 'done') AS done, \
     count(i.*) FILTER (WHERE i.status = 'skipped') AS skipped, \
     count(i.*) FILTER (WHERE i.status = 'failed') AS failed, \
-    count(i.*) FILTER (WHERE i.status = 'pending') AS pending";
+    (j.total - count(i.*) FILTER (WHERE i.status IN ('done', 'skipped', 'failed')))::bigint AS pending";
 
 /// One job with its counts.
 pub async fn get(state: &AppState, id: i64) -> Result<Option<Job>> {
@@ -208,6 +220,11 @@ pub async fn start(
     expected: i64,
     asked: &Asked,
 ) -> Result<i64> {
+    if kind == Kind::Replay {
+        return Err(Error::BadRequest(
+            "a replay job is started from its dead-letter queue".into(),
+        ));
+    }
     let Some(reason) = asked.reason.clone() else {
         return Err(Error::BadRequest(
             "a reason is required for a bulk action".into(),
@@ -270,6 +287,7 @@ pub async fn start(
             action: match kind {
                 Kind::Retry => "tasks.bulk_retry",
                 Kind::Revoke => "tasks.bulk_revoke",
+                Kind::Replay => "dead-letter.bulk_replay",
             },
             target: format!("job {id}"),
             count: i32::try_from(taken).unwrap_or(i32::MAX),
@@ -280,6 +298,72 @@ pub async fn start(
         .await?
         .ok();
     tracing::info!(job = id, kind = kind.name(), tasks = taken, actor = %asked.actor, "bulk job started");
+    spawn(state.clone(), id);
+    Ok(id)
+}
+
+/// Starts a job replaying the oldest `expected` messages of `dlq` (the count the operator was
+/// shown; fewer if fewer are there when it runs), recorded in the audit log first. A repeated
+/// `request_id` returns the job it started.
+pub async fn start_replay(
+    state: &AppState,
+    dlq: &str,
+    expected: i64,
+    asked: &Asked,
+) -> Result<i64> {
+    let Some(reason) = asked.reason.clone() else {
+        return Err(Error::BadRequest(
+            "a reason is required to replay dead letters".into(),
+        ));
+    };
+    if !crate::dead_letters::is_dead_letter_queue(dlq) {
+        return Err(Error::BadRequest(format!(
+            "{dlq} is not a dead-letter queue"
+        )));
+    }
+    if !(1..=MAX_ITEMS).contains(&expected) {
+        return Err(Error::BadRequest(format!(
+            "a replay job takes 1 to {MAX_ITEMS} messages"
+        )));
+    }
+    if let Some(rid) = &asked.request_id {
+        let earlier: Option<(i64,)> = sqlx::query_as("SELECT id FROM jobs WHERE request_id = $1")
+            .bind(rid)
+            .fetch_optional(state.store().pool())
+            .await?;
+        if let Some((id,)) = earlier {
+            return Ok(id);
+        }
+    }
+    let filter = Filter {
+        dlq: dlq.to_owned(),
+        ..Filter::default()
+    };
+    let (id,): (i64,) = sqlx::query_as(
+        "INSERT INTO jobs (kind, filter, total, actor, reason, request_id) \
+         VALUES ('replay', $1, $2, $3, $4, $5) RETURNING id",
+    )
+    .bind(json!(filter))
+    .bind(i32::try_from(expected).unwrap_or(i32::MAX))
+    .bind(&asked.actor)
+    .bind(&reason)
+    .bind(&asked.request_id)
+    .fetch_one(state.store().pool())
+    .await?;
+    state
+        .store()
+        .record(&Action {
+            actor: asked.actor.clone(),
+            action: "dead-letter.bulk_replay",
+            target: dlq.to_owned(),
+            count: i32::try_from(expected).unwrap_or(i32::MAX),
+            reason: Some(reason),
+            detail: json!({"job": id, "shown": expected}),
+            request_id: asked.request_id.as_ref().map(|r| format!("job:{r}")),
+        })
+        .await?
+        .ok();
+    tracing::info!(job = id, dlq, messages = expected, actor = %asked.actor, "replay job started");
     spawn(state.clone(), id);
     Ok(id)
 }
@@ -335,15 +419,92 @@ fn spawn(state: AppState, id: i64) {
     });
 }
 
+async fn finish(state: &AppState, id: i64, how: &str) -> Result<()> {
+    sqlx::query("UPDATE jobs SET state = $2, finished_at = now() WHERE id = $1")
+        .bind(id)
+        .bind(how)
+        .execute(state.store().pool())
+        .await?;
+    tracing::info!(job = id, state = how, "bulk job finished");
+    Ok(())
+}
+
+async fn abort_requested(state: &AppState, id: i64) -> Result<bool> {
+    let (abort,): (bool,) = sqlx::query_as("SELECT abort_requested FROM jobs WHERE id = $1")
+        .bind(id)
+        .fetch_one(state.store().pool())
+        .await?;
+    Ok(abort)
+}
+
+/// A replay job: one pass over the head of the dead-letter queue, one message at a time, each
+/// recorded as an item. Messages left there (their task succeeded since) come back to the head
+/// when the pass ends, or after a restart; a resumed job passes over the ones it has recorded.
+async fn run_replay(state: &AppState, id: i64, dlq: &str, total: i32) -> Result<()> {
+    let pool = state.store().pool();
+    let recorded: Vec<(i32, String)> =
+        sqlx::query_as("SELECT seq, task_id FROM job_items WHERE job_id = $1 ORDER BY seq")
+            .bind(id)
+            .fetch_all(pool)
+            .await?;
+    let mut seq = recorded.last().map_or(0, |r| r.0);
+    let seen: std::collections::HashSet<String> = recorded.into_iter().map(|r| r.1).collect();
+    let mut reader = state.amqp().read_queue(dlq).await?;
+    let mut how = "done";
+    while seq < total {
+        if abort_requested(state, id).await? {
+            how = "aborted";
+            break;
+        }
+        let Some(held) = reader.next().await? else {
+            break;
+        };
+        let task_id = held.message.task_id().unwrap_or_default().to_owned();
+        if seen.contains(&task_id) {
+            continue;
+        }
+        seq += 1;
+        let (status, message) =
+            match crate::dead_letters::replay_held(state, dlq, &reader, &held).await {
+                Ok(crate::dead_letters::Step::Replayed) => ("done", "replayed".to_owned()),
+                Ok(crate::dead_letters::Step::SucceededSince) => (
+                    "skipped",
+                    "the task has succeeded since; left in the dead-letter queue".to_owned(),
+                ),
+                Err(e) => ("failed", e.to_string()),
+            };
+        sqlx::query(
+            "INSERT INTO job_items (job_id, seq, task_id, status, message) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id)
+        .bind(seq)
+        .bind(&task_id)
+        .bind(status)
+        .bind(message)
+        .execute(pool)
+        .await?;
+    }
+    reader.close().await;
+    finish(state, id, how).await
+}
+
 async fn run(state: &AppState, id: i64) -> Result<()> {
     let pool = state.store().pool();
-    let (kind, actor, reason): (String, String, String) =
-        sqlx::query_as("SELECT kind, actor, reason FROM jobs WHERE id = $1")
+    let (kind, actor, reason, filter, total): (String, String, String, serde_json::Value, i32) =
+        sqlx::query_as("SELECT kind, actor, reason, filter, total FROM jobs WHERE id = $1")
             .bind(id)
             .fetch_one(pool)
             .await?;
     let kind =
         Kind::parse(&kind).ok_or_else(|| Error::Unavailable(format!("job {id}: kind {kind}")))?;
+    if kind == Kind::Replay {
+        let dlq = filter
+            .get("dlq")
+            .and_then(|d| d.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        return run_replay(state, id, &dlq, total).await;
+    }
     loop {
         let (abort,): (bool,) = sqlx::query_as("SELECT abort_requested FROM jobs WHERE id = $1")
             .bind(id)
@@ -384,6 +545,7 @@ async fn run(state: &AppState, id: i64) -> Result<()> {
             Kind::Revoke => actions::revoke(state, &task_id, false, &asked)
                 .await
                 .map(|_| "revoked".to_owned()),
+            Kind::Replay => unreachable!("replay jobs run in run_replay"),
         };
         let (status, message) = match outcome {
             Ok(m) => ("done", Some(m)),

@@ -382,6 +382,7 @@ pub(crate) async fn tasks(
         state: st.clone(),
         taskname: taskname.clone(),
         workername: workername.clone(),
+        dlq: String::new(),
     });
     render(&TaskList {
         nav: "tasks",
@@ -983,8 +984,8 @@ pub(crate) struct ReplayForm {
     oldest: Option<usize>,
 }
 
-/// `POST /dead-letters/<queue>/replay` (the page's forms): a reason is required; back to the
-/// page, saying what was done.
+/// `POST /dead-letters/<queue>/replay` (the page's forms): a reason is required. One task's
+/// message: back to the page, saying what was done; the oldest N: a replay job, to its page.
 pub(crate) async fn replay_dead_letters(
     State(state): State<AppState>,
     Path(queue): Path<String>,
@@ -1000,7 +1001,21 @@ pub(crate) async fn replay_dead_letters(
     };
     let which = match (form.task_id.filter(|t| !t.is_empty()), form.oldest) {
         (Some(id), _) => crate::dead_letters::Which::Task(id),
-        (None, Some(n)) => crate::dead_letters::Which::Oldest(n),
+        // The oldest N: a tracked job, its page shows the progress.
+        (None, Some(n)) => {
+            let n = i64::try_from(n).unwrap_or(i64::MAX);
+            return match crate::jobs::start_replay(&state, &queue, n, &asked).await {
+                Ok(id) => axum::response::Redirect::to(&format!("/jobs/{id}")).into_response(),
+                Err(e) => {
+                    let status = match e {
+                        crate::Error::NotFound(_) => StatusCode::NOT_FOUND,
+                        crate::Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+                        _ => StatusCode::SERVICE_UNAVAILABLE,
+                    };
+                    (status, format!("Nothing was replayed: {e}")).into_response()
+                }
+            };
+        }
         (None, None) => {
             return (
                 StatusCode::BAD_REQUEST,
@@ -1298,6 +1313,7 @@ fn bulk_filter(p: &HashMap<String, String>) -> crate::jobs::Filter {
         state: get("state"),
         taskname: get("taskname"),
         workername: get("workername"),
+        dlq: String::new(),
     }
 }
 
@@ -1700,50 +1716,12 @@ pub(crate) async fn audit(
     })
 }
 
-/// A CSV field: quoted when it holds a comma, quote or line break; a leading `=`, `+`, `-` or
-/// `@` is prefixed with `'` so a spreadsheet does not run it as a formula.
-fn csv_field(s: &str) -> String {
-    let s = if s.starts_with(['=', '+', '-', '@']) {
-        format!("'{s}")
-    } else {
-        s.to_owned()
-    };
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s
-    }
-}
-
 /// `GET /audit.csv`: the whole audit log, newest first (UTC times).
 pub(crate) async fn audit_csv(State(state): State<AppState>) -> Response {
-    let mut out = String::from("id,at_utc,actor,action,target,count,reason,detail\r\n");
-    let mut before = None;
-    loop {
-        let page = match state.store().audit(before, 1000).await {
-            Ok(p) => p,
-            Err(e) => return unavailable(e),
-        };
-        for e in &page {
-            let row = [
-                e.id.to_string(),
-                e.at.to_rfc3339(),
-                e.actor.clone(),
-                e.action.clone(),
-                e.target.clone(),
-                e.count.to_string(),
-                e.reason.clone().unwrap_or_default(),
-                e.detail.to_string(),
-            ];
-            let fields: Vec<String> = row.iter().map(|f| csv_field(f)).collect();
-            out.push_str(&fields.join(","));
-            out.push_str("\r\n");
-        }
-        if page.len() < 1000 {
-            break;
-        }
-        before = page.last().map(|e| e.id);
-    }
+    let out = match staff_auth::audit::csv(state.store().pool(), None).await {
+        Ok(out) => out,
+        Err(e) => return unavailable(crate::error::Error::from(e)),
+    };
     (
         [
             (axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8"),

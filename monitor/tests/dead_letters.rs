@@ -41,6 +41,27 @@ async fn ready_count(queue: &str) -> u64 {
         .map_or(0, |s| s.messages)
 }
 
+/// Sends `n` tasks of [`Later`] to a worker that does not know it, and waits until all `n` are
+/// in `dlq`; their ids, in the order sent.
+async fn dead_letter_later(client: &task_core::Client, dlq: &str, n: u32) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 1..=n {
+        let sent = client
+            .send_task(Later::NAME, vec![json!(i)], Default::default())
+            .send()
+            .await
+            .unwrap();
+        ids.push(sent.id().to_owned());
+    }
+    eventually(
+        &format!("{n} dead letters"),
+        Duration::from_secs(30),
+        || async { (ready_count(dlq).await == u64::from(n)).then_some(()) },
+    )
+    .await;
+    ids
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_read_without_loss_and_replayed_once_each() {
     let (config, db) = support::config();
@@ -51,19 +72,7 @@ async fn dead_letters_are_read_without_loss_and_replayed_once_each() {
     let worker = TestWorker::start(&queue, 2).await;
     let client = support::client(&queue).await;
 
-    let mut ids = Vec::new();
-    for n in 1..=3u32 {
-        let sent = client
-            .send_task(Later::NAME, vec![json!(n)], Default::default())
-            .send()
-            .await
-            .unwrap();
-        ids.push(sent.id().to_owned());
-    }
-    eventually("three dead letters", Duration::from_secs(30), || async {
-        (ready_count(&dlq).await == 3).then_some(())
-    })
-    .await;
+    let ids = dead_letter_later(&client, &dlq, 3).await;
 
     // Listed, and read twice: nothing is taken out.
     let list = get_json(&router, "/api/dead-letters").await;
@@ -186,8 +195,30 @@ async fn dead_letters_are_read_without_loss_and_replayed_once_each() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    // A bulk replay is a tracked job: its page has the progress.
     let location = response.headers()["location"].to_str().unwrap().to_owned();
-    assert!(location.contains("replayed=2"), "{location}");
+    let job = location
+        .strip_prefix("/jobs/")
+        .expect("the job's page")
+        .to_owned();
+    let finished = eventually("the replay job to finish", Duration::from_secs(30), || {
+        let (router, job) = (router.clone(), job.clone());
+        async move {
+            let j = get_json(&router, &format!("/api/jobs/{job}")).await;
+            (j["job"]["state"] == "done").then(|| j["job"].clone())
+        }
+    })
+    .await;
+    assert_eq!(
+        (
+            finished["kind"].as_str(),
+            finished["total"].as_i64(),
+            finished["done"].as_i64()
+        ),
+        (Some("replay"), Some(2), Some(2)),
+        "{finished}"
+    );
+    assert_eq!(finished["pending"], 0, "{finished}");
     for (id, want) in [(&ids[0], 10), (&ids[2], 30)] {
         assert_eq!(result(id.clone()).await.result, json!(want));
     }
@@ -205,7 +236,10 @@ async fn dead_letters_are_read_without_loss_and_replayed_once_each() {
         .or_else(|| log["entries"].as_array())
         .unwrap()
         .iter()
-        .filter(|e| e["action"] == "dead-letter.replay" && e["target"] == dlq.as_str())
+        .filter(|e| {
+            (e["action"] == "dead-letter.replay" || e["action"] == "dead-letter.bulk_replay")
+                && e["target"] == dlq.as_str()
+        })
         .collect();
     assert_eq!(entries.len(), 2, "{log}");
     let counts: Vec<i64> = entries
@@ -222,5 +256,166 @@ async fn dead_letters_are_read_without_loss_and_replayed_once_each() {
     worker.stop().await;
     support::delete_queue(&dlq).await;
     monitor.stop().await.unwrap();
+    support::drop_database(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_replay_job_skips_what_succeeded_since_stops_when_aborted_and_resumes_after_a_restart()
+ {
+    let (config, db) = support::config();
+    let queue = format!("test.{}", support::unique("monitor-dlq-job"));
+    let dlq = format!("{queue}.dlq");
+    let worker = TestWorker::start(&queue, 2).await;
+    let client = support::client(&queue).await;
+    let ids = dead_letter_later(&client, &dlq, 4).await;
+    worker.stop().await;
+    // One of them was run some other way meanwhile: it stays, the job says why.
+    client
+        .backend()
+        .store(&task_core::TaskMeta::new(
+            ids[0].clone(),
+            TaskState::Success,
+            json!(10),
+        ))
+        .await
+        .unwrap();
+
+    // Jobs a stopped monitor left: one aborted before it began, one half done (two items
+    // recorded and gone from the queue: here, the first two are simply taken out).
+    let monitor = Monitor::start(&config).await.expect("the monitor starts");
+    monitor.stop().await.unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::Executor::execute(conn, "SET search_path = monitor").await?;
+                Ok(())
+            })
+        })
+        .connect(&config.database_url)
+        .await
+        .unwrap();
+    let filter = json!({"dlq": dlq});
+    let (aborted,): (i64,) = sqlx::query_as(
+        "INSERT INTO jobs (kind, filter, total, actor, reason, abort_requested) VALUES ('replay', $1, 4, 'ops', 'test', true) RETURNING id",
+    )
+    .bind(&filter)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let (resumed,): (i64,) = sqlx::query_as(
+        "INSERT INTO jobs (kind, filter, total, actor, reason) VALUES ('replay', $1, 4, 'ops', 'test') RETURNING id",
+    )
+    .bind(&filter)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO job_items (job_id, seq, task_id, status, message) VALUES ($1, 1, 'earlier-a', 'done', 'replayed'), ($1, 2, 'earlier-b', 'done', 'replayed')")
+        .bind(resumed)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let worker = TestWorker::start_with(&queue, 2, |r| {
+        r.register(Later);
+    })
+    .await;
+    let monitor = Monitor::start(&config)
+        .await
+        .expect("the monitor starts again");
+    let router = monitor.router();
+    let job = |id: i64| {
+        let router = router.clone();
+        async move { get_json(&router, &format!("/api/jobs/{id}")).await }
+    };
+    let done = eventually(
+        "the resumed job to finish",
+        Duration::from_secs(30),
+        || async {
+            let j = job(resumed).await;
+            (j["job"]["state"] != "running").then_some(j)
+        },
+    )
+    .await;
+    assert_eq!(done["job"]["state"], "done", "{done}");
+    // Two recorded before the restart, two more now: the oldest two messages of the queue,
+    // one replayed and one (succeeded since) skipped, or both replayed.
+    assert_eq!(done["job"]["pending"], 0, "{done}");
+    assert_eq!(
+        done["job"]["done"].as_i64().unwrap() + done["job"]["skipped"].as_i64().unwrap(),
+        4,
+        "{done}"
+    );
+    let aborted = eventually(
+        "the aborted job to stop",
+        Duration::from_secs(30),
+        || async {
+            let j = job(aborted).await;
+            (j["job"]["state"] != "running").then_some(j)
+        },
+    )
+    .await;
+    assert_eq!(aborted["job"]["state"], "aborted", "{aborted}");
+    assert_eq!(aborted["job"]["done"], 0, "{aborted}");
+
+    // A job over what is left, through the API: the succeeded one is skipped and stays.
+    let started = post_json(
+        &router,
+        &format!(
+            "/api/dead-letters/{dlq}/replay?job=true&oldest=4&reason=deployed&request_id=rest"
+        ),
+        "",
+    )
+    .await;
+    let id = started["job"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("{started}"));
+    let again = post_json(
+        &router,
+        &format!(
+            "/api/dead-letters/{dlq}/replay?job=true&oldest=4&reason=deployed&request_id=rest"
+        ),
+        "",
+    )
+    .await;
+    assert_eq!(again["job"], id, "the same request starts one job");
+    let finished = eventually(
+        "the API's job to finish",
+        Duration::from_secs(30),
+        || async {
+            let j = job(id).await;
+            (j["job"]["state"] == "done").then_some(j)
+        },
+    )
+    .await;
+    let problems = finished["problems"].as_array().unwrap();
+    assert!(
+        problems
+            .iter()
+            .all(|p| p["task_id"] == ids[0].as_str() && p["status"] == "skipped"),
+        "{finished}"
+    );
+    eventually("every other task to run", Duration::from_secs(30), || async {
+        let mut ran = 0;
+        for id in &ids[1..] {
+            if matches!(client.backend().get(id).await.unwrap(), Some(m) if m.status == TaskState::Success) {
+                ran += 1;
+            }
+        }
+        (ran == 3).then_some(())
+    })
+    .await;
+    assert_eq!(ready_count(&dlq).await, 1, "the succeeded one stays");
+    let (status, _) = call(
+        &router,
+        "POST",
+        &format!("/api/dead-letters/{dlq}/replay?job=true&oldest=0&reason=x"),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    worker.stop().await;
+    support::delete_queue(&dlq).await;
+    monitor.stop().await.unwrap();
+    pool.close().await;
     support::drop_database(&db).await;
 }

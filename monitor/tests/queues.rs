@@ -97,14 +97,17 @@ async fn every_queue_is_seen_with_its_oldest_message_age_and_dead_letters() {
 
     // The broker emits queue statistics every few seconds; the monitor caches them for 5 s.
     let text = eventually(
-        "the three queues in /metrics",
+        "the three queues and their ages in /metrics",
         Duration::from_secs(40),
         || async {
             let (_, text) = call(&router, "GET", "/metrics", "").await;
             (metric(&text, "tq_queue_messages", &stamped) == Some(3.0)
                 && metric(&text, "tq_queue_messages", &plain) == Some(2.0)
                 && metric(&text, "tq_dead_letter_messages", &stamped) == Some(4.0)
-                && metric(&text, "tq_queue_messages", &sent_by_rust) == Some(1.0))
+                && metric(&text, "tq_queue_messages", &sent_by_rust) == Some(1.0)
+                // The head message's timestamp can reach the statistics a round after the counts.
+                && metric(&text, "tq_queue_oldest_message_age_seconds", &stamped).is_some()
+                && metric(&text, "tq_queue_oldest_message_age_seconds", &sent_by_rust).is_some())
             .then_some(text)
         },
     )

@@ -26,6 +26,7 @@ fn kind_and_filter(p: &HashMap<String, String>) -> ApiResult<(Kind, Filter)> {
             state: get("state"),
             taskname: get("taskname"),
             workername: get("workername"),
+            dlq: String::new(),
         },
     ))
 }

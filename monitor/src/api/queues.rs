@@ -63,7 +63,8 @@ pub(super) async fn peek_dead_letters(
 }
 
 /// `?task_id=` (that task's message) or `?oldest=N` (at most N from the head), `reason`
-/// required, `request_id` optional: `{"replayed", "succeeded_since", "repeated"}`.
+/// required, `request_id` optional: `{"replayed", "succeeded_since", "repeated"}`. With
+/// `job=true` and `oldest=N`, a tracked replay job instead: `{"job": id}` (`GET /api/jobs/<id>`).
 pub(super) async fn replay_dead_letters(
     State(state): State<AppState>,
     Path(queue): Path<String>,
@@ -71,6 +72,14 @@ pub(super) async fn replay_dead_letters(
     Query(p): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     let bad = |m: &str| ApiError::new(axum::http::StatusCode::BAD_REQUEST, m);
+    if p.get("job").is_some_and(|j| j == "true" || j == "1") {
+        let n = p
+            .get("oldest")
+            .and_then(|n| n.parse::<i64>().ok())
+            .ok_or_else(|| bad("a replay job needs oldest=<the count you were shown>"))?;
+        let id = crate::jobs::start_replay(&state, &queue, n, &asked(&headers, &p)).await?;
+        return Ok(Json(json!({"job": id})));
+    }
     let which = match (p.get("task_id"), p.get("oldest")) {
         (Some(id), None) if !id.is_empty() => Which::Task(id.clone()),
         (None, Some(n)) => Which::Oldest(n.parse().map_err(|_| bad("oldest must be a number"))?),
