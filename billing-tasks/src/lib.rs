@@ -10,10 +10,12 @@
 //! - [`charging`]: exactly-once payment attempts; [`card_check`]: a new card proved by an
 //!   authorisation that is voided; [`renewals`], [`refunds`], [`reconcile`],
 //!   [`outbox`]: the flows built on it.
-//! - [`service`]: the API the frontend and back-office call; [`tasks`]: the `billing.*` tasks.
+//! - [`service`]: the API the frontend and back-office call; [`backoffice`]: the staff web UI
+//!   under `/admin`; [`tasks`]: the `billing.*` tasks.
 //! - [`grpc`]: the `billing.v1` gRPC API over the service and the `auth.v1` outbox client;
 //!   [`fake_auth`]: an `auth.v1` fake for tests and the demo.
 
+pub mod backoffice;
 pub mod card_check;
 pub mod charging;
 pub mod cloudpayments;

@@ -71,6 +71,32 @@ fn view(
 
 /// Records a refund request and returns it; the `billing.refund` task moves the money.
 pub async fn request(billing: &Billing, req: &RefundRequest) -> Result<RefundView> {
+    request_amount(billing, req, None, None).await
+}
+
+/// [`request`] for a chosen amount (staff: any amount up to what is left of the payment, less
+/// what waits for approval in other requests than `approval`), or the policy's when `None`.
+pub async fn request_amount(
+    billing: &Billing,
+    req: &RefundRequest,
+    amount: Option<i64>,
+    approval: Option<Uuid>,
+) -> Result<RefundView> {
+    let mut tx = billing.db().begin().await?;
+    let view = request_in(&mut tx, billing, req, amount, approval).await?;
+    tx.commit().await?;
+    Ok(view)
+}
+
+/// [`request_amount`] inside the caller's transaction (the back-office writes its audit entry
+/// in the same one).
+pub async fn request_in(
+    tx: &mut sqlx::PgConnection,
+    billing: &Billing,
+    req: &RefundRequest,
+    amount: Option<i64>,
+    approval: Option<Uuid>,
+) -> Result<RefundView> {
     let reason = req.reason.trim();
     if reason.is_empty() || reason.len() > 500 {
         return Err(BillingError::invalid("reason must be 1 to 500 characters"));
@@ -81,7 +107,6 @@ pub async fn request(billing: &Billing, req: &RefundRequest) -> Result<RefundVie
         ));
     }
     let now = billing.now();
-    let mut tx = billing.db().begin().await?;
     let p = sqlx::query!(
         r#"SELECT p.status, p.amount_minor, p.currency, p.completed_at, i.payer_id, i.period_start, i.period_end
            FROM payment p JOIN invoice i ON i.id = p.invoice_id WHERE p.id = $1 FOR UPDATE OF p"#,
@@ -129,7 +154,24 @@ pub async fn request(billing: &Billing, req: &RefundRequest) -> Result<RefundVie
             .refund_amount(p.amount_minor, paid_at, p.period_start, p.period_end, now);
     // What is due is measured against the whole payment, so what was already paid back counts
     // against it: two pro-rata requests together never return more than one would.
-    let amount = (due - refunded).min(p.amount_minor - refunded);
+    let amount = match amount {
+        None => (due - refunded).min(p.amount_minor - refunded),
+        Some(chosen) => {
+            if chosen <= 0 {
+                return Err(BillingError::invalid("the amount must be positive"));
+            }
+            let left = p.amount_minor
+                - refunded
+                - held_for_approval(&mut *tx, req.payment_id, approval).await?;
+            if chosen > left {
+                return Err(BillingError::precondition(format!(
+                    "at most {} can be refunded from this payment",
+                    Money::new(left.max(0), Currency::new(&p.currency)?)?
+                )));
+            }
+            chosen
+        }
+    };
     if amount <= 0 {
         return Err(BillingError::precondition(
             "nothing left to refund for this payment",
@@ -159,7 +201,7 @@ pub async fn request(billing: &Billing, req: &RefundRequest) -> Result<RefundVie
         Requester::Staff(s) => Actor::Staff(s),
     };
     ledger::record_transition(
-        &mut tx,
+        &mut *tx,
         "refund",
         id,
         None,
@@ -169,7 +211,6 @@ pub async fn request(billing: &Billing, req: &RefundRequest) -> Result<RefundVie
         now,
     )
     .await?;
-    tx.commit().await?;
     view(
         id,
         req.payment_id,
@@ -178,6 +219,23 @@ pub async fn request(billing: &Billing, req: &RefundRequest) -> Result<RefundVie
         "requested",
         reason.to_owned(),
     )
+}
+
+/// What refund requests waiting for a second person's approval hold of a payment, besides
+/// `except`. Read under the payment's row lock.
+pub async fn held_for_approval(
+    conn: &mut sqlx::PgConnection,
+    payment_id: Uuid,
+    except: Option<Uuid>,
+) -> Result<i64> {
+    Ok(sqlx::query_scalar::<_, i64>(
+        "SELECT coalesce(sum(amount_minor), 0)::bigint FROM refund_approval
+         WHERE payment_id = $1 AND status = 'pending' AND id IS DISTINCT FROM $2",
+    )
+    .bind(payment_id)
+    .bind(except)
+    .fetch_one(conn)
+    .await?)
 }
 
 /// How long the gateway replays a request id (an hour), with a margin.

@@ -552,6 +552,16 @@ impl BillingService {
     /// Turns auto-renewal off: access lasts to the end of the paid period. A pending subscription
     /// (first payment not made) is abandoned instead.
     pub async fn cancel(&self, user_id: Uuid, reason: Option<String>) -> Result<SubscriptionView> {
+        self.cancel_by(user_id, reason, Actor::User).await
+    }
+
+    /// [`Self::cancel`], by `actor` (staff, through the back-office).
+    pub async fn cancel_by(
+        &self,
+        user_id: Uuid,
+        reason: Option<String>,
+        actor: Actor<'_>,
+    ) -> Result<SubscriptionView> {
         let reason = reason
             .map(|r| r.trim().chars().take(500).collect::<String>())
             .filter(|r| !r.is_empty());
@@ -586,7 +596,7 @@ impl BillingService {
                 ledger::void_open_invoices(
                     &mut tx,
                     s.id,
-                    Actor::User,
+                    actor,
                     "cancelled before the first payment",
                     now,
                 )
@@ -597,7 +607,7 @@ impl BillingService {
                     s.id,
                     Some("pending"),
                     "abandoned",
-                    Actor::User,
+                    actor,
                     reason.as_deref(),
                     now,
                 )
@@ -634,7 +644,7 @@ impl BillingService {
                         id,
                         Some("open"),
                         "void",
-                        Actor::User,
+                        actor,
                         Some("auto-renewal cancelled"),
                         now,
                     )
@@ -646,7 +656,7 @@ impl BillingService {
                     s.id,
                     Some(status.as_str()),
                     status.as_str(),
-                    Actor::User,
+                    actor,
                     Some("auto-renewal cancelled"),
                     now,
                 )
@@ -877,6 +887,16 @@ impl BillingService {
         user_id: Uuid,
         reason: Option<String>,
     ) -> Result<SubscriptionView> {
+        self.cancel_now_by(user_id, reason, Actor::User).await
+    }
+
+    /// [`Self::cancel_now`], by `actor` (staff, through the back-office).
+    pub async fn cancel_now_by(
+        &self,
+        user_id: Uuid,
+        reason: Option<String>,
+        actor: Actor<'_>,
+    ) -> Result<SubscriptionView> {
         let reason = reason
             .map(|r| r.trim().chars().take(500).collect::<String>())
             .filter(|r| !r.is_empty())
@@ -895,14 +915,14 @@ impl BillingService {
         let status = SubscriptionStatus::parse(&s.1)?;
         if status == SubscriptionStatus::Pending {
             drop(tx);
-            return self.cancel(user_id, Some(reason)).await;
+            return self.cancel_by(user_id, Some(reason), actor).await;
         }
         if s.2 {
             return Err(BillingError::precondition(
                 "a payment is in progress; cancel after it finishes",
             ));
         }
-        crate::charging::expire(&mut tx, s.0, status, Actor::User, &reason, now).await?;
+        crate::charging::expire(&mut tx, s.0, status, actor, &reason, now).await?;
         tx.commit().await?;
         self.subscription_by_id(user_id, s.0).await
     }

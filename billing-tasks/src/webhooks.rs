@@ -79,48 +79,98 @@ async fn receive(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let received_at = state.billing.now();
+    let delivery = deliver(&state, &kind, &headers, &body).await;
+    // The notification log (the back-office's): every delivery, signed or not, with our answer.
+    if let Err(e) = sqlx::query(
+        "INSERT INTO webhook_receipt (received_at, kind, hmac_ok, http_status, answer, gateway_transaction_id, event_id, body_bytes)
+         VALUES ($1, $2, $3, $4, $5, $6,
+                 (SELECT id FROM gateway_event WHERE $3 AND kind = $2 AND gateway_transaction_id = $6 ORDER BY id DESC LIMIT 1), $7)",
+    )
+    .bind(received_at)
+    .bind(kind.chars().take(40).collect::<String>().to_lowercase())
+    .bind(delivery.hmac_ok)
+    .bind(i32::from(delivery.status.as_u16()))
+    .bind(delivery.body.to_string())
+    .bind(delivery.transaction_id)
+    .bind(i32::try_from(body.len()).unwrap_or(i32::MAX))
+    .execute(state.billing.db())
+    .await
+    {
+        tracing::warn!(error = %e, "could not log a webhook delivery");
+    }
+    answer(delivery.status, delivery.body)
+}
+
+struct Delivery {
+    status: StatusCode,
+    body: Value,
+    hmac_ok: bool,
+    transaction_id: Option<i64>,
+}
+
+async fn deliver(state: &WebhookState, kind: &str, headers: &HeaderMap, body: &[u8]) -> Delivery {
+    let refuse = |status, body, hmac_ok| Delivery {
+        status,
+        body,
+        hmac_ok,
+        transaction_id: None,
+    };
     let Ok(kind) = kind.parse::<NotificationKind>() else {
-        return answer(
+        return refuse(
             StatusCode::NOT_FOUND,
             json!({"error": "unknown notification type"}),
+            false,
         );
     };
     let signature = headers
         .get(webhook::CONTENT_HMAC)
         .and_then(|v| v.to_str().ok());
-    if !signature.is_some_and(|s| webhook::verify(&state.api_secret, &body, s)) {
+    if !signature.is_some_and(|s| webhook::verify(&state.api_secret, body, s)) {
         tracing::warn!(%kind, "notification with a missing or wrong Content-HMAC refused");
-        return answer(
+        return refuse(
             StatusCode::UNAUTHORIZED,
             json!({"error": "missing or invalid Content-HMAC"}),
+            false,
         );
     }
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let notification = match Notification::parse(kind, content_type, &body) {
+    let notification = match Notification::parse(kind, content_type, body) {
         Ok(n) => n,
         Err(e) => {
             tracing::warn!(%kind, error = %e, "unreadable notification");
-            return answer(StatusCode::BAD_REQUEST, json!({"error": e.to_string()}));
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                json!({"error": e.to_string()}),
+                true,
+            );
         }
     };
-    match handle(
+    let transaction_id = notification.transaction_id();
+    let (status, body) = match handle(
         &state.billing,
         notification,
-        stored_payload(content_type, &body),
+        stored_payload(content_type, body),
     )
     .await
     {
-        Ok(a) => answer(StatusCode::OK, json!({"code": a.code()})),
+        Ok(a) => (StatusCode::OK, json!({"code": a.code()})),
         Err(e) => {
             // A non-zero answer or an error makes the gateway deliver again later.
             tracing::error!(%kind, error = %e, "notification not applied; the gateway will retry");
-            answer(
+            (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 json!({"error": "temporarily unable to process"}),
             )
         }
+    };
+    Delivery {
+        status,
+        body,
+        hmac_ok: true,
+        transaction_id,
     }
 }
 

@@ -10,10 +10,11 @@ import re
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 # Which argument structs each binary flattens (task_core::cli::ConnectionArgs,
-# billing_tasks::config::BillingArgs) plus its own main.
+# billing_tasks::config::BillingArgs, billing_tasks::backoffice::BackofficeArgs) plus its own main.
 PROGRAM_SOURCES = {
     "worker": ["task-core/src/cli.rs", "billing-tasks/src/config.rs", "worker/src/main.rs"],
-    "billing-api": ["task-core/src/cli.rs", "billing-tasks/src/config.rs", "billing-tasks/src/bin/billing-api.rs"],
+    "billing-api": ["task-core/src/cli.rs", "billing-tasks/src/config.rs", "billing-tasks/src/bin/billing-api.rs",
+                    "billing-tasks/src/backoffice/mod.rs"],
     "scheduler": ["task-core/src/cli.rs", "scheduler/src/main.rs"],
     "fake-cloudpayments": ["billing-tasks/src/bin/fake-cloudpayments.rs"],
 }

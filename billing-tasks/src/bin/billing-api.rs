@@ -1,6 +1,7 @@
 //! `billing-api`: the billing service's network front. The gRPC API (`billing.v1`, with health
 //! and reflection) on `BILLING_GRPC_BIND`; CloudPayments webhooks
-//! (`POST /webhooks/cloudpayments/{type}`), `/healthz` and `/metrics` on `BILLING_HTTP_BIND`.
+//! (`POST /webhooks/cloudpayments/{type}`), `/healthz`, `/metrics` and the back-office (`/admin`,
+//! when `BACKOFFICE_USERS` or `BACKOFFICE_OIDC_*` is set) on `BILLING_HTTP_BIND`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::routing::get;
 use billing_tasks::BillingService;
+use billing_tasks::backoffice::{self, Backoffice, BackofficeArgs};
 use billing_tasks::config::BillingArgs;
 use billing_tasks::grpc::api::BillingApi;
 use billing_tasks::grpc::config::GrpcArgs;
@@ -31,14 +33,41 @@ struct Cli {
     #[command(flatten)]
     grpc: GrpcArgs,
 
-    /// Address the HTTP server (webhooks, health, metrics) listens on.
+    #[command(flatten)]
+    backoffice: BackofficeArgs,
+
+    /// Read a password from standard input, print its Argon2id hash for a BACKOFFICE_USERS
+    /// entry (`name role hash`), and exit.
+    #[arg(long)]
+    hash_password: bool,
+
+    /// Address the HTTP server (webhooks, health, metrics, the back-office) listens on.
     #[arg(long, env = "BILLING_HTTP_BIND", default_value = "127.0.0.1:8088")]
     http_bind: SocketAddr,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli: Cli = parse_or_exit();
+    if cli.hash_password {
+        return staff_auth::print_hash_from_stdin("billing-api");
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("billing-api: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("billing-api: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     task_core::telemetry::init(cli.connection.log_format);
     let auth = cli.grpc.authenticator()?;
     let tls = cli.grpc.tls()?;
@@ -74,6 +103,21 @@ async fn main() -> anyhow::Result<()> {
             billing.clone(),
             cli.billing.api_secret()?,
         )));
+    let app = match cli.backoffice.guard(cli.http_bind.ip().is_loopback())? {
+        Some(guard) => {
+            tracing::info!(url = %format!("http://{}{}", cli.http_bind, backoffice::BASE), "back-office on");
+            let bo = Backoffice::new(billing.clone(), &cli.backoffice, guard);
+            let managed = bo.load_staff().await?;
+            tracing::info!(managed, "back-office staff read");
+            app.merge(bo.router())
+        }
+        None => {
+            tracing::info!(
+                "back-office off: set BACKOFFICE_USERS (or BACKOFFICE_OIDC_*) to serve it under /admin"
+            );
+            app
+        }
+    };
     let http = tokio::net::TcpListener::bind(cli.http_bind).await?;
     let grpc = tokio::net::TcpListener::bind(cli.grpc.grpc_bind).await?;
     tracing::info!(http = %cli.http_bind, grpc = %cli.grpc.grpc_bind, tls = tls.is_some(), "billing-api listening");

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod backoffice;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
