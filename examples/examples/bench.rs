@@ -23,7 +23,8 @@
 //!    mean of the two plain runs (the machine is shared, so its load drifts).
 //! 3. Enqueue→start latency (p50/p99) of each mode at one paced rate: half the slowest mode's
 //!    maximum, so no mode is measured with a backlog, after 200 tasks have warmed the worker
-//!    (`--dump-latencies PATH` writes each run's latencies over time).
+//!    (`--dump-latencies PATH` writes each run's latencies over time). Beside them, the broker
+//!    alone at the same rate: lapin's publish→delivery latency, the floor on this machine.
 //! 4. The worker's peak RSS, during the plain runs and with 1,000 tasks in flight.
 
 use examples::worker_binary;
@@ -306,6 +307,104 @@ async fn raw_ceiling(
     Ok(rate)
 }
 
+/// The broker alone at a paced rate: persistent publishes with confirms at `rate` per second for
+/// `seconds`, consumed and acknowledged by lapin on a second connection. The publish→delivery
+/// latencies in ms, sorted: the floor under the worker's enqueue→start latency on this machine.
+async fn raw_latency(
+    s: &Settings,
+    message: &task_core::protocol::RawMessage,
+    rate: f64,
+    seconds: u64,
+) -> anyhow::Result<Vec<f64>> {
+    let queue = format!("bench.rawlat.{}", uuid::Uuid::new_v4().simple());
+    let producer = Connection::connect(&s.conn.broker_url, ConnectionProperties::default()).await?;
+    let consumer_conn =
+        Connection::connect(&s.conn.broker_url, ConnectionProperties::default()).await?;
+    let publish = producer.create_channel().await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let opts = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    publish
+        .queue_declare(queue.as_str().into(), opts, FieldTable::default())
+        .await?;
+    let consume = consumer_conn.create_channel().await?;
+    consume
+        .basic_qos(
+            s.prefetch.min(u32::from(u16::MAX)) as u16,
+            BasicQosOptions::default(),
+        )
+        .await?;
+    let mut deliveries = consume
+        .basic_consume(
+            queue.as_str().into(),
+            "bench-latency".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let headers = task_core::broker::field_table::json_to_table(&message.headers)?;
+    let count = (rate * seconds as f64) as usize + 200;
+    let t0 = Instant::now();
+    let drain = tokio::spawn(async move {
+        // Each body starts with the sender's nanoseconds since t0; the first 200 warm up.
+        let mut latencies = Vec::with_capacity(count);
+        for seen in 0..count {
+            let Some(d) = deliveries.next().await else {
+                break;
+            };
+            let d = d?;
+            let now = t0.elapsed().as_nanos() as u64;
+            let sent = u64::from_le_bytes(d.data[..8].try_into().unwrap_or_default());
+            if seen >= 200 {
+                latencies.push(now.saturating_sub(sent) as f64 / 1e6);
+            }
+            d.acker.ack(BasicAckOptions::default()).await?;
+        }
+        Ok::<_, lapin::Error>(latencies)
+    });
+    let mut confirms = FuturesUnordered::new();
+    for i in 0..count {
+        let due = t0 + Duration::from_secs_f64(i.saturating_sub(200) as f64 / rate);
+        loop {
+            let now = Instant::now();
+            if now >= due {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(due - now) => {}
+                Some(r) = confirms.next(), if !confirms.is_empty() => { r?; }
+            }
+        }
+        let mut body = (t0.elapsed().as_nanos() as u64).to_le_bytes().to_vec();
+        body.extend_from_slice(&message.body);
+        let props = BasicProperties::default()
+            .with_headers(headers.clone())
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into());
+        let confirm = publish
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                props,
+            )
+            .await?;
+        confirms.push(confirm);
+    }
+    while confirms.next().await.transpose()?.is_some() {}
+    let mut latencies = drain.await??;
+    latencies.sort_by(f64::total_cmp);
+    publish
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    Ok(latencies)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -577,6 +676,15 @@ async fn main() -> anyhow::Result<()> {
 
     // Latency, every mode at the same paced rate: half the slowest mode's maximum.
     let rate = Mode::ALL.iter().map(|m| mean(*m)).fold(f64::MAX, f64::min) / 2.0;
+    let floor = raw_latency(&s, &sample, rate, s.latency_seconds).await?;
+    println!(
+        "broker alone (lapin, persistent + confirms, consume + ack): publish→delivery latency at \
+         {rate:.0} msg/s, {} messages: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        floor.len(),
+        percentile(&floor, 0.5),
+        percentile(&floor, 0.99),
+        floor.last().copied().unwrap_or(f64::NAN)
+    );
     let mut latencies = Vec::new();
     for mode in Mode::ALL {
         let (l, peak) = latency(&s, &client, &finished, &run, mode, rate).await?;
@@ -648,6 +756,11 @@ async fn main() -> anyhow::Result<()> {
             percentile(l, 0.99),
         );
     }
+    println!(
+        "| broker alone | — | — | {:.2} ms / {:.2} ms | — |",
+        percentile(&floor, 0.5),
+        percentile(&floor, 0.99),
+    );
     println!();
 
     // 1,000 tasks in flight.

@@ -19,7 +19,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -325,6 +325,77 @@ async fn restart_redis(url: &str, down: Duration) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || run_checked(services, &["redis"])).await?
 }
 
+/// When each restart of RabbitMQ or Redis began and when it was seen done.
+type Away = Arc<Mutex<Vec<(Instant, Option<Instant>)>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What happened to the worker processes.
+#[derive(Debug, Default)]
+struct Tally {
+    kills: u32,
+    crashes_after_chaos: u32,
+    exits_during_chaos: u32,
+}
+
+/// Keeps one worker running: kills it (SIGKILL) every `kill_every` until the chaos is over and
+/// starts another, and starts one again when it exits on its own. It runs beside the loop that
+/// drives the payments, whose steps can wait on the broker or Redis for seconds, so the kills
+/// keep their pace whatever that loop is doing. Stops (killing the worker) when `stop` fires.
+async fn supervise(
+    mut worker: tokio::process::Child,
+    spawn: impl Fn() -> anyhow::Result<tokio::process::Child>,
+    kill_every: Duration,
+    calm: tokio::sync::watch::Receiver<bool>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+    away: Away,
+    log: PathBuf,
+) -> anyhow::Result<Tally> {
+    let mut tally = Tally::default();
+    let mut last_kill = Instant::now();
+    let mut last_spawn = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {}
+        }
+        let calm = *calm.borrow();
+        if !calm && last_kill.elapsed() >= kill_every {
+            worker.kill().await?; // SIGKILL
+            tally.kills += 1;
+            worker = spawn()?;
+            last_kill = Instant::now();
+            last_spawn = Instant::now();
+        }
+        // A worker that exits on its own: expected only if it was started while the broker or
+        // Redis was away (it cannot start without them); otherwise, after the chaos, a crash.
+        if let Some(status) = worker.try_wait()?
+            && last_spawn.elapsed() >= Duration::from_secs(1)
+        {
+            let started_while_away = lock(&away)
+                .iter()
+                .any(|(began, back)| last_spawn >= *began && back.is_none_or(|b| last_spawn <= b));
+            if calm && !started_while_away {
+                tally.crashes_after_chaos += 1;
+                println!(
+                    "  the worker exited on its own ({status}); see {}",
+                    log.display()
+                );
+            } else {
+                tally.exits_during_chaos += 1;
+            }
+            worker = spawn()?;
+            last_spawn = Instant::now();
+        }
+    }
+    let _ = worker.kill().await;
+    Ok(tally)
+}
+
 /// Runs the chaos and compares the books. An error means the run could not be made (a service
 /// missing); money errors are in the report.
 pub async fn run(s: &ChaosSettings) -> anyhow::Result<ChaosReport> {
@@ -411,7 +482,31 @@ pub async fn run(s: &ChaosSettings) -> anyhow::Result<ChaosReport> {
         fake.set_fault_probability(None, fault, p);
     }
     let log = std::env::temp_dir().join(format!("billing-chaos-worker-{run}.log"));
-    let mut worker = spawn_worker(&queue, &db_url, &fake.url(), s, &log)?;
+    // When each restart began and when it was seen done: a worker started in between may
+    // exit on its own (it cannot start without the broker and Redis), whenever that is noticed.
+    let away: Away = Arc::new(Mutex::new(Vec::new()));
+    let (calm_tx, calm_rx) = tokio::sync::watch::channel(false);
+    let (stop_fleet, fleet_stopped) = tokio::sync::oneshot::channel::<()>();
+    let first = spawn_worker(&queue, &db_url, &fake.url(), s, &log)?;
+    let fleet = {
+        let (queue, db_url, fake_url, settings, worker_log) = (
+            queue.clone(),
+            db_url.clone(),
+            fake.url(),
+            s.clone(),
+            log.clone(),
+        );
+        let spawn = move || spawn_worker(&queue, &db_url, &fake_url, &settings, &worker_log);
+        tokio::spawn(supervise(
+            first,
+            spawn,
+            s.kill_every,
+            calm_rx,
+            fleet_stopped,
+            away.clone(),
+            log.clone(),
+        ))
+    };
     let mut report = ChaosReport {
         renewals: s.renewals,
         seed: s.seed,
@@ -430,12 +525,7 @@ pub async fn run(s: &ChaosSettings) -> anyhow::Result<ChaosReport> {
     let mut answered_3ds = HashSet::new();
     let mut refunded = HashSet::new();
     let mut restarts: Vec<(&str, tokio::task::JoinHandle<anyhow::Result<()>>)> = Vec::new();
-    // When each restart began and when it was seen done: a worker started in between may
-    // exit on its own (it cannot start without the broker and Redis), whenever that is noticed.
-    let mut away: Vec<(Instant, Option<Instant>)> = Vec::new();
     let (mut broker_due, mut redis_due) = (s.restart_broker, s.restart_redis);
-    let mut last_kill = Instant::now();
-    let mut last_spawn = Instant::now();
     let mut last_repair = Instant::now();
     let mut next_primary = 0usize;
     let mut calm = false;
@@ -445,7 +535,7 @@ pub async fn run(s: &ChaosSettings) -> anyhow::Result<ChaosReport> {
         if broker_due && elapsed >= s.chaos / 3 {
             broker_due = false;
             println!("  restarting RabbitMQ");
-            away.push((Instant::now(), None));
+            lock(&away).push((Instant::now(), None));
             restarts.push((
                 "RabbitMQ",
                 tokio::task::spawn_blocking(|| restart_rabbitmq(Duration::from_secs(3))),
@@ -455,23 +545,23 @@ pub async fn run(s: &ChaosSettings) -> anyhow::Result<ChaosReport> {
             redis_due = false;
             println!("  restarting Redis (its data lost)");
             let url = s.backend.clone();
-            away.push((Instant::now(), None));
+            lock(&away).push((Instant::now(), None));
             restarts.push((
                 "Redis",
                 tokio::spawn(async move { restart_redis(&url, Duration::from_secs(3)).await }),
             ));
         }
-        for ((_, restart), (_, back)) in restarts.iter().zip(away.iter_mut()) {
+        for ((_, restart), (_, back)) in restarts.iter().zip(lock(&away).iter_mut()) {
             if back.is_none() && restart.is_finished() {
                 *back = Some(Instant::now());
             }
         }
         if !calm && elapsed >= s.chaos && !broker_due && !redis_due {
-            for ((what, restart), (_, back)) in restarts.drain(..).zip(away.iter_mut()) {
+            for (i, (what, restart)) in restarts.drain(..).enumerate() {
                 restart
                     .await?
                     .with_context(|| format!("restarting {what}"))?;
-                back.get_or_insert_with(Instant::now);
+                lock(&away)[i].1.get_or_insert_with(Instant::now);
                 match what {
                     "RabbitMQ" => report.broker_restarts += 1,
                     _ => report.redis_restarts += 1,
@@ -480,38 +570,14 @@ pub async fn run(s: &ChaosSettings) -> anyhow::Result<ChaosReport> {
             fake.clear_faults();
             fake.set_block_in_flight_duplicates(true);
             calm = true;
+            let _ = calm_tx.send(true);
             println!(
-                "chaos over after {:.0} s ({} worker kills); settling",
+                "chaos over after {:.0} s; settling",
                 start.elapsed().as_secs_f64(),
-                report.kills
             );
         }
-        if !calm && last_kill.elapsed() >= s.kill_every {
-            worker.kill().await?; // SIGKILL
-            report.kills += 1;
-            worker = spawn_worker(&queue, &db_url, &fake.url(), s, &log)?;
-            last_kill = Instant::now();
-            last_spawn = Instant::now();
-        }
-        // A worker that exits on its own: expected only if it was started while the broker or
-        // Redis was away (it cannot start without them); otherwise, after the chaos, a crash.
-        if let Some(status) = worker.try_wait()?
-            && last_spawn.elapsed() >= Duration::from_secs(1)
-        {
-            let started_while_away = away
-                .iter()
-                .any(|(began, back)| last_spawn >= *began && back.is_none_or(|b| last_spawn <= b));
-            if calm && !started_while_away {
-                report.worker_crashes_after_chaos += 1;
-                println!(
-                    "  the worker exited on its own ({status}); see {}",
-                    log.display()
-                );
-            } else {
-                report.worker_exits_during_chaos += 1;
-            }
-            worker = spawn_worker(&queue, &db_url, &fake.url(), s, &log)?;
-            last_spawn = Instant::now();
+        if fleet.is_finished() {
+            break; // the supervisor failed (a worker could not be started): its error follows
         }
         // A stream of primary payments, spread over the chaos phase.
         let due = ((elapsed.as_secs_f64() / s.chaos.as_secs_f64()) * s.primaries as f64) as usize;
@@ -618,7 +684,11 @@ pub async fn run(s: &ChaosSettings) -> anyhow::Result<ChaosReport> {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     report.elapsed = start.elapsed();
-    let _ = worker.kill().await;
+    let _ = stop_fleet.send(());
+    let tally = fleet.await??;
+    report.kills = tally.kills;
+    report.worker_crashes_after_chaos = tally.crashes_after_chaos;
+    report.worker_exits_during_chaos = tally.exits_during_chaos;
     report.primaries = primaries.len();
     report.three_ds_answered = answered_3ds.len();
     report.refunds_requested = refunded.len();
