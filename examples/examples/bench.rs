@@ -209,6 +209,71 @@ impl Finished {
     }
 }
 
+/// A fresh durable queue for the raw lapin measurements: a publisher in confirm mode and a
+/// consumer (prefetch as the worker's), each on a connection of its own, and the properties the
+/// bench's Celery message carries.
+struct RawQueue {
+    name: String,
+    publish: lapin::Channel,
+    deliveries: lapin::Consumer,
+    props: BasicProperties,
+    connections: (Connection, Connection),
+}
+
+impl RawQueue {
+    async fn open(
+        s: &Settings,
+        kind: &str,
+        message: &task_core::protocol::RawMessage,
+    ) -> anyhow::Result<Self> {
+        let name = format!("bench.{kind}.{}", uuid::Uuid::new_v4().simple());
+        let producer =
+            Connection::connect(&s.conn.broker_url, ConnectionProperties::default()).await?;
+        let consumer =
+            Connection::connect(&s.conn.broker_url, ConnectionProperties::default()).await?;
+        let publish = producer.create_channel().await?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let opts = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        publish
+            .queue_declare(name.as_str().into(), opts, FieldTable::default())
+            .await?;
+        let consume = consumer.create_channel().await?;
+        consume
+            .basic_qos(
+                s.prefetch.min(u32::from(u16::MAX)) as u16,
+                BasicQosOptions::default(),
+            )
+            .await?;
+        let deliveries = consume
+            .basic_consume(
+                name.as_str().into(),
+                format!("bench-{kind}").as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let headers = task_core::broker::field_table::json_to_table(&message.headers)?;
+        let props = BasicProperties::default()
+            .with_headers(headers)
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_content_encoding("utf-8".into())
+            .with_correlation_id("00000000-0000-0000-0000-000000000000".into());
+        Ok(RawQueue {
+            name,
+            publish,
+            deliveries,
+            props,
+            connections: (producer, consumer),
+        })
+    }
+}
+
 /// Raw lapin: persistent publishes with confirms, consumed and acknowledged one by one, or with
 /// `ack_every` set, one `multiple` ack per that many deliveries (and one for the last), as the
 /// worker folds its acknowledgements.
@@ -218,43 +283,13 @@ async fn raw_ceiling(
     message: &task_core::protocol::RawMessage,
     ack_every: Option<usize>,
 ) -> anyhow::Result<f64> {
-    let queue = format!("bench.raw.{}", uuid::Uuid::new_v4().simple());
-    let producer = Connection::connect(&s.conn.broker_url, ConnectionProperties::default()).await?;
-    let consumer_conn =
-        Connection::connect(&s.conn.broker_url, ConnectionProperties::default()).await?;
-    let publish = producer.create_channel().await?;
-    publish
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let opts = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    publish
-        .queue_declare(queue.as_str().into(), opts, FieldTable::default())
-        .await?;
-    let consume = consumer_conn.create_channel().await?;
-    consume
-        .basic_qos(
-            s.prefetch.min(u32::from(u16::MAX)) as u16,
-            BasicQosOptions::default(),
-        )
-        .await?;
-    let mut deliveries = consume
-        .basic_consume(
-            queue.as_str().into(),
-            "bench".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let headers = task_core::broker::field_table::json_to_table(&message.headers)?;
-    let props = BasicProperties::default()
-        .with_headers(headers)
-        .with_delivery_mode(2)
-        .with_content_type("application/json".into())
-        .with_content_encoding("utf-8".into())
-        .with_correlation_id("00000000-0000-0000-0000-000000000000".into());
+    let RawQueue {
+        name: queue,
+        publish,
+        mut deliveries,
+        props,
+        connections: _connections,
+    } = RawQueue::open(s, "raw", message).await?;
 
     let start = Instant::now();
     let drain = tokio::spawn(async move {
@@ -316,37 +351,13 @@ async fn raw_latency(
     rate: f64,
     seconds: u64,
 ) -> anyhow::Result<Vec<f64>> {
-    let queue = format!("bench.rawlat.{}", uuid::Uuid::new_v4().simple());
-    let producer = Connection::connect(&s.conn.broker_url, ConnectionProperties::default()).await?;
-    let consumer_conn =
-        Connection::connect(&s.conn.broker_url, ConnectionProperties::default()).await?;
-    let publish = producer.create_channel().await?;
-    publish
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let opts = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    publish
-        .queue_declare(queue.as_str().into(), opts, FieldTable::default())
-        .await?;
-    let consume = consumer_conn.create_channel().await?;
-    consume
-        .basic_qos(
-            s.prefetch.min(u32::from(u16::MAX)) as u16,
-            BasicQosOptions::default(),
-        )
-        .await?;
-    let mut deliveries = consume
-        .basic_consume(
-            queue.as_str().into(),
-            "bench-latency".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let headers = task_core::broker::field_table::json_to_table(&message.headers)?;
+    let RawQueue {
+        name: queue,
+        publish,
+        mut deliveries,
+        props,
+        connections: _connections,
+    } = RawQueue::open(s, "rawlat", message).await?;
     let count = (rate * seconds as f64) as usize + 200;
     let t0 = Instant::now();
     let drain = tokio::spawn(async move {
@@ -381,17 +392,13 @@ async fn raw_latency(
         }
         let mut body = (t0.elapsed().as_nanos() as u64).to_le_bytes().to_vec();
         body.extend_from_slice(&message.body);
-        let props = BasicProperties::default()
-            .with_headers(headers.clone())
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into());
         let confirm = publish
             .basic_publish(
                 "".into(),
                 queue.as_str().into(),
                 BasicPublishOptions::default(),
                 &body,
-                props,
+                props.clone(),
             )
             .await?;
         confirms.push(confirm);

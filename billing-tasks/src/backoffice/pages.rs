@@ -496,15 +496,10 @@ async fn payments(
     Query(q): Q,
 ) -> Response {
     let cx = page_ctx!(s, c, headers, q, "payments", here("/payments", &q));
-    let f = match payment_filter(&q) {
-        Ok(f) => f,
-        Err(field) => return bad_filter(cx.base.t, field),
+    let (rows, next) = match list_page::<data::PaymentFilter>(&bo, cx.base.t, &q).await {
+        Ok(page) => page,
+        Err(answer) => return answer,
     };
-    let mut rows = match data::payments(bo.billing.db(), &f, PAGE + 1).await {
-        Ok(r) => r,
-        Err(e) => return failed(e),
-    };
-    let next = next_cursor(&mut rows, |r| cursor(&r.created_at, &r.id));
     render(&PaymentsPage {
         filter: filter_query(&q),
         b: cx.base,
@@ -521,6 +516,24 @@ fn next_cursor<T>(rows: &mut Vec<T>, key: impl Fn(&T) -> String) -> Option<Strin
     } else {
         None
     }
+}
+
+/// One page of a list for its HTML page: the rows its filter matches and the next page's
+/// cursor, or the answer to a filter that does not parse or a query that failed.
+async fn list_page<E: Export>(
+    bo: &Backoffice,
+    t: Lang,
+    q: &HashMap<String, String>,
+) -> Result<(Vec<E::Row>, Option<String>), Response> {
+    let f = E::parse(q).map_err(|field| bad_filter(t, field))?;
+    let mut rows = E::fetch(bo.billing.db().clone(), f, PAGE + 1)
+        .await
+        .map_err(failed)?;
+    let next = next_cursor(&mut rows, |r| {
+        let (at, id) = E::key(r);
+        cursor(&at, &id)
+    });
+    Ok((rows, next))
 }
 
 fn csv_response(name: &str, body: Body) -> Response {
@@ -549,6 +562,7 @@ trait Export: Clone + Send + Sync + 'static {
     fn fetch(
         db: sqlx::PgPool,
         f: Self,
+        limit: i64,
     ) -> impl std::future::Future<Output = crate::Result<Vec<Self::Row>>> + Send;
     fn line(r: &Self::Row) -> String;
     fn key(r: &Self::Row) -> (DateTime<Utc>, Uuid);
@@ -574,7 +588,7 @@ async fn export<E: Export>(
                 if let Some(a) = after {
                     f.after(a);
                 }
-                E::fetch(db.clone(), f)
+                E::fetch(db.clone(), f, CSV_PAGE)
             },
             E::line,
             E::key,
@@ -594,8 +608,8 @@ macro_rules! export {
             fn after(&mut self, after: (DateTime<Utc>, Uuid)) {
                 self.after = Some(after);
             }
-            async fn fetch(db: sqlx::PgPool, f: Self) -> crate::Result<Vec<$row>> {
-                data::$fetch(&db, &f, 1000).await
+            async fn fetch(db: sqlx::PgPool, f: Self, limit: i64) -> crate::Result<Vec<$row>> {
+                data::$fetch(&db, &f, limit).await
             }
             fn line(r: &$row) -> String {
                 $line(r)
@@ -644,6 +658,9 @@ export!(
     subscription_line
 );
 
+/// Rows a CSV export reads at a time.
+const CSV_PAGE: i64 = 1000;
+
 /// Streams every row a filter matches, page by page, as CSV.
 fn csv_stream<T, F, Fut>(
     header_line: &'static str,
@@ -671,7 +688,8 @@ where
                     for r in &rows {
                         out.push_str(&line(r));
                     }
-                    let next = (rows.len() as i64 == 1000).then(|| (false, rows.last().map(key)));
+                    let next =
+                        (rows.len() as i64 == CSV_PAGE).then(|| (false, rows.last().map(key)));
                     Some((Ok::<_, std::io::Error>(out), next))
                 }
                 Err(e) => {
@@ -746,15 +764,10 @@ async fn invoices(
     Query(q): Q,
 ) -> Response {
     let cx = page_ctx!(s, c, headers, q, "invoices", here("/invoices", &q));
-    let f = match invoice_filter(&q) {
-        Ok(f) => f,
-        Err(field) => return bad_filter(cx.base.t, field),
+    let (rows, next) = match list_page::<data::InvoiceFilter>(&bo, cx.base.t, &q).await {
+        Ok(page) => page,
+        Err(answer) => return answer,
     };
-    let mut rows = match data::invoices(bo.billing.db(), &f, PAGE + 1).await {
-        Ok(r) => r,
-        Err(e) => return failed(e),
-    };
-    let next = next_cursor(&mut rows, |r| cursor(&r.created_at, &r.id));
     render(&InvoicesPage {
         filter: filter_query(&q),
         b: cx.base,
@@ -819,15 +832,10 @@ async fn refunds(
     Query(q): Q,
 ) -> Response {
     let cx = page_ctx!(s, c, headers, q, "refunds", here("/refunds", &q));
-    let f = match refund_filter(&q) {
-        Ok(f) => f,
-        Err(field) => return bad_filter(cx.base.t, field),
+    let (rows, next) = match list_page::<data::RefundFilter>(&bo, cx.base.t, &q).await {
+        Ok(page) => page,
+        Err(answer) => return answer,
     };
-    let mut rows = match data::refunds(bo.billing.db(), &f, PAGE + 1).await {
-        Ok(r) => r,
-        Err(e) => return failed(e),
-    };
-    let next = next_cursor(&mut rows, |r| cursor(&r.created_at, &r.id));
     render(&RefundsPage {
         filter: filter_query(&q),
         b: cx.base,
@@ -903,15 +911,10 @@ async fn subscriptions(
         "subscriptions",
         here("/subscriptions", &q)
     );
-    let f = match subscription_filter(&q) {
-        Ok(f) => f,
-        Err(field) => return bad_filter(cx.base.t, field),
+    let (rows, next) = match list_page::<data::SubscriptionFilter>(&bo, cx.base.t, &q).await {
+        Ok(page) => page,
+        Err(answer) => return answer,
     };
-    let mut rows = match data::subscriptions(bo.billing.db(), &f, PAGE + 1).await {
-        Ok(r) => r,
-        Err(e) => return failed(e),
-    };
-    let next = next_cursor(&mut rows, |r| cursor(&r.created_at, &r.id));
     render(&SubscriptionsPage {
         filter: filter_query(&q),
         b: cx.base,

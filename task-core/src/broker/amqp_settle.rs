@@ -215,10 +215,13 @@ async fn run(
             }
         }
         let now = Instant::now();
+        {
+            let mut t = tracker.lock().expect("tracker lock");
+            batch.iter().for_each(|s| t.settle(s.tag));
+        }
         // Rejections go at once and one by one, before any `multiple` ack that could cover them.
         for s in batch.drain(..) {
             let Some(requeue) = s.reject else {
-                tracker.lock().expect("tracker lock").settle(s.tag);
                 waiting.push(Waiting {
                     tag: s.tag,
                     since: now,
@@ -226,7 +229,6 @@ async fn run(
                 });
                 continue;
             };
-            tracker.lock().expect("tracker lock").settle(s.tag);
             let r = channel
                 .basic_reject(s.tag, BasicRejectOptions { requeue })
                 .await
