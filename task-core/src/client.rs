@@ -460,6 +460,10 @@ impl<'a, O> Call<'a, O> {
     /// The message this call will publish.
     pub fn message(&self) -> Result<TaskMessage> {
         let (args, kwargs) = self.args.clone().map_err(Error::Serialization)?;
+        self.message_of(args, kwargs)
+    }
+
+    fn message_of(&self, args: Vec<Value>, kwargs: Map<String, Value>) -> Result<TaskMessage> {
         let id = self
             .options
             .task_id
@@ -492,8 +496,10 @@ impl<'a, O> Call<'a, O> {
     }
 
     /// Publishes the call (waiting for the broker's confirm) and returns a handle on its result.
-    pub async fn send(self) -> Result<AsyncResult<O>> {
-        let message = self.message()?;
+    pub async fn send(mut self) -> Result<AsyncResult<O>> {
+        let (args, kwargs) = std::mem::replace(&mut self.args, Ok(Default::default()))
+            .map_err(Error::Serialization)?;
+        let message = self.message_of(args, kwargs)?;
         let queue = match self.options.queue.as_deref() {
             Some(queue) => queue,
             None => self.client.queue_for(&self.name),

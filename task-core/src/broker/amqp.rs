@@ -802,13 +802,15 @@ impl AmqpBroker {
             )
         };
         let shared = link.publisher().await?;
-        let props = basic_properties(message)?.with_timestamp(ready_at);
+        // Built again for the rare second attempt rather than cloned for every publish: the
+        // header table is most of a message's properties.
+        let props = || Ok::<_, Error>(basic_properties(message)?.with_timestamp(ready_at));
         match Self::publish_with(
             &shared,
             exchange,
             routing_key,
             message,
-            &props,
+            props()?,
             queue,
             &what,
         )
@@ -817,9 +819,16 @@ impl AmqpBroker {
             Err(Error::Refused { .. }) if link.healthy() => {
                 let own = link.connection.create_channel().await?;
                 own.confirm_select(ConfirmSelectOptions::default()).await?;
-                let result =
-                    Self::publish_with(&own, exchange, routing_key, message, &props, queue, &what)
-                        .await;
+                let result = Self::publish_with(
+                    &own,
+                    exchange,
+                    routing_key,
+                    message,
+                    props()?,
+                    queue,
+                    &what,
+                )
+                .await;
                 if own.status().connected() {
                     let _ = own.close(200, "published".into()).await;
                 }
@@ -840,7 +849,7 @@ impl AmqpBroker {
         exchange: &str,
         routing_key: &str,
         message: &RawMessage,
-        props: &BasicProperties,
+        props: BasicProperties,
         queue: &str,
         what: &impl Fn() -> String,
     ) -> Result<()> {
@@ -853,7 +862,7 @@ impl AmqpBroker {
                     immediate: false,
                 },
                 &message.body,
-                props.clone(),
+                props,
             )
             .await
             .map_err(refusal(what))?

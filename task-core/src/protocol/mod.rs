@@ -218,12 +218,20 @@ impl TaskMessage {
 
     /// Encodes the message as protocol v2, ready for a broker.
     pub fn encode(&self) -> Result<RawMessage, ProtocolError> {
-        let body = Value::Array(vec![
-            Value::Array(self.args.clone()),
-            Value::Object(self.kwargs.clone()),
-            self.embed.clone(),
-        ]);
-        let body = codec::encode_value(self.content_type, &body)?;
+        let body = match self.content_type {
+            // The same bytes as the `[args, kwargs, embed]` value, without copying the arguments
+            // into one first.
+            ContentType::Json => serde_json::to_vec(&(&self.args, &self.kwargs, &self.embed))
+                .map_err(|e| ProtocolError::Encode(e.to_string()))?,
+            ContentType::Msgpack => codec::encode_value(
+                self.content_type,
+                &Value::Array(vec![
+                    Value::Array(self.args.clone()),
+                    Value::Object(self.kwargs.clone()),
+                    self.embed.clone(),
+                ]),
+            )?,
+        };
         let expiration = self.headers.expires.map(|expires| {
             let ms = (expires - chrono::Utc::now()).num_milliseconds().max(0);
             ms.to_string()
