@@ -11,8 +11,8 @@
 //!    worker's way of acknowledging. Both are measured again after the task runs, and ratios are
 //!    taken to the mean of the two.
 //! 2. N no-op tasks produced by the client and drained by the `worker` binary with results stored
-//!    in Redis: tasks per second, and the ratio to the raw ceiling. Three modes, each with a
-//!    fresh worker:
+//!    in Redis: tasks per second (until every result is stored, found by polling), and the ratio
+//!    to the raw ceiling. Three modes, each with a fresh worker:
 //!    - `plain`: `diag.add`, task events off;
 //!    - `events`: `diag.add` with task events on (`WORKER_SEND_TASK_EVENTS=true`);
 //!    - `limiter`: `diag.limited(key, 0)` with a distinct key per task, so its limits (one at a
@@ -26,6 +26,10 @@
 //!    (`--dump-latencies PATH` writes each run's latencies over time). Beside them, the broker
 //!    alone at the same rate: lapin's publish→delivery latency, the floor on this machine.
 //! 4. The worker's peak RSS, during the plain runs and with 1,000 tasks in flight.
+//!
+//! Each throughput run and each ceiling also prints the CPU spent per message by the broker
+//! (`beam.smp`), the worker, Redis and this bench (the producer), read from `/proc`, and how many
+//! of the cores were busy: where the CPU goes, for processes on this host.
 
 use examples::worker_binary;
 
@@ -209,6 +213,130 @@ impl Finished {
     }
 }
 
+/// Waits until a result is stored for every id (`EXISTS` over runs of 1,000 keys, in the order
+/// they were sent), then checks that every one is a SUCCESS. The throughput runs are timed by
+/// this rather than by the pub/sub listener: delivering and reading 10,000 announcements a second
+/// would be the bench's own load on the cores the worker shares. Returns when the last result
+/// was seen; the check after it is not timed.
+async fn wait_stored(
+    redis: &mut redis::aio::MultiplexedConnection,
+    ids: &[String],
+    timeout: Duration,
+) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + timeout;
+    let keys: Vec<String> = ids
+        .iter()
+        .map(|id| format!("celery-task-meta-{id}"))
+        .collect();
+    let mut done = 0;
+    while done < keys.len() {
+        let chunk = &keys[done..(done + 1000).min(keys.len())];
+        let stored: usize = redis::cmd("EXISTS").arg(chunk).query_async(redis).await?;
+        if stored == chunk.len() {
+            done += chunk.len();
+            continue;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only about {} of {} tasks finished within {timeout:?}",
+                done + stored,
+                keys.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let finished = Instant::now();
+    for chunk in keys.chunks(1000) {
+        let metas: Vec<Vec<u8>> = redis::cmd("MGET").arg(chunk).query_async(redis).await?;
+        if let Some(i) = metas
+            .iter()
+            .position(|m| !m.windows(9).any(|w| w == b"\"SUCCESS\""))
+        {
+            bail!(
+                "{} did not succeed: {}",
+                chunk[i],
+                String::from_utf8_lossy(&metas[i])
+            );
+        }
+    }
+    Ok(finished)
+}
+
+/// CPU seconds used so far by the processes of a run on this host: the broker (`beam.smp`),
+/// Redis (`redis-server`), the worker and this bench (the producer). A broker or Redis on
+/// another host counts as 0.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cpu {
+    broker: f64,
+    redis: f64,
+    worker: f64,
+    bench: f64,
+}
+
+impl Cpu {
+    fn now(worker: Option<u32>) -> Cpu {
+        // utime + stime, in clock ticks (USER_HZ, 100 on Linux).
+        let ticks = |stat: &str| -> Option<(String, f64)> {
+            let open = stat.find('(')?;
+            let close = stat.rfind(')')?;
+            let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+            let t = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+            Some((stat[open + 1..close].to_owned(), t / 100.0))
+        };
+        let mut cpu = Cpu::default();
+        let me = std::process::id();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Some((name, t)) = std::fs::read_to_string(entry.path().join("stat"))
+                .ok()
+                .as_deref()
+                .and_then(ticks)
+            else {
+                continue;
+            };
+            match name.as_str() {
+                "beam.smp" => cpu.broker += t,
+                "redis-server" => cpu.redis += t,
+                _ if pid == me => cpu.bench += t,
+                _ if Some(pid) == worker => cpu.worker += t,
+                _ => {}
+            }
+        }
+        cpu
+    }
+
+    fn since(self, before: Cpu) -> Cpu {
+        Cpu {
+            broker: self.broker - before.broker,
+            redis: self.redis - before.redis,
+            worker: self.worker - before.worker,
+            bench: self.bench - before.bench,
+        }
+    }
+
+    /// Microseconds of CPU per message, by process, and the cores kept busy over `seconds`.
+    fn per_message(self, n: usize, seconds: f64) -> String {
+        let us = |t: f64| t / n as f64 * 1e6;
+        let total = self.broker + self.redis + self.worker + self.bench;
+        format!(
+            "CPU per message: broker {:.0} µs, worker {:.0} µs, Redis {:.0} µs, producer (bench) {:.0} µs; \
+             {:.0} µs in all, {:.2} cores busy",
+            us(self.broker),
+            us(self.worker),
+            us(self.redis),
+            us(self.bench),
+            us(total),
+            total / seconds
+        )
+    }
+}
+
 /// A fresh durable queue for the raw lapin measurements: a publisher in confirm mode and a
 /// consumer (prefetch as the worker's), each on a connection of its own, and the properties the
 /// bench's Celery message carries.
@@ -282,7 +410,7 @@ async fn raw_ceiling(
     n: usize,
     message: &task_core::protocol::RawMessage,
     ack_every: Option<usize>,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, String)> {
     let RawQueue {
         name: queue,
         publish,
@@ -291,6 +419,7 @@ async fn raw_ceiling(
         connections: _connections,
     } = RawQueue::open(s, "raw", message).await?;
 
+    let cpu_before = Cpu::now(None);
     let start = Instant::now();
     let drain = tokio::spawn(async move {
         let mut acks = FuturesUnordered::new();
@@ -335,11 +464,13 @@ async fn raw_ceiling(
     }
     while confirms.next().await.transpose()?.is_some() {}
     drain.await??;
-    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let seconds = start.elapsed().as_secs_f64();
+    let rate = n as f64 / seconds;
+    let cpu = Cpu::now(None).since(cpu_before).per_message(n, seconds);
     publish
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await?;
-    Ok(rate)
+    Ok((rate, cpu))
 }
 
 /// The broker alone at a paced rate: persistent publishes with confirms at `rate` per second for
@@ -506,31 +637,33 @@ async fn mode_worker(
 async fn throughput(
     s: &Settings,
     client: &Client,
-    finished: &Finished,
+    redis: &mut redis::aio::MultiplexedConnection,
     run: &str,
     mode: Mode,
     round: usize,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<(f64, f64, String)> {
     let (worker, client, queue) = mode_worker(s, client, run, mode, &format!("t{round}")).await?;
-    let before = finished.0.lock().await.len();
+    let ids: Vec<String> = (0..s.tasks)
+        .map(|i| format!("bench-{run}-t-{}-{round}-{i}", mode.name()))
+        .collect();
+    let cpu_before = Cpu::now(worker.child.id());
     let start = Instant::now();
     let mut sends = FuturesUnordered::new();
-    for i in 0..s.tasks {
+    for (i, id) in ids.iter().enumerate() {
         if sends.len() >= WINDOW {
             sends.next().await.transpose()?;
         }
-        let id = format!("bench-{run}-{}-t{round}-{i}", mode.name());
-        sends.push(mode.send(&client, run, id, i));
+        sends.push(mode.send(&client, run, id.clone(), i));
     }
     while sends.next().await.transpose()?.is_some() {}
-    finished
-        .wait_for(before + s.tasks, Duration::from_secs(600))
-        .await?;
-    let tps = s.tasks as f64 / start.elapsed().as_secs_f64();
+    let finished = wait_stored(redis, &ids, Duration::from_secs(600)).await?;
+    let cpu = Cpu::now(worker.child.id()).since(cpu_before);
+    let seconds = (finished - start).as_secs_f64();
+    let tps = s.tasks as f64 / seconds;
     let (_, peak) = worker.rss_mb();
     worker.stop().await;
     client.broker().delete_queue(&queue).await?;
-    Ok((tps, peak))
+    Ok((tps, peak, cpu.per_message(s.tasks, seconds)))
 }
 
 /// Sends tasks of `mode` at `rate` per second for `s.latency_seconds` to a fresh worker: the
@@ -548,7 +681,7 @@ async fn latency(
     // measured is the steady state rather than the first second of a new process.
     let before = finished.0.lock().await.len();
     for i in 0..200 {
-        let id = format!("bench-{run}-{}-warm-{i}", mode.name());
+        let id = format!("bench-{run}-w-{}-warm-{i}", mode.name());
         mode.send(&client, run, id, i).await?;
     }
     finished
@@ -571,7 +704,7 @@ async fn latency(
                 Some(r) = sends.next(), if !sends.is_empty() => { r?; }
             }
         }
-        let id = format!("bench-{run}-{}-l-{i}", mode.name());
+        let id = format!("bench-{run}-w-{}-l-{i}", mode.name());
         enqueued.insert(id.clone(), Utc::now());
         sends.push(mode.send(&client, run, id, i));
     }
@@ -633,17 +766,19 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let ceilings = || async {
-        let raw = raw_ceiling(&s, s.tasks, &sample, None).await?;
+        let (raw, cpu) = raw_ceiling(&s, s.tasks, &sample, None).await?;
         println!(
             "raw broker ceiling (lapin, persistent + confirms, consume + ack): {raw:.0} msg/s over {} messages",
             s.tasks
         );
+        println!("  {cpu}");
         // The broker's own limit for the worker's traffic: it acknowledges in `multiple` batches.
-        let batched = raw_ceiling(&s, s.tasks, &sample, Some(100)).await?;
+        let (batched, cpu) = raw_ceiling(&s, s.tasks, &sample, Some(100)).await?;
         println!(
             "broker ceiling with multiple acks every 100 (the worker's way): {batched:.0} msg/s over {} messages",
             s.tasks
         );
+        println!("  {cpu}");
         anyhow::Ok((raw, batched))
     };
     // Measured before and after the task runs, and the ratios taken to their mean: the machine
@@ -654,14 +789,17 @@ async fn main() -> anyhow::Result<()> {
     // is measured against the mean of the two plain runs around it.
     let finished = Finished::listen(
         &s.conn.result_backend,
-        format!("celery-task-meta-bench-{run}-*"),
+        format!("celery-task-meta-bench-{run}-w-*"),
     )
     .await?;
+    let mut redis = redis::Client::open(s.conn.result_backend.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
     let rounds = [Mode::Plain, Mode::Events, Mode::Limiter, Mode::Plain];
     let mut tps = HashMap::<&str, Vec<f64>>::new();
     let mut rss_peak = 0f64;
     for (round, mode) in rounds.into_iter().enumerate() {
-        let (t, peak) = throughput(&s, &client, &finished, &run, mode, round).await?;
+        let (t, peak, cpu) = throughput(&s, &client, &mut redis, &run, mode, round).await?;
         if mode == Mode::Plain {
             rss_peak = rss_peak.max(peak);
         }
@@ -671,6 +809,7 @@ async fn main() -> anyhow::Result<()> {
             s.tasks,
             mode.task(),
         );
+        println!("  {cpu}");
         tps.entry(mode.name()).or_default().push(t);
     }
     let (raw_after, batched_after) = ceilings().await?;
@@ -780,7 +919,7 @@ async fn main() -> anyhow::Result<()> {
         results.push(
             client
                 .task::<diag::Sleep>(SleepArgs { ms: 3000 })
-                .task_id(format!("bench-{run}-s-{i}"))
+                .task_id(format!("bench-{run}-w-s-{i}"))
                 .send()
                 .await?,
         );
