@@ -913,7 +913,9 @@ async fn main() -> anyhow::Result<()> {
     let done_before = finished.0.lock().await.len();
     let queue = format!("bench.inflight.{run}");
     let client = client.with_default_queue(&queue);
-    let worker = WorkerProcess::start(&s, &queue, 1000, 1000, &[]).await?;
+    let prefix = format!("bench-{run}:");
+    let worker =
+        WorkerProcess::start(&s, &queue, 1000, 1000, &[("COORDINATION_PREFIX", &prefix)]).await?;
     let mut results = Vec::new();
     for i in 0..1000 {
         results.push(
@@ -941,15 +943,18 @@ async fn main() -> anyhow::Result<()> {
     );
     worker.stop().await;
     client.broker().delete_queue(&queue).await?;
-    forget_results(
-        &s.conn.result_backend,
-        &format!("celery-task-meta-bench-{run}-*"),
-    )
-    .await?;
+    // The results, and the workers' start counters under the run's coordination prefix (they
+    // would otherwise stay for their day-long expiry: millions of keys after a few runs).
+    for pattern in [
+        format!("celery-task-meta-bench-{run}-*"),
+        format!("bench-{run}:*"),
+    ] {
+        forget_results(&s.conn.result_backend, &pattern).await?;
+    }
     Ok(())
 }
 
-/// Deletes this run's results so repeated runs do not fill Redis.
+/// Deletes the keys matching `pattern` so repeated runs do not fill Redis.
 async fn forget_results(backend: &str, pattern: &str) -> anyhow::Result<()> {
     let client = redis::Client::open(backend)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
