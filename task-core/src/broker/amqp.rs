@@ -802,33 +802,22 @@ impl AmqpBroker {
             )
         };
         let shared = link.publisher().await?;
-        // Built again for the rare second attempt rather than cloned for every publish: the
-        // header table is most of a message's properties.
-        let props = || Ok::<_, Error>(basic_properties(message)?.with_timestamp(ready_at));
-        match Self::publish_with(
-            &shared,
-            exchange,
-            routing_key,
-            message,
-            props()?,
-            queue,
-            &what,
-        )
-        .await
-        {
+        let attempt = |channel| {
+            Self::publish_with(
+                channel,
+                exchange,
+                routing_key,
+                message,
+                ready_at,
+                queue,
+                &what,
+            )
+        };
+        match attempt(&shared).await {
             Err(Error::Refused { .. }) if link.healthy() => {
                 let own = link.connection.create_channel().await?;
                 own.confirm_select(ConfirmSelectOptions::default()).await?;
-                let result = Self::publish_with(
-                    &own,
-                    exchange,
-                    routing_key,
-                    message,
-                    props()?,
-                    queue,
-                    &what,
-                )
-                .await;
+                let result = attempt(&own).await;
                 if own.status().connected() {
                     let _ = own.close(200, "published".into()).await;
                 }
@@ -849,10 +838,13 @@ impl AmqpBroker {
         exchange: &str,
         routing_key: &str,
         message: &RawMessage,
-        props: BasicProperties,
+        ready_at: u64,
         queue: &str,
         what: &impl Fn() -> String,
     ) -> Result<()> {
+        // Built per attempt and handed to lapin, rather than built once and cloned for each
+        // publish: the header table is most of a message's properties.
+        let props = basic_properties(message)?.with_timestamp(ready_at);
         let confirm = channel
             .basic_publish(
                 short(exchange)?,
