@@ -5,11 +5,12 @@
 //! target/release/examples/bench            # or: --tasks 20000 --latency-seconds 10
 //! ```
 //!
-//! 1. The raw broker ceiling with lapin alone: persistent publishes with confirms (a window of
-//!    1,000 in flight) and a consumer acknowledging each message, same message size as a task;
-//!    then the same with one `multiple` ack per 100 deliveries, the broker's own limit for the
-//!    worker's way of acknowledging. Both are measured again after the task runs, and ratios are
-//!    taken to the mean of the two.
+//! 1. The raw broker ceiling with lapin alone: persistent publishes with confirms and a consumer
+//!    acknowledging each message, same message size as a task; then the same with one `multiple`
+//!    ack per 100 deliveries, the broker's own limit for the worker's way of acknowledging. Both
+//!    are measured again after the task runs, and ratios are taken to the mean of the two.
+//!    Each is run at every producer window (`--windows`, publishes waiting for their confirms at
+//!    once: 100, 300 and 1,000) and its best is taken; so is each task run below.
 //! 2. N no-op tasks produced by the client and drained by the `worker` binary with results stored
 //!    in Redis: tasks per second (until every result is stored, found by polling), and the ratio
 //!    to the raw ceiling. Three modes, each with a fresh worker:
@@ -54,8 +55,6 @@ use task_core::diag::{self, AddArgs, LimitedArgs, SleepArgs};
 use task_core::{Broker, Client};
 use tokio::sync::Mutex;
 
-const WINDOW: usize = 1000;
-
 /// The queue bench: throughput and latency of the `worker` binary (target/release/worker) on
 /// the broker and result backend below; see the module documentation.
 #[derive(clap::Parser)]
@@ -67,12 +66,21 @@ struct Settings {
     /// Seconds of the fixed-rate latency run.
     #[arg(long, default_value_t = 10)]
     latency_seconds: u64,
+    /// The producer's windows: how many publishes may wait for their confirms at once. Every
+    /// ceiling and throughput run is measured at each, and its best is taken: the broker alone
+    /// does most with many in flight, a task run with fewer.
+    #[arg(long, value_delimiter = ',', default_values_t = [100, 300, 1000])]
+    windows: Vec<usize>,
     /// The worker's WORKER_CONCURRENCY.
     #[arg(long, default_value_t = 32)]
     concurrency: u32,
     /// The worker's WORKER_PREFETCH.
     #[arg(long, default_value_t = 512)]
     prefetch: u32,
+    /// The task modes to measure, comma-separated (`plain` is always run, first and last: the
+    /// other modes' costs are taken against it).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Mode::ALL)]
+    modes: Vec<Mode>,
     /// Write each latency run's (ms since the run began, enqueue→start ms) pairs to PATH.<mode>,
     /// to see when the slow starts happened.
     #[arg(long, value_name = "PATH")]
@@ -410,6 +418,7 @@ async fn raw_ceiling(
     n: usize,
     message: &task_core::protocol::RawMessage,
     ack_every: Option<usize>,
+    window: usize,
 ) -> anyhow::Result<(f64, String)> {
     let RawQueue {
         name: queue,
@@ -448,7 +457,7 @@ async fn raw_ceiling(
     });
     let mut confirms = FuturesUnordered::new();
     for _ in 0..n {
-        if confirms.len() >= WINDOW {
+        if confirms.len() >= window {
             confirms.next().await.transpose()?;
         }
         let confirm = publish
@@ -551,7 +560,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// What the tasks of a run are and how the worker is configured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Mode {
     /// `diag.add`, events off.
     Plain,
@@ -641,16 +650,18 @@ async fn throughput(
     run: &str,
     mode: Mode,
     round: usize,
+    window: usize,
 ) -> anyhow::Result<(f64, f64, String)> {
-    let (worker, client, queue) = mode_worker(s, client, run, mode, &format!("t{round}")).await?;
+    let phase = format!("t{round}w{window}");
+    let (worker, client, queue) = mode_worker(s, client, run, mode, &phase).await?;
     let ids: Vec<String> = (0..s.tasks)
-        .map(|i| format!("bench-{run}-t-{}-{round}-{i}", mode.name()))
+        .map(|i| format!("bench-{run}-t-{}-{phase}-{i}", mode.name()))
         .collect();
     let cpu_before = Cpu::now(worker.child.id());
     let start = Instant::now();
     let mut sends = FuturesUnordered::new();
     for (i, id) in ids.iter().enumerate() {
-        if sends.len() >= WINDOW {
+        if sends.len() >= window {
             sends.next().await.transpose()?;
         }
         sends.push(mode.send(&client, run, id.clone(), i));
@@ -765,20 +776,27 @@ async fn main() -> anyhow::Result<()> {
         size - sample.body.len()
     );
 
+    // Each ceiling at its best window.
     let ceilings = || async {
-        let (raw, cpu) = raw_ceiling(&s, s.tasks, &sample, None).await?;
-        println!(
-            "raw broker ceiling (lapin, persistent + confirms, consume + ack): {raw:.0} msg/s over {} messages",
-            s.tasks
-        );
-        println!("  {cpu}");
-        // The broker's own limit for the worker's traffic: it acknowledges in `multiple` batches.
-        let (batched, cpu) = raw_ceiling(&s, s.tasks, &sample, Some(100)).await?;
-        println!(
-            "broker ceiling with multiple acks every 100 (the worker's way): {batched:.0} msg/s over {} messages",
-            s.tasks
-        );
-        println!("  {cpu}");
+        let (mut raw, mut batched) = (0f64, 0f64);
+        for &window in &s.windows {
+            let (r, cpu) = raw_ceiling(&s, s.tasks, &sample, None, window).await?;
+            println!(
+                "raw broker ceiling (lapin, persistent + confirms, consume + ack), window {window}: {r:.0} msg/s over {} messages",
+                s.tasks
+            );
+            println!("  {cpu}");
+            // The broker's own limit for the worker's traffic: it acknowledges in `multiple`
+            // batches.
+            let (b, cpu) = raw_ceiling(&s, s.tasks, &sample, Some(100), window).await?;
+            println!(
+                "broker ceiling with multiple acks every 100 (the worker's way), window {window}: {b:.0} msg/s over {} messages",
+                s.tasks
+            );
+            println!("  {cpu}");
+            raw = raw.max(r);
+            batched = batched.max(b);
+        }
         anyhow::Ok((raw, batched))
     };
     // Measured before and after the task runs, and the ratios taken to their mean: the machine
@@ -795,22 +813,33 @@ async fn main() -> anyhow::Result<()> {
     let mut redis = redis::Client::open(s.conn.result_backend.as_str())?
         .get_multiplexed_async_connection()
         .await?;
-    let rounds = [Mode::Plain, Mode::Events, Mode::Limiter, Mode::Plain];
+    let modes: Vec<Mode> = Mode::ALL
+        .into_iter()
+        .filter(|m| *m == Mode::Plain || s.modes.contains(m))
+        .collect();
+    let mut rounds = modes.clone();
+    rounds.push(Mode::Plain);
     let mut tps = HashMap::<&str, Vec<f64>>::new();
     let mut rss_peak = 0f64;
     for (round, mode) in rounds.into_iter().enumerate() {
-        let (t, peak, cpu) = throughput(&s, &client, &mut redis, &run, mode, round).await?;
-        if mode == Mode::Plain {
-            rss_peak = rss_peak.max(peak);
+        // The round's figure is its best window.
+        let mut best = 0f64;
+        for &window in &s.windows {
+            let (t, peak, cpu) =
+                throughput(&s, &client, &mut redis, &run, mode, round, window).await?;
+            if mode == Mode::Plain {
+                rss_peak = rss_peak.max(peak);
+            }
+            println!(
+                "{}, window {window}: {} {} tasks produced and drained, results in Redis: {t:.0} tasks/s",
+                mode.name(),
+                s.tasks,
+                mode.task(),
+            );
+            println!("  {cpu}");
+            best = best.max(t);
         }
-        println!(
-            "{}: {} {} tasks produced and drained, results in Redis: {t:.0} tasks/s",
-            mode.name(),
-            s.tasks,
-            mode.task(),
-        );
-        println!("  {cpu}");
-        tps.entry(mode.name()).or_default().push(t);
+        tps.entry(mode.name()).or_default().push(best);
     }
     let (raw_after, batched_after) = ceilings().await?;
     let raw = (raw_before + raw_after) / 2.0;
@@ -821,7 +850,7 @@ async fn main() -> anyhow::Result<()> {
     };
 
     // Latency, every mode at the same paced rate: half the slowest mode's maximum.
-    let rate = Mode::ALL.iter().map(|m| mean(*m)).fold(f64::MAX, f64::min) / 2.0;
+    let rate = modes.iter().map(|m| mean(*m)).fold(f64::MAX, f64::min) / 2.0;
     let floor = raw_latency(&s, &sample, rate, s.latency_seconds).await?;
     println!(
         "broker alone (lapin, persistent + confirms, consume + ack): publish→delivery latency at \
@@ -832,7 +861,7 @@ async fn main() -> anyhow::Result<()> {
         floor.last().copied().unwrap_or(f64::NAN)
     );
     let mut latencies = Vec::new();
-    for mode in Mode::ALL {
+    for &mode in &modes {
         let (l, peak) = latency(&s, &client, &finished, &run, mode, rate).await?;
         if mode == Mode::Plain {
             rss_peak = rss_peak.max(peak);
@@ -856,7 +885,7 @@ async fn main() -> anyhow::Result<()> {
          ({raw_before:.0}, {raw_after:.0}), {batched:.0} msg/s with multiple acks every 100 \
          ({batched_before:.0}, {batched_after:.0})"
     );
-    for mode in Mode::ALL {
+    for &mode in &modes {
         println!(
             "{}: {:.0} tasks/s, {:.2} of the per-message-ack ceiling, {:.2} of the batched-ack one{}",
             mode.name(),
@@ -879,7 +908,7 @@ async fn main() -> anyhow::Result<()> {
         "| mode | tasks/s (runs) | throughput cost vs plain | p50 / p99 enqueue→start at {rate:.0} tasks/s | target |"
     );
     println!("|---|---|---|---|---|");
-    for (mode, l) in Mode::ALL.into_iter().zip(&latencies) {
+    for (&mode, l) in modes.iter().zip(&latencies) {
         let cost = 1.0 - mean(mode) / plain;
         let (cost_text, target) = match mode.target() {
             None => ("—".to_owned(), "—".to_owned()),
