@@ -69,8 +69,9 @@ struct Settings {
     /// The producer's windows: how many publishes may wait for their confirms at once. Every
     /// ceiling and throughput run is measured at each, and its best is taken: the broker alone
     /// does most with many in flight, a task run with fewer.
-    #[arg(long, value_delimiter = ',', default_values_t = [100, 300, 1000])]
-    windows: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_values_t = [100, 300, 1000],
+          value_parser = clap::value_parser!(u64).range(1..))]
+    windows: Vec<u64>,
     /// The worker's WORKER_CONCURRENCY.
     #[arg(long, default_value_t = 32)]
     concurrency: u32,
@@ -418,7 +419,7 @@ async fn raw_ceiling(
     n: usize,
     message: &task_core::protocol::RawMessage,
     ack_every: Option<usize>,
-    window: usize,
+    window: u64,
 ) -> anyhow::Result<(f64, String)> {
     let RawQueue {
         name: queue,
@@ -457,7 +458,7 @@ async fn raw_ceiling(
     });
     let mut confirms = FuturesUnordered::new();
     for _ in 0..n {
-        if confirms.len() >= window {
+        if confirms.len() as u64 >= window {
             confirms.next().await.transpose()?;
         }
         let confirm = publish
@@ -650,7 +651,7 @@ async fn throughput(
     run: &str,
     mode: Mode,
     round: usize,
-    window: usize,
+    window: u64,
 ) -> anyhow::Result<(f64, f64, String)> {
     let phase = format!("t{round}w{window}");
     let (worker, client, queue) = mode_worker(s, client, run, mode, &phase).await?;
@@ -661,7 +662,7 @@ async fn throughput(
     let start = Instant::now();
     let mut sends = FuturesUnordered::new();
     for (i, id) in ids.iter().enumerate() {
-        if sends.len() >= window {
+        if sends.len() as u64 >= window {
             sends.next().await.transpose()?;
         }
         sends.push(mode.send(&client, run, id.clone(), i));
